@@ -1,0 +1,24 @@
+# The README's commands. Run as root on Debian/Ubuntu; `make setup` is idempotent.
+VENV := .venv
+PYTHON := $(VENV)/bin/python
+AUDIT_ARGS ?= --duration 10
+
+.PHONY: setup audit test bench deb clean
+
+setup:
+	@bash packaging/setup.sh
+
+audit: setup
+	$(VENV)/bin/guardian-agent audit $(AUDIT_ARGS)
+
+test: setup
+	$(PYTHON) -m pytest -q -p no:cacheprovider tests
+
+bench: setup
+	$(PYTHON) benchmarks/run_all.py
+
+deb: setup
+	bash packaging/build-deb.sh
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info guardian-reports .pytest_cache

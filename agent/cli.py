@@ -1,0 +1,244 @@
+"""guardian-agent command line.
+
+Exit codes: 0 done; 1 the work failed (or the gate failed); 2 bad input or usage;
+3 drift found (`tune plan`). Bad input gets one clear line on stderr, never a traceback;
+`-v` shows details. This is the only module that calls sys.exit.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+from agent import __version__
+from agent.errors import BadInput, GuardianError
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_DRIFT = 0, 1, 2, 3
+
+# Other command modules, each exposing `commands` (a list of click commands/groups).
+# Explicit and ordered, like the probe registry: easy to read, no magic.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
+class Context:
+    def __init__(self, verbose: bool):
+        self.verbose = verbose
+
+
+def echo_error(message: str) -> None:
+    click.echo(f"guardian-agent: {message}", err=True)
+
+
+def progress_printer(enabled: bool):
+    def progress(message: str) -> None:
+        if enabled:
+            click.echo(f"… {message}", err=True)
+
+    return progress
+
+
+def stderr_is_tty() -> bool:
+    try:
+        return os.isatty(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "--version", prog_name="guardian-agent")
+@click.option("-v", "--verbose", is_flag=True, help="Show details (tracebacks, probe internals).")
+@click.pass_context
+def cli(ctx: click.Context, verbose: bool) -> None:
+    """Host-level performance audit agent for latency-critical Linux hosts.
+
+    \b
+    Exit codes: 0 done, 1 the work failed (or the gate failed),
+                2 bad input or usage, 3 drift found (tune plan).
+    """
+    ctx.obj = Context(verbose)
+
+
+def parse_probe_list(text: str | None) -> list[str] | None:
+    if not text:
+        return None
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise BadInput("--probes: give a comma-separated list of probe names")
+    return names
+
+
+@cli.command()
+@click.option("--duration", "duration_s", type=float, default=10.0, show_default=True,
+              help="Window length in seconds.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path),
+              help="Bundle directory (created; refused if not empty). Default ./guardian-reports/<run_id>/.")
+@click.option("--probes", "probe_list", metavar="NAME[,NAME...]",
+              help="Probes to run (default: every available default probe). See `guardian-agent probes`.")
+@click.option("--pid", "pids", type=int, multiple=True, help="Target process (repeatable).")
+@click.option("--process", "process_names", multiple=True, help="Target processes by name (repeatable).")
+@click.option("--unit", "units", multiple=True, help="Target a systemd unit's processes (repeatable).")
+@click.option("--interval", "interval_s", type=float, default=1.0, show_default=True,
+              help="Host counter sampling interval in seconds.")
+@click.option("--profile", help="Tuning profile to audit the kernel against (adds the `kernel` table).")
+@click.option("--profile-dir", type=click.Path(path_type=Path), help="Extra directory searched for profiles.")
+@click.option("--var", "profile_vars", multiple=True, metavar="KEY=VALUE", help="Profile variable.")
+@click.option("--iface", help="Capture interface (capture probe).")
+@click.option("--capture-filter", help="BPF capture filter (capture probe).")
+@click.option("--capture-payload", is_flag=True, help="Capture full payloads (default: headers only).")
+@click.option("--pg-dsn", help="PostgreSQL DSN for the postgres probe (prefer --pg-dsn-file or PGPASSWORD).")
+@click.option("--pg-dsn-file", type=click.Path(path_type=Path), help="File (0600) holding the DSN.")
+@click.option("--rate", "sample_rate_hz", type=int, help="Stack sampling rate in Hz (stacks probe).")
+@click.option("--native", is_flag=True, help="Native stacks with perf (stacks probe).")
+@click.option("--subprocesses", is_flag=True, help="Also profile child processes (stacks probe).")
+@click.option("--blocking", is_flag=True, help="Stop the target while sampling for exact stacks (stacks).")
+@click.option("--jitter-cpus", help="CPUs for the jitter busy-loop, e.g. 2-3 (jitter probe).")
+@click.pass_obj
+def audit(obj: Context, duration_s, out_dir, probe_list, pids, process_names, units, interval_s,
+          profile, profile_dir, profile_vars, iface, capture_filter, capture_payload, pg_dsn,
+          pg_dsn_file, sample_rate_hz, native, subprocesses, blocking, jitter_cpus) -> None:
+    """Run probes side by side over one window and write a report bundle.
+
+    Prints each probe's status and the findings, most severe first. Exit 0 when the bundle is
+    complete (Ctrl-C ends the window early and still writes it).
+    """
+    from agent.host import Host
+    from agent.runner import AuditRun, select_probes
+    from agent.summary import render_summary
+    from probes import REGISTRY
+    from probes.base import ProbeConfig
+    from reports.bundle import BundleWriter, new_run_id, validate_out_dir
+
+    if duration_s <= 0:
+        raise BadInput(f"--duration must be positive, not {duration_s:g}")
+    if interval_s <= 0:
+        raise BadInput(f"--interval must be positive, not {interval_s:g}")
+    host = Host.real()
+    for pid in pids:
+        if pid <= 0 or not host.pid_exists(pid):
+            raise BadInput(f"--pid {pid}: no such process")
+    names = parse_probe_list(probe_list)
+    probe_classes = select_probes(names, REGISTRY)
+    variables = {}
+    for item in profile_vars:
+        if "=" not in item:
+            raise BadInput(f"--var {item!r}: expected KEY=VALUE")
+        key, value = item.split("=", 1)
+        variables[key.strip()] = value.strip()
+    run_id = new_run_id(host.hostname())
+    target = out_dir if out_dir is not None else Path("guardian-reports") / run_id
+    validate_out_dir(target)
+
+    options = {
+        "interval_s": interval_s, "profile": profile, "profile_dir": profile_dir,
+        "profile_vars": variables, "iface": iface, "capture_filter": capture_filter,
+        "capture_payload": capture_payload, "pg_dsn": pg_dsn, "pg_dsn_file": pg_dsn_file,
+        "sample_rate_hz": sample_rate_hz, "native": native, "subprocesses": subprocesses,
+        "blocking": blocking, "jitter_cpus": jitter_cpus, "process_names": process_names,
+        "units": units, "explicit_probes": tuple(names or ()),
+    }
+    config = ProbeConfig(host=host, pids=tuple(pids), options=options)
+    writer = BundleWriter(target, run_id=run_id, host=host)
+    run = AuditRun(probe_classes, config, writer, duration_s, explicit=bool(names),
+                   progress=progress_printer(stderr_is_tty() or obj.verbose))
+
+    previous = {}
+
+    def on_signal(signum, frame):  # noqa: ARG001 - signal signature
+        run.stop()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        previous[signum] = signal.signal(signum, on_signal)
+    try:
+        result = run.run()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    click.echo(render_summary(result, writer.out_dir, verbose=obj.verbose))
+
+
+@cli.command(name="probes")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--pid", "pids", type=int, multiple=True, help="Check availability for this target.")
+def probes_command(as_json: bool, pids) -> None:
+    """List every probe with available / unavailable and the reason."""
+    import json
+
+    from agent.errors import Unavailable
+    from probes import REGISTRY
+    from probes.base import ProbeConfig
+
+    config = ProbeConfig(pids=tuple(pids))
+    rows = []
+    for probe_class in REGISTRY:
+        try:
+            probe_class(config).check()
+            status, reason = "available", ""
+        except Unavailable as error:
+            status, reason = "unavailable", str(error)
+        except Exception as error:  # a check that crashes is a bug, reported not raised
+            status, reason = "unavailable", f"check failed: {type(error).__name__}: {error}"
+        rows.append({"name": probe_class.name, "status": status, "reason": reason,
+                     "default": bool(getattr(probe_class, "default_enabled", True)),
+                     "description": probe_class.description})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    width = max(len(row["name"]) for row in rows)
+    for row in rows:
+        flag = "" if row["default"] else " (on request)"
+        line = f"{row['name']:<{width}}  {row['status']:<11}  {row['description']}{flag}"
+        click.echo(line)
+        if row["reason"]:
+            click.echo(f"{'':<{width}}  {'':<11}  ↳ {row['reason']}")
+
+
+def _register_command_modules() -> None:
+    for module_name in COMMAND_MODULES:
+        module = importlib.import_module(module_name)
+        for command in module.commands:
+            cli.add_command(command)
+
+
+_register_command_modules()
+
+
+def main(argv: list[str] | None = None) -> None:
+    verbose = "-v" in (argv if argv is not None else sys.argv[1:]) or "--verbose" in (
+        argv if argv is not None else sys.argv[1:])
+    try:
+        code = cli.main(args=argv, prog_name="guardian-agent", standalone_mode=False)
+    except click.exceptions.Abort:
+        echo_error("aborted")
+        sys.exit(130)
+    except click.exceptions.Exit as done:
+        sys.exit(done.exit_code)
+    except click.ClickException as error:
+        # Usage errors: click prints "Usage: ... Error: ..." — keep it to one clear line.
+        echo_error(error.format_message())
+        sys.exit(EXIT_BAD_INPUT if error.exit_code == 2 else error.exit_code)
+    except GuardianError as error:
+        echo_error(str(error))
+        if verbose:
+            traceback.print_exc()
+        sys.exit(error.exit_code)
+    except KeyboardInterrupt:
+        echo_error("interrupted")
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(EXIT_OK)
+    except Exception as error:  # a bug: still one line unless -v
+        echo_error(f"internal error: {type(error).__name__}: {error} (run with -v for details)")
+        if verbose:
+            traceback.print_exc()
+        sys.exit(EXIT_FAILED)
+    sys.exit(code if isinstance(code, int) else EXIT_OK)
+
+
+if __name__ == "__main__":
+    main()

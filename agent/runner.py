@@ -1,0 +1,243 @@
+"""Runs probes side by side over one shared window and writes the bundle.
+
+One probe failing, raising or hanging never stops the others: each runs in its own thread,
+is joined with a deadline (window end + the probe's finish_grace_s), and is recorded as
+failed with its reason when it overruns. Ctrl-C/SIGTERM ends the window early (the CLI calls
+`stop()`); probes then detach and return what they have, and the bundle is still written with
+status `interrupted`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable
+
+import pyarrow as pa
+
+from agent.errors import GuardianError, Unavailable
+from probes.base import FINDINGS_SCHEMA, ProbeConfig, Window
+from reports.bundle import BundleWriter, ProbeRecord
+
+
+@dataclass
+class ProbeOutcome:
+    name: str
+    status: str
+    reason: str = ""
+    tables: dict[str, pa.Table] = field(default_factory=dict)
+    seconds: float = 0.0
+    detail: str = ""  # traceback for -v
+
+
+@dataclass
+class AuditResult:
+    outcomes: list[ProbeOutcome]
+    manifest: dict
+    findings: pa.Table
+    interrupted: bool
+    headlines: list[str]
+
+
+def select_probes(names: list[str] | None, registry: tuple) -> list[type]:
+    """Resolve probe names (None = every probe that is enabled by default)."""
+    by_name = {probe.name: probe for probe in registry}
+    if not names:
+        return [probe for probe in registry if getattr(probe, "default_enabled", True)]
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        from agent.errors import BadInput
+
+        raise BadInput(f"unknown probe {', '.join(unknown)} (known: {', '.join(by_name)})")
+    return [by_name[n] for n in dict.fromkeys(names)]
+
+
+class AuditRun:
+    def __init__(
+        self,
+        probe_classes: list[type],
+        config: ProbeConfig,
+        writer: BundleWriter,
+        duration_s: float,
+        explicit: bool = False,
+        progress: Callable[[str], None] | None = None,
+    ):
+        self.probe_classes = probe_classes
+        self.config = config
+        self.writer = writer
+        self.explicit = explicit
+        self.window = Window(duration_s, writer.out_dir, writer.run_id)
+        self.progress = progress or (lambda message: None)
+
+    def stop(self) -> None:
+        self.window.stop()
+
+    def _check_all(self) -> tuple[list, list[ProbeOutcome]]:
+        ready, outcomes = [], []
+        for probe_class in self.probe_classes:
+            started = time.monotonic()
+            try:
+                probe = probe_class(self.config)
+                probe.check()
+            except Unavailable as error:
+                outcomes.append(ProbeOutcome(probe_class.name, "unavailable", str(error)))
+                continue
+            except Exception as error:  # a broken check must not stop the audit
+                outcomes.append(
+                    ProbeOutcome(
+                        probe_class.name,
+                        "failed",
+                        f"check failed: {type(error).__name__}: {error}",
+                        seconds=time.monotonic() - started,
+                        detail=traceback.format_exc(),
+                    )
+                )
+                continue
+            ready.append(probe)
+        return ready, outcomes
+
+    def _prepare_all(self, probes: list) -> tuple[list, list[ProbeOutcome]]:
+        """Optional prepare() (compile/attach) runs before the window so the window is exact."""
+        ready, outcomes = [], []
+        results: dict[str, BaseException | None] = {}
+
+        def prepare(probe) -> None:
+            try:
+                getattr(probe, "prepare", lambda: None)()
+                results[probe.name] = None
+            except BaseException as error:  # noqa: BLE001 - reported per probe
+                results[probe.name] = error
+
+        threads = [threading.Thread(target=prepare, args=(p,), daemon=True, name=f"prepare-{p.name}") for p in probes]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 120
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        for probe in probes:
+            if probe.name not in results:
+                outcomes.append(ProbeOutcome(probe.name, "failed", "prepare timed out after 120 s"))
+                continue
+            error = results[probe.name]
+            if error is None:
+                ready.append(probe)
+            elif isinstance(error, Unavailable):
+                outcomes.append(ProbeOutcome(probe.name, "unavailable", str(error)))
+            else:
+                outcomes.append(
+                    ProbeOutcome(probe.name, "failed", f"prepare failed: {type(error).__name__}: {error}",
+                                 detail="".join(traceback.format_exception(error)))
+                )
+        return ready, outcomes
+
+    def run(self) -> AuditResult:
+        ready, outcomes = self._check_all()
+        if ready:
+            self.progress(f"preparing {', '.join(p.name for p in ready)}")
+        ready, failed_prepare = self._prepare_all(ready)
+        outcomes.extend(failed_prepare)
+
+        self.window.restart()
+        results: dict[str, ProbeOutcome] = {}
+
+        def collect(probe) -> None:
+            started = time.monotonic()
+            try:
+                tables = probe.collect(self.window)
+                status = "interrupted" if self.window.interrupted else "ok"
+                reason = "window ended early" if status == "interrupted" else ""
+                reason = getattr(probe, "status_reason", "") or reason
+                results[probe.name] = ProbeOutcome(probe.name, status, reason, tables or {},
+                                                   time.monotonic() - started)
+            except Unavailable as error:
+                results[probe.name] = ProbeOutcome(probe.name, "unavailable", str(error),
+                                                   seconds=time.monotonic() - started)
+            except Exception as error:
+                results[probe.name] = ProbeOutcome(
+                    probe.name, "failed", f"{type(error).__name__}: {error}",
+                    seconds=time.monotonic() - started, detail=traceback.format_exc(),
+                )
+
+        threads = {
+            probe.name: threading.Thread(target=collect, args=(probe,), daemon=True, name=f"probe-{probe.name}")
+            for probe in ready
+        }
+        for thread in threads.values():
+            thread.start()
+        if ready:
+            self.progress(f"collecting for {self.window.duration_s:g} s")
+        while not self.window.wait(0.5):
+            pass
+        for probe in ready:
+            grace = float(getattr(probe, "finish_grace_s", 20.0))
+            # The deadline for a probe counts from the end of the window, not from now.
+            threads[probe.name].join(max(0.1, self.window.remaining() + grace))
+            if threads[probe.name].is_alive():
+                probe_stop = getattr(probe, "abandon", None)
+                if probe_stop:
+                    try:
+                        probe_stop()
+                    except Exception:
+                        pass
+                results.setdefault(
+                    probe.name,
+                    ProbeOutcome(probe.name, "failed",
+                                 f"timed out: still running {grace:g} s after the window ended"),
+                )
+            outcomes.append(results[probe.name])
+
+        order = {cls.name: index for index, cls in enumerate(self.probe_classes)}
+        outcomes.sort(key=lambda outcome: order.get(outcome.name, 999))
+        return self._write(outcomes)
+
+    def _write(self, outcomes: list[ProbeOutcome]) -> AuditResult:
+        findings_parts: list[pa.Table] = []
+        headlines: list[str] = []
+        by_class = {cls.name: cls for cls in self.probe_classes}
+        for outcome in outcomes:
+            counts: dict[str, int] = {}
+            tables = dict(outcome.tables)
+            probe_findings = tables.pop("findings", None)
+            try:
+                for table_name, table in tables.items():
+                    if table_name in self.writer.tables_written:
+                        raise GuardianError(f"table {table_name!r} already written by another probe")
+                    counts[table_name] = self.writer.write_table(table_name, table, outcome.name)
+                if probe_findings is not None and probe_findings.num_rows:
+                    findings_parts.append(probe_findings.select(FINDINGS_SCHEMA.names).cast(FINDINGS_SCHEMA))
+                    counts["findings"] = probe_findings.num_rows
+            except Exception as error:
+                outcome.status = "failed"
+                outcome.reason = f"writing tables failed: {error}"
+            headline = getattr(by_class.get(outcome.name), "headlines", None)
+            if headline and outcome.tables:
+                try:
+                    headlines.extend(headline(outcome.tables))
+                except Exception:
+                    pass
+            for extra in getattr(by_class.get(outcome.name), "extras", ()):
+                if self.writer.path(extra).exists():
+                    self.writer.add_extra(extra)
+            self.writer.add_probe(ProbeRecord(outcome.name, outcome.status, outcome.reason, counts, outcome.seconds))
+
+        findings = pa.concat_tables(findings_parts) if findings_parts else FINDINGS_SCHEMA.empty_table()
+        findings = sort_findings(findings)
+        self.writer.tables_written.pop("findings", None)
+        self.writer.write_table("findings", findings, "audit")
+        manifest = self.writer.finish(
+            tuning_profile=self.config.option("profile"),
+            extra={"window_s": self.window.duration_s, "interrupted": self.window.interrupted},
+        )
+        return AuditResult(outcomes, manifest, findings, self.window.interrupted, headlines)
+
+
+def sort_findings(findings: pa.Table) -> pa.Table:
+    """Most severe first, stable within a severity."""
+    if findings.num_rows == 0:
+        return findings
+    rank = {"critical": 0, "warning": 1, "info": 2}
+    severities = findings.column("severity").to_pylist()
+    order = sorted(range(len(severities)), key=lambda i: (rank.get(severities[i], 3), i))
+    return findings.take(pa.array(order))

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Idempotent bootstrap for a fresh Debian/Ubuntu host, run as root by `make setup`.
+# Installs only what is missing, makes tracefs reachable, provides kernel headers for BCC,
+# and leaves the project venv at .venv/ (system Python + system site packages, so the
+# distro's `bcc` module imports).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+say() { printf 'setup: %s\n' "$*"; }
+
+if [ "$(id -u)" -ne 0 ]; then
+    say "must run as root (installs packages, mounts tracefs, loads eBPF)"; exit 2
+fi
+export DEBIAN_FRONTEND=noninteractive
+
+# 1. Debian packages, only the missing ones (apt-get update first when anything is missing).
+wanted=$(grep -vE '^\s*(#|$)' packaging/apt-packages.txt | tr '\n' ' ')
+missing=()
+for package in $wanted; do
+    status=$(dpkg-query -W -f='${Status}' "$package" 2>/dev/null || true)
+    [ "$status" = "install ok installed" ] || missing+=("$package")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    say "installing ${missing[*]}"
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "${missing[@]}"
+else
+    say "system packages present"
+fi
+
+# 2. tracefs/debugfs: BCC and the tracepoint probes need them mounted.
+if [ ! -e /sys/kernel/tracing/events ]; then
+    mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null && say "mounted tracefs" || say "could not mount tracefs"
+fi
+if [ ! -e /sys/kernel/debug/tracing ] && ! mountpoint -q /sys/kernel/debug; then
+    mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null && say "mounted debugfs" || true
+fi
+
+# 3. Kernel headers for BCC. Prefer the running kernel's own package; when the distro has none
+#    (custom kernels), borrow its newest cloud headers: tracepoint programs compile fine because
+#    their layouts come from tracefs, and our BPF C never dereferences kernel structs.
+release=$(uname -r)
+build="/lib/modules/$release/build"
+if [ -e "$build/include" ]; then
+    say "kernel headers present at $build"
+elif apt-get install -y -q --no-install-recommends "linux-headers-$release" >/dev/null 2>&1; then
+    say "installed linux-headers-$release"
+else
+    [ -n "$(apt-cache search --names-only '^linux-headers-.*-cloud-amd64$' 2>/dev/null | head -1)" ] || apt-get update -q
+    newest=$(apt-cache search --names-only '^linux-headers-[0-9].*-cloud-amd64$' | awk '{print $1}' | sort -V | tail -1)
+    if [ -z "$newest" ]; then
+        say "no kernel headers available for $release: the syscalls and tcp probes will report unavailable"
+    else
+        dpkg-query -W -f='${Status}' "$newest" 2>/dev/null | grep -q "install ok installed" || \
+            apt-get install -y -q --no-install-recommends "$newest"
+        version=${newest#linux-headers-}
+        common="/usr/src/linux-headers-${version%-cloud-amd64}-common"
+        mkdir -p "/lib/modules/$release"
+        ln -sfn "/usr/src/linux-headers-$version" "$build"
+        [ -d "$common" ] && ln -sfn "$common" "/lib/modules/$release/source"
+        say "NOTE: no headers package for kernel $release; borrowed $newest for BCC (tracepoints only)"
+    fi
+fi
+
+# 4. The venv, from the system Python so the distro's bcc imports; pip only when requirements changed.
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import sys; sys.exit(0 if sys.base_prefix.startswith("/usr") else 1)'; then
+    rm -rf .venv
+    /usr/bin/python3 -m venv --system-site-packages .venv
+    say "created .venv"
+fi
+stamp=.venv/.requirements.sha
+digest=$(cat packaging/pip-requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$digest" ]; then
+    .venv/bin/pip install -q --disable-pip-version-check -r packaging/pip-requirements.txt
+    .venv/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+    echo "$digest" > "$stamp"
+    say "python packages installed"
+else
+    say "python packages present"
+fi
+.venv/bin/python -c 'import bcc' 2>/dev/null || say "WARNING: bcc does not import in .venv (python3-bpfcc missing?)"
+say "ready"

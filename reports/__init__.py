@@ -1,0 +1,1 @@
+"""Report bundles: writer, reader, manifest and renderers."""

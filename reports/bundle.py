@@ -1,0 +1,234 @@
+"""The report bundle (stable format).
+
+    DIR/manifest.json     written LAST: present means complete
+    DIR/<table>.parquet   zstd; written to a temp name, fsync'd, then os.replace()d
+    DIR/<extras>          capture.pcap, stacks.svg, stacks.speedscope.json ...
+
+Parquet key-value metadata repeats run_id and probe so a file copied out of its bundle still
+says where it came from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from agent import __version__
+from agent.errors import BadInput
+from agent.host import Host, format_cpu_list
+
+BUNDLE_FORMAT = 1
+MANIFEST_NAME = "manifest.json"
+PROBE_STATUSES = ("ok", "unavailable", "failed", "interrupted")
+
+
+def new_run_id(hostname: str | None = None, now: float | None = None) -> str:
+    """Sortable, unique and readable: 20261124T021500Z-myhost-3fa2c1."""
+    stamp = datetime.fromtimestamp(now or time.time(), tz=timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    host = "".join(c if c.isalnum() or c in "-_" else "-" for c in (hostname or Host.real().hostname()))
+    return f"{stamp}-{host[:40]}-{secrets.token_hex(3)}"
+
+
+def validate_out_dir(path: Path) -> Path:
+    """Check that DIR can become a bundle (absent, or an empty writable directory) without writing."""
+    path = Path(path)
+    if path.exists():
+        if not path.is_dir():
+            raise BadInput(f"--out {path}: exists and is not a directory")
+        if any(path.iterdir()):
+            raise BadInput(f"--out {path}: directory is not empty (a bundle needs a fresh directory)")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise BadInput(f"--out {path}: directory is not writable")
+        return path
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise BadInput(f"--out {path}: cannot create it ({parent} is not a writable directory)")
+    return path
+
+
+def host_fingerprint(host: Host, tuning_profile: str | None = None) -> dict[str, Any]:
+    return {
+        "hostname": host.hostname(),
+        "kernel": host.kernel_release(),
+        "cpu_model": host.cpu_model(),
+        "cores": len(host.online_cpus()),
+        "isolated_cpus": format_cpu_list(host.isolated_cpus()),
+        "cmdline": host.cmdline(),
+        "boot_id": host.boot_id(),
+        "tuning_profile": tuning_profile,
+    }
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_parquet_atomic(table: pa.Table, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write `table` to `path` through a temp file + fsync + os.replace, zstd-compressed."""
+    path = Path(path)
+    if metadata:
+        existing = dict(table.schema.metadata or {})
+        existing.update({k.encode(): str(v).encode() for k, v in metadata.items()})
+        table = table.replace_schema_metadata(existing)
+    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        pq.write_table(table, temp, compression="zstd")
+        with open(temp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def write_json_atomic(payload: Any, path: Path) -> None:
+    path = Path(path)
+    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(temp, "w") as handle:
+            json.dump(payload, handle, indent=2, sort_keys=False, default=str)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+@dataclass
+class ProbeRecord:
+    name: str
+    status: str
+    reason: str = ""
+    tables: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        if self.status not in PROBE_STATUSES:
+            raise ValueError(f"bad probe status {self.status!r}")
+        return {
+            "name": self.name,
+            "status": self.status,
+            "reason": self.reason,
+            "tables": dict(self.tables),
+            "seconds": round(self.seconds, 3),
+        }
+
+
+class BundleWriter:
+    """Writes one bundle. Create it only after validate_out_dir(); call finish() last."""
+
+    def __init__(self, out_dir: Path, run_id: str | None = None, host: Host | None = None):
+        self.out_dir = validate_out_dir(Path(out_dir))
+        self.host = host or Host.real()
+        self.run_id = run_id or new_run_id(self.host.hostname())
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.started_at = datetime.now(timezone.utc)
+        self._started_monotonic = time.monotonic()
+        self.probes: list[ProbeRecord] = []
+        self.tables_written: dict[str, int] = {}
+        self.extras: list[str] = []
+        self.finished = False
+
+    def path(self, name: str) -> Path:
+        return self.out_dir / name
+
+    def write_table(self, name: str, table: pa.Table, probe: str) -> int:
+        if not name.replace("_", "").isalnum():
+            raise ValueError(f"table name {name!r} must be alphanumeric/underscore")
+        if name in self.tables_written:
+            raise ValueError(f"table {name!r} written twice in one bundle")
+        write_parquet_atomic(
+            table,
+            self.path(f"{name}.parquet"),
+            {"run_id": self.run_id, "probe": probe, "table": name, "agent_version": __version__},
+        )
+        self.tables_written[name] = table.num_rows
+        return table.num_rows
+
+    def add_probe(self, record: ProbeRecord) -> None:
+        self.probes.append(record)
+
+    def add_extra(self, name: str) -> None:
+        if name not in self.extras:
+            self.extras.append(name)
+
+    def finish(self, tuning_profile: str | None = None, extra: dict[str, Any] | None = None) -> dict:
+        """Write manifest.json last. After this the bundle is complete."""
+        manifest: dict[str, Any] = {
+            "format": BUNDLE_FORMAT,
+            "agent": __version__,
+            "run_id": self.run_id,
+            "host": host_fingerprint(self.host, tuning_profile),
+            "started_at": self.started_at.isoformat(),
+            "duration_s": round(time.monotonic() - self._started_monotonic, 3),
+            "probes": [record.as_dict() for record in self.probes],
+            "tables": dict(self.tables_written),
+            "extras": sorted(e for e in self.extras if self.path(e).exists()),
+        }
+        if extra:
+            manifest.update(extra)
+        write_json_atomic(manifest, self.path(MANIFEST_NAME))
+        self.finished = True
+        return manifest
+
+
+class Bundle:
+    """A complete bundle on disk, read back."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        manifest_path = self.path / MANIFEST_NAME
+        if not self.path.is_dir():
+            raise BadInput(f"{self.path}: not a bundle directory")
+        if not manifest_path.exists():
+            raise BadInput(f"{self.path}: incomplete bundle (no {MANIFEST_NAME})")
+        try:
+            self.manifest: dict[str, Any] = json.loads(manifest_path.read_text())
+        except ValueError as error:
+            raise BadInput(f"{manifest_path}: unreadable manifest ({error})") from None
+        if self.manifest.get("format") != BUNDLE_FORMAT:
+            raise BadInput(f"{manifest_path}: unsupported bundle format {self.manifest.get('format')!r}")
+
+    @property
+    def run_id(self) -> str:
+        return self.manifest["run_id"]
+
+    def table_names(self) -> list[str]:
+        return sorted(p.stem for p in self.path.glob("*.parquet"))
+
+    def has(self, table: str) -> bool:
+        return (self.path / f"{table}.parquet").exists()
+
+    def table(self, name: str) -> pa.Table:
+        file = self.path / f"{name}.parquet"
+        if not file.exists():
+            raise KeyError(name)
+        return pq.read_table(file)
+
+    def probe(self, name: str) -> dict[str, Any] | None:
+        for record in self.manifest.get("probes", []):
+            if record["name"] == name:
+                return record
+        return None
