@@ -189,7 +189,7 @@ def probes_command(as_json: bool, pids) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    width = max(len(row["name"]) for row in rows)
+    width = max((len(row["name"]) for row in rows), default=4)
     for row in rows:
         flag = "" if row["default"] else " (on request)"
         line = f"{row['name']:<{width}}  {row['status']:<11}  {row['description']}{flag}"
