@@ -143,7 +143,10 @@ class BundleWriter:
         self.out_dir = validate_out_dir(Path(out_dir))
         self.host = host or Host.real()
         self.run_id = run_id or new_run_id(self.host.hostname())
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise BadInput(f"--out {self.out_dir}: cannot create it ({error.strerror})") from None
         self.started_at = datetime.now(timezone.utc)
         self._started_monotonic = time.monotonic()
         self.probes: list[ProbeRecord] = []
