@@ -63,6 +63,7 @@ class AuditRun:
         duration_s: float,
         explicit: bool = False,
         progress: Callable[[str], None] | None = None,
+        ticker: Callable[[float], None] | None = None,
     ):
         self.probe_classes = probe_classes
         self.config = config
@@ -70,6 +71,7 @@ class AuditRun:
         self.explicit = explicit
         self.window = Window(duration_s, writer.out_dir, writer.run_id)
         self.progress = progress or (lambda message: None)
+        self.ticker = ticker or (lambda remaining_s: None)
 
     def stop(self) -> None:
         self.window.stop()
@@ -169,7 +171,8 @@ class AuditRun:
         if ready:
             self.progress(f"collecting for {self.window.duration_s:g} s")
         while not self.window.wait(0.5):
-            pass
+            self.ticker(self.window.remaining())
+        self.ticker(0.0)
         for probe in ready:
             grace = float(getattr(probe, "finish_grace_s", 20.0))
             # The deadline for a probe counts from the end of the window, not from now.

@@ -158,6 +158,8 @@ class Snapshot:
     load1: float = 0.0
     memory: dict | None = None
     swap: dict | None = None
+    # Per-CPU context switches from perf software events, when /proc/schedstat is missing.
+    switches: dict[int, int] | None = None
 
 
 def _pct(delta: dict, field: str, total: int) -> float:
@@ -227,6 +229,8 @@ def cpu_interval_rows(before: Snapshot, after: Snapshot) -> list[dict]:
             if sched_new and sched_old:
                 row["context_switches"] = max(0, sched_new["sched_count"] - sched_old["sched_count"])
                 row["runqueue_wait_ns"] = max(0, sched_new["run_delay_ns"] - sched_old["run_delay_ns"])
+            elif after.switches and before.switches and cpu in after.switches and cpu in before.switches:
+                row["context_switches"] = max(0, after.switches[cpu] - before.switches[cpu])
             row["interrupts"] = per_cpu_delta(irq_cpus, irq_before, irq_after, cpu)
             row["softirqs"] = per_cpu_delta(soft_cpus, soft_before, soft_after, cpu)
             row["softirqs_net_rx"] = per_cpu_delta(soft_cpus, soft_before, soft_after, cpu, {"NET_RX"})
@@ -339,7 +343,7 @@ def host_findings(host_rows: list[dict], isolated: list[int], process_rows: list
 
 # ---- the I/O shell --------------------------------------------------------------------------------
 
-def take_snapshot(host: Host) -> Snapshot:
+def take_snapshot(host: Host, switch_counter=None) -> Snapshot:
     import psutil
 
     stat = parse_proc_stat(host.read_text("/proc/stat"))
@@ -349,8 +353,9 @@ def take_snapshot(host: Host) -> Snapshot:
     loadavg = host.read_optional("/proc/loadavg", "0 0 0").split()
     memory = psutil.virtual_memory()._asdict() if host.is_real else None
     swap = psutil.swap_memory()._asdict() if host.is_real else None
+    switches = switch_counter.read() if switch_counter is not None else None
     return Snapshot(time.monotonic(), time.time(), stat, schedstat, interrupts, softirqs,
-                    float(loadavg[0]) if loadavg else 0.0, memory, swap)
+                    float(loadavg[0]) if loadavg else 0.0, memory, swap, switches)
 
 
 def nic_counters(host: Host) -> dict:
@@ -410,6 +415,7 @@ class HostProbe(ProbeBase):
 
     def __init__(self, config: ProbeConfig | None = None):
         super().__init__(config)
+        self.status_reason = ""
 
     def check(self) -> None:
         from agent.errors import Unavailable
@@ -421,17 +427,32 @@ class HostProbe(ProbeBase):
         interval = float(self.config.option("interval_s", 1.0))
         # Never fewer than two samples: a short window still yields one interval.
         interval = min(interval, max(window.duration_s / 2, 0.05))
+        processes = ProcessSampler(self.config.pids) if self.config.pids and self.host.is_real else None
+        switch_counter = None
+        if self.host.is_real and not self.host.exists("/proc/schedstat"):
+            from probes.perf_counters import PerCpuCounter
+
+            try:
+                switch_counter = PerCpuCounter(self.host.online_cpus())
+            except OSError as error:
+                self.status_reason = f"no per-CPU context switches: no /proc/schedstat and {error}"
+        try:
+            return self._sample(window, interval, processes, switch_counter)
+        finally:
+            if switch_counter is not None:
+                switch_counter.close()
+
+    def _sample(self, window, interval, processes, switch_counter) -> dict[str, pa.Table]:
         host_rows: list[dict] = []
         nic_rows: list[dict] = []
         process_rows: list[dict] = []
-        processes = ProcessSampler(self.config.pids) if self.config.pids and self.host.is_real else None
-        before = take_snapshot(self.host)
+        before = take_snapshot(self.host, switch_counter)
         nics_before = nic_counters(self.host)
         if processes:
             processes.sample(0.0, before.wall)
         while True:
             over = window.wait(interval)
-            after = take_snapshot(self.host)
+            after = take_snapshot(self.host, switch_counter)
             elapsed = after.monotonic - before.monotonic
             if elapsed >= 0.01:
                 host_rows.extend(cpu_interval_rows(before, after))

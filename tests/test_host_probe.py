@@ -153,6 +153,10 @@ def test_live_host_probe_samples_every_cpu(tmp_path):
     totals = [r for r in host.to_pylist() if r["cpu"] == -1]
     assert all(r["mem_total_bytes"] > 0 for r in totals)
     assert all(0.0 <= r["busy_pct"] <= 100.0 for r in host.to_pylist())
+    # Per-CPU context switches come from /proc/schedstat or, without it, perf software events.
+    per_cpu = [r for r in host.to_pylist() if r["cpu"] >= 0]
+    assert all(r["context_switches"] is not None for r in per_cpu), probe.status_reason
+    assert sum(r["context_switches"] for r in per_cpu) > 0
     assert tables["host_nics"].num_rows >= samples  # at least loopback
     processes = tables["host_processes"].to_pylist()
     assert processes and processes[0]["pid"] == os.getpid() and processes[0]["rss_bytes"] > 0

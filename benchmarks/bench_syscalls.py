@@ -1,0 +1,115 @@
+"""Overhead of the syscalls probe on a syscall storm, side by side with BCC's syscount -L.
+
+The storm is `dd if=/dev/zero of=/dev/null bs=1 count=1000000` (2M read/write syscalls). pyperf
+times it bare, while `guardian-agent audit --probes syscalls` traces system-wide, and while
+`syscount-bpfcc -L` traces system-wide, in one run, in rotation, so machine drift hits all three
+alike. Result: the ratio of each traced mean to the bare mean (target for ours: <= 2.0x).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyperf
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+STORM = ["dd", "if=/dev/zero", "of=/dev/null", "bs=1", "count=1000000"]
+ROUNDS = int(os.environ.get("GUARDIAN_BENCH_ROUNDS", "3"))
+
+
+def start_guardian(workdir: Path) -> subprocess.Popen:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "-v", "audit", "--probes", "syscalls", "--duration", "3600",
+         "--out", str(workdir / f"bundle-{time.monotonic_ns()}")],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    for line in process.stderr:
+        if "collecting for" in line:
+            return process
+    raise RuntimeError("guardian-agent did not start collecting")
+
+
+def start_syscount() -> subprocess.Popen:
+    tool = shutil.which("syscount-bpfcc") or shutil.which("syscount")
+    if not tool:
+        raise RuntimeError("syscount-bpfcc not installed (apt-get install bpfcc-tools)")
+    process = subprocess.Popen([tool, "-L", "-i", "3600"], stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True)
+    for line in process.stdout:
+        if "Tracing" in line:
+            time.sleep(0.5)
+            return process
+    raise RuntimeError("syscount did not start")
+
+
+def stop(process: subprocess.Popen | None) -> None:
+    if process is None:
+        return
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def time_storm(label: str, output: Path) -> pyperf.Benchmark:
+    subprocess.run([sys.executable, "-m", "pyperf", "command", "--quiet", "--name", label,
+                    "--processes", "4", "--values", "1", "--warmups", "0", "--append", str(output),
+                    "--", *STORM], check=True)
+    return pyperf.BenchmarkSuite.load(str(output)).get_benchmark(label)
+
+
+def main() -> int:
+    if os.geteuid() != 0:
+        print("bench_syscalls: needs root (eBPF)", file=sys.stderr)
+        return 2
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as temp:
+        workdir = Path(temp)
+        files = {name: workdir / f"{name}.json" for name in ("bare", "guardian", "syscount")}
+        for _ in range(ROUNDS):
+            time_storm("bare", files["bare"])
+            tracer = start_guardian(workdir)
+            try:
+                time_storm("guardian", files["guardian"])
+            finally:
+                stop(tracer)
+            tracer = start_syscount()
+            try:
+                time_storm("syscount", files["syscount"])
+            finally:
+                stop(tracer)
+        benchmarks = {name: pyperf.BenchmarkSuite.load(str(path)).get_benchmark(name)
+                      for name, path in files.items()}
+    bare = benchmarks["bare"].mean()
+    summary = {
+        "storm": " ".join(STORM),
+        "bare_s": bare,
+        "guardian_s": benchmarks["guardian"].mean(),
+        "syscount_s": benchmarks["syscount"].mean(),
+        "guardian_ratio": benchmarks["guardian"].mean() / bare,
+        "syscount_ratio": benchmarks["syscount"].mean() / bare,
+        "values": {name: list(b.get_values()) for name, b in benchmarks.items()},
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "kernel": os.uname().release,
+        "cpus": os.cpu_count(),
+    }
+    (RESULTS / "syscalls.json").write_text(json.dumps(summary, indent=2))
+    print(f"syscall storm ({summary['storm']}), {ROUNDS} rounds x 4 runs each:")
+    print(f"  bare                     {bare * 1e3:8.1f} ms   1.00x")
+    print(f"  guardian-agent syscalls  {summary['guardian_s'] * 1e3:8.1f} ms   {summary['guardian_ratio']:.2f}x  (target <= 2.0x)")
+    print(f"  syscount-bpfcc -L        {summary['syscount_s'] * 1e3:8.1f} ms   {summary['syscount_ratio']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
