@@ -1,0 +1,416 @@
+"""Apply a plan through the journal, roll it back exactly, and report status.
+
+Apply validates everything first (the plan is complete before the first write), then for every
+step: read the original, journal it (fsync), write, journal `done`. Any refused write rolls back
+what was already done. Rollback walks the journal in reverse and, per step, compares the value
+now on the host (ignoring whitespace) with the original and the target:
+    == original  nothing to do (never written, or already restored)
+    == target    write back the exact original bytes
+    otherwise    someone else changed it since apply: kept and named (unless --force)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent.errors import BadInput, WorkFailed
+from agent.host import Host
+from agent.tuning import sysctld
+from agent.tuning.journal import JournalState, StateDir, decode, encode, new_journal_id, now_iso
+from agent.tuning.plan import Action, Plan, compare_key, read_raw, selected_word
+
+# Fault injection for the crash-safety tests: SIGKILL ourselves at a named point of apply
+# ("begin", "intent:N", "write:N", "done:N"). Real kill -9, real journal, real files.
+KILL_AT_ENV = "GUARDIAN_AGENT_TEST_KILL_AT"
+RUNTIME_PREFIXES = ("/proc/", "/sys/", "/dev/")
+HOLDER_MODULE = "agent.tuning.qos_holder"
+
+
+def _kill_point(name: str) -> None:
+    if os.environ.get(KILL_AT_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass
+class StepResult:
+    item: str
+    path: str
+    result: str  # applied | restored | unchanged | kept (drift) | forced | refused | not replayed | failed
+    detail: str = ""
+
+
+@dataclass
+class ApplyReport:
+    journal_id: str = ""
+    steps: list[StepResult] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    nothing_to_do: bool = False
+
+
+@dataclass
+class RollbackReport:
+    journal_id: str
+    profile: str
+    steps: list[StepResult] = field(default_factory=list)
+    stale_boot: bool = False
+    archived_to: Path | None = None
+
+    @property
+    def kept(self) -> list[StepResult]:
+        return [step for step in self.steps if step.result == "kept"]
+
+    @property
+    def failed(self) -> list[StepResult]:
+        return [step for step in self.steps if step.result == "failed"]
+
+
+def _write_file(host: Host, absolute: str, data: bytes) -> None:
+    # One write() call: /proc/sys and sysfs parse a value per write, a split write is two values.
+    fd = os.open(host.path(absolute), os.O_WRONLY | os.O_TRUNC | os.O_CREAT, 0o644)
+    try:
+        written = os.write(fd, data)
+        if written != len(data):
+            raise OSError(5, f"short write ({written} of {len(data)} bytes)")
+    finally:
+        os.close(fd)
+
+
+def restore_bytes(host: Host, action: dict, original: bytes) -> bytes:
+    """What to write to get the original back. Exact bytes, except for selection attributes
+    (THP: "always [madvise] never") where the kernel only accepts the selected word; a fake tree's
+    plain file takes the exact bytes."""
+    if action.get("compare") == "selection" and host.is_real:
+        return selected_word(original.decode(errors="replace")).encode() + b"\n"
+    return original
+
+
+def find_holders(token: str) -> list[int]:
+    """PIDs of PM QoS holders started for this journal step (found by the token in argv, so a
+    holder started just before a crash, whose pid never reached the journal, is still found)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if token.encode() in argv and HOLDER_MODULE.encode() in argv:
+            pids.append(int(entry.name))
+    return pids
+
+
+def stop_holders(token: str, timeout_s: float = 3.0) -> int:
+    pids = find_holders(token)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and find_holders(token):
+        time.sleep(0.02)
+    for pid in find_holders(token):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return len(pids)
+
+
+def start_holder(value_us: int, token: str, timeout_s: float = 5.0) -> int:
+    """Start the PM QoS holder: /dev/cpu_dma_latency only holds while a process keeps it open."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent.parent)
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop(KILL_AT_ENV, None)
+    process = subprocess.Popen(
+        [sys.executable, "-m", HOLDER_MODULE, "--value-us", str(value_us), "--token", token],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        start_new_session=True, env=env, close_fds=True,
+    )
+    import select
+
+    ready, _, _ = select.select([process.stdout], [], [], timeout_s)
+    line = process.stdout.readline().strip() if ready else b""
+    process.stdout.close()
+    if line != b"holding":
+        process.kill()
+        raise OSError(5, f"PM QoS holder did not start ({line.decode(errors='replace') or 'timeout'})")
+    return process.pid
+
+
+class Engine:
+    def __init__(self, host: Host, state: StateDir):
+        self.host = host
+        self.state = state
+
+    # ------------------------------------------------------------------ apply
+    def apply(self, plan: Plan, persist: bool = False) -> ApplyReport:
+        self.state.lock()
+        try:
+            pending = self.state.pending()
+            if pending is not None:
+                raise BadInput(self._pending_message(pending))
+            return self._apply(plan, persist)
+        finally:
+            self.state.unlock()
+
+    def _pending_message(self, pending: JournalState) -> str:
+        when = pending.begin.get("started_at", "?")
+        boot = "this boot" if pending.boot_id == self.host.boot_id() else f"an earlier boot ({pending.boot_id})"
+        return (f"a tuning journal is pending (profile {pending.profile}, applied {when}, {boot}): "
+                f"run `guardian-agent tune rollback` first ({pending.path})")
+
+    def _apply(self, plan: Plan, persist: bool) -> ApplyReport:
+        report = ApplyReport()
+        steps: list[tuple[str, Action, bool]] = []
+        for item in plan.applicable:
+            for action in item.actions:
+                steps.append((item.item, action, item.best_effort))
+        if persist:
+            action, warnings = self._persist_action(plan)
+            report.warnings.extend(warnings)
+            if action is not None:
+                steps.append(("persist:sysctl.d", action, False))
+        if not steps:
+            report.nothing_to_do = True
+            return report
+        report.journal_id = new_journal_id()
+        writer = self.state.start({
+            "journal_id": report.journal_id, "boot_id": self.host.boot_id(), "profile": plan.profile.name,
+            "profile_file": str(plan.profile.file), "variables": plan.profile.variables,
+            "host_root": str(self.host.root), "started_at": now_iso(), "pid": os.getpid(),
+        })
+        try:
+            _kill_point("begin")
+            for seq, (name, action, best_effort) in enumerate(steps, start=1):
+                error = self._apply_step(writer, seq, name, action, best_effort, report.journal_id)
+                if error is None:
+                    report.steps.append(StepResult(name, action.path, "applied"))
+                    continue
+                if best_effort:
+                    report.steps.append(StepResult(name, action.path, "refused", error))
+                    continue
+                writer.append({"op": "end", "status": "aborted", "error": error})
+                writer.close()
+                rollback = self._rollback(self.state.pending(), force=False)
+                undone = sum(1 for step in rollback.steps if step.result == "restored")
+                refused = f"{name}: the kernel refused {action.target.decode(errors='replace').strip()!r} ({error})"
+                if rollback.failed:
+                    raise WorkFailed(f"{refused}; rolling back failed for "
+                                     f"{', '.join(step.item for step in rollback.failed)}: the journal stays "
+                                     f"pending, see `guardian-agent tune status`")
+                raise WorkFailed(f"{refused}; rolled back {undone} value(s) already applied, "
+                                 f"journal archived to {rollback.archived_to}")
+            writer.append({"op": "end", "status": "applied"})
+        finally:
+            writer.close()
+        return report
+
+    def _apply_step(self, writer, seq: int, name: str, action: Action, best_effort: bool,
+                    journal_id: str) -> str | None:
+        record = {"op": "intent", "seq": seq, "item": name, "best_effort": best_effort,
+                  "action": {"op": action.op, "path": action.path, "compare": action.compare}}
+        if action.op == "write":
+            record["action"]["original"] = encode(read_raw(self.host, action.path))
+            record["action"]["target"] = encode(action.target)
+            if action.companion:
+                record["action"]["companion"] = action.companion
+                record["action"]["companion_original"] = encode(read_raw(self.host, action.companion))
+        elif action.op == "mkdir":
+            record["action"]["existed"] = self.host.path(action.path).is_dir()
+        elif action.op == "pm_qos":
+            record["action"]["value_us"] = action.value_us
+            record["action"]["token"] = f"guardian-qos-{journal_id}-{seq}"
+            record["action"]["original"] = encode(read_raw(self.host, action.path))
+        writer.append(record)
+        _kill_point(f"intent:{seq}")
+        try:
+            if action.op == "write":
+                _write_file(self.host, action.path, action.target)
+            elif action.op == "mkdir":
+                self.host.path(action.path).mkdir()
+            elif action.op == "pm_qos":
+                start_holder(action.value_us, record["action"]["token"])
+        except OSError as error:
+            message = f"{os.strerror(error.errno) if error.errno else error}" + (
+                f" [{errno_name(error.errno)}]" if error.errno else "")
+            writer.append({"op": "failed", "seq": seq, "error": message})
+            return message
+        _kill_point(f"write:{seq}")
+        writer.append({"op": "done", "seq": seq})
+        _kill_point(f"done:{seq}")
+        return None
+
+    def _persist_action(self, plan: Plan) -> tuple[Action | None, list[str]]:
+        values = [(item.sysctl_key, item.target) for item in plan.items
+                  if item.kind == "sysctl" and item.compliant is not None]
+        if not values:
+            return None, ["--persist: the profile has no sysctl values present on this kernel"]
+        content = sysctld.render_persist_file(plan.profile.name, values).encode()
+        warnings = []
+        assignments = sysctld.boot_assignments(self.host, skip=sysctld.PERSIST_FILE)
+        for key, target in values:
+            for row in sysctld.overriding(assignments, key):
+                if row.value != target:
+                    warnings.append(f"{key}: {row.where} sets {row.value} and is applied after "
+                                    f"{sysctld.PERSIST_FILE} at boot, so it wins over {target}")
+        directory = self.host.path(str(Path(sysctld.PERSIST_FILE).parent))
+        if not directory.is_dir():
+            raise BadInput(f"--persist: {directory} does not exist")
+        return Action("write", sysctld.PERSIST_FILE, content, "text"), warnings
+
+    # ------------------------------------------------------------------ rollback
+    def rollback(self, force: bool = False) -> RollbackReport:
+        self.state.lock()
+        try:
+            pending = self.state.pending()
+            if pending is None:
+                raise BadInput(f"nothing to roll back: no pending journal in {self.state.path}")
+            self._check_root(pending)
+            return self._rollback(pending, force)
+        finally:
+            self.state.unlock()
+
+    def _check_root(self, journal: JournalState) -> None:
+        # A journal written against a fake tree must never be "restored" onto the real /proc.
+        root = journal.begin.get("host_root", "/")
+        if Path(root) != self.host.root:
+            raise BadInput(f"the pending journal was applied to host root {root}, not {self.host.root}: "
+                           f"pass --root {root}" if root != "/" else
+                           f"the pending journal was applied to the real host (/), not {self.host.root}")
+
+    def _rollback(self, journal: JournalState, force: bool) -> RollbackReport:
+        report = RollbackReport(journal.begin.get("journal_id", "?"), journal.profile)
+        report.stale_boot = journal.boot_id != self.host.boot_id()
+        from agent.tuning.journal import JournalWriter
+
+        writer = JournalWriter(journal.path)
+        try:
+            created_dirs = {i["action"]["path"] for i in journal.intents
+                            if i["action"]["op"] == "mkdir" and not i["action"].get("existed")}
+            for intent in reversed(journal.intents):
+                seq = intent["seq"]
+                step = self._undo(intent, created_dirs, force, report.stale_boot, journal.boot_id)
+                report.steps.append(step)
+                writer.append({"op": "undone", "seq": seq, "result": step.result, "detail": step.detail})
+            writer.append({"op": "rolled_back", "at": now_iso(), "force": force,
+                           "kept": [step.item for step in report.kept]})
+        finally:
+            writer.close()
+        if not report.failed:
+            report.archived_to = self.state.archive(journal)
+        return report
+
+    def _undo(self, intent: dict, created_dirs: set[str], force: bool, stale: bool, boot_id: str) -> StepResult:
+        action = intent["action"]
+        name, path, op = intent["item"], action["path"], action["op"]
+        runtime = path.startswith(RUNTIME_PREFIXES)
+        if stale and runtime and not force:
+            return StepResult(name, path, "not replayed",
+                              f"journal from an earlier boot ({boot_id}): the reboot reset this value")
+        try:
+            if op == "pm_qos":
+                stopped = stop_holders(action["token"])
+                if stopped:
+                    return StepResult(name, path, "restored", "PM QoS holder stopped, request released")
+                return StepResult(name, path, "unchanged", "no holder running (never started or already gone)")
+            if op == "mkdir":
+                directory = self.host.path(path)
+                if action.get("existed") or not directory.is_dir():
+                    return StepResult(name, path, "unchanged")
+                try:
+                    directory.rmdir()
+                except OSError as error:
+                    return StepResult(name, path, "kept", f"cannot remove ({error.strerror}): tasks still in it?")
+                return StepResult(name, path, "restored", "removed the directory apply created")
+            return self._undo_write(name, path, action, created_dirs, force)
+        except OSError as error:
+            return StepResult(name, path, "failed", f"{error.strerror or error} [{errno_name(error.errno)}]")
+
+    def _undo_write(self, name: str, path: str, action: dict, created_dirs: set[str], force: bool) -> StepResult:
+        fmt = action.get("compare", "text")
+        original, target = decode(action.get("original")), decode(action.get("target"))
+        current = read_raw(self.host, path)
+        current_key = compare_key(current, fmt)
+        if current_key == compare_key(original, fmt):
+            return StepResult(name, path, "unchanged", "already the original value")
+        drift = current_key != compare_key(target, fmt)
+        if drift and not force:
+            return StepResult(name, path, "kept",
+                              f"changed by someone else since apply: now {current_key!r}, "
+                              f"applied {compare_key(target, fmt)!r}, original {compare_key(original, fmt)!r}")
+        if original is None:
+            try:
+                self.host.path(path).unlink()
+            except OSError:
+                if str(Path(path).parent) not in created_dirs:
+                    raise
+                # cgroupfs files vanish with their directory, removed by the mkdir step next.
+            return StepResult(name, path, "forced" if drift else "restored", "removed the file apply created")
+        companion_original = decode(action.get("companion_original"))
+        if compare_key(original, fmt) == "0" and compare_key(companion_original, "text") not in (None, "0"):
+            # Writing 0 to vm.dirty_bytes is refused; writing the ratio back zeroes the bytes.
+            _write_file(self.host, action["companion"], companion_original)
+            if not self.host.is_real:  # a fake tree has no kernel to zero the pair for us
+                _write_file(self.host, path, original)
+        else:
+            _write_file(self.host, path, restore_bytes(self.host, action, original))
+        return StepResult(name, path, "forced" if drift else "restored",
+                          f"back to {compare_key(original, fmt)!r}")
+
+    # ------------------------------------------------------------------ status
+    def status(self) -> dict:
+        pending = self.state.pending()
+        if pending is None:
+            history = self.state.history()
+            return {"pending": False, "state_dir": str(self.state.path),
+                    "last_journal": str(history[-1]) if history else None}
+        self._check_root(pending)
+        stale = pending.boot_id != self.host.boot_id()
+        rows = []
+        for intent in pending.intents:
+            action, seq = intent["action"], intent["seq"]
+            if seq in pending.failed:
+                state, detail = "refused", pending.failed[seq]
+            elif seq not in pending.done:
+                state, detail = "interrupted", "apply died around this write: rollback will check it"
+            elif stale and action["path"].startswith(RUNTIME_PREFIXES):
+                state, detail = "reset by reboot", ""
+            else:
+                state, detail = self._step_state(action)
+            rows.append({"item": intent["item"], "path": action["path"], "state": state, "detail": detail})
+        return {
+            "pending": True, "state_dir": str(self.state.path), "journal": str(pending.path),
+            "journal_id": pending.begin.get("journal_id"), "profile": pending.profile,
+            "started_at": pending.begin.get("started_at"),
+            "apply_finished": pending.finished, "end_status": (pending.end or {}).get("status"),
+            "boot": "earlier boot" if stale else "this boot", "boot_id": pending.boot_id, "steps": rows,
+        }
+
+    def _step_state(self, action: dict) -> tuple[str, str]:
+        if action["op"] == "pm_qos":
+            alive = find_holders(action["token"])
+            return ("applied", f"holder pid {alive[0]}") if alive else ("drifted", "holder not running")
+        if action["op"] == "mkdir":
+            return ("applied", "") if self.host.path(action["path"]).is_dir() else ("drifted", "directory gone")
+        fmt = action.get("compare", "text")
+        current = compare_key(read_raw(self.host, action["path"]), fmt)
+        if current == compare_key(decode(action.get("target")), fmt):
+            return "applied", ""
+        if current == compare_key(decode(action.get("original")), fmt):
+            return "drifted", "reverted to the original by someone else"
+        return "drifted", f"now {current!r}"
+
+
+def errno_name(number: int | None) -> str:
+    import errno
+
+    return errno.errorcode.get(number or 0, str(number))
