@@ -41,6 +41,13 @@ def new_run_id(hostname: str | None = None, now: float | None = None) -> str:
 def validate_out_dir(path: Path) -> Path:
     """Check that DIR can become a bundle (absent, or an empty writable directory) without writing."""
     path = Path(path)
+    try:
+        return _validate_out_dir(path)
+    except PermissionError as error:
+        raise BadInput(f"--out {path}: permission denied ({error.filename or path})") from None
+
+
+def _validate_out_dir(path: Path) -> Path:
     if path.exists():
         if not path.is_dir():
             raise BadInput(f"--out {path}: exists and is not a directory")
