@@ -16,6 +16,7 @@ import pyarrow as pa
 
 from agent.errors import Unavailable
 from probes.base import ProbeBase, ProbeConfig, Window, finding, findings_table, rows_to_table
+from probes.bpf import bpf_prerequisites, compile_program
 
 NAME = "syscalls"
 BPF_SOURCE = Path(__file__).with_name("syscalls.c")
@@ -194,29 +195,6 @@ def build_source(pids: tuple[int, ...], self_tgid: int, raw_tracepoints: bool = 
             .replace("HIST_MAX", str(HIST_MAX_ROWS)))
 
 
-def bpf_prerequisites(host, events: Iterable[str]) -> None:
-    """Raise Unavailable naming the fix when BCC cannot run here (shared by eBPF probes)."""
-    if os.geteuid() != 0:
-        raise Unavailable("needs CAP_BPF and CAP_PERFMON: run as root")
-    try:
-        import bcc  # noqa: F401
-    except ImportError:
-        raise Unavailable("BCC not importable: apt-get install python3-bpfcc (and use a venv with "
-                          "--system-site-packages)") from None
-    release = host.kernel_release()
-    if not host.exists(f"/lib/modules/{release}/build"):
-        raise Unavailable(f"kernel headers missing: install linux-headers-{release} (or run `make setup`)")
-    tracing = "/sys/kernel/tracing/events"
-    if not host.exists(tracing):
-        if host.exists("/sys/kernel/debug/tracing/events"):
-            tracing = "/sys/kernel/debug/tracing/events"
-        else:
-            raise Unavailable("tracefs not mounted: mount -t tracefs tracefs /sys/kernel/tracing")
-    for event in events:
-        if not host.exists(f"{tracing}/{event}"):
-            raise Unavailable(f"tracepoint {event} missing on this kernel")
-
-
 class SyscallsProbe(ProbeBase):
     name: ClassVar[str] = NAME
     schema: ClassVar[pa.Schema] = SCHEMA
@@ -239,10 +217,7 @@ class SyscallsProbe(ProbeBase):
         self.attach_mode = "raw tracepoints" if raw else "tracepoints"
         source = build_source(tuple(self.config.pids), os.getpid(), raw_tracepoints=raw)
         try:
-            # BCC prints compiler warnings from the (possibly borrowed) headers on stderr; they are
-            # noise for users, so silence the C compiler's stderr during the build.
-            with _quiet_stderr():
-                self._bpf = bcc.BPF(text=source, cflags=["-Wno-everything"])
+            self._bpf = compile_program(source)
         except Exception as error:
             raise Unavailable(f"BPF program failed to load: {str(error).splitlines()[0]}") from None
 
@@ -325,22 +300,3 @@ def syscall_name(number: int) -> str:
         except Exception:
             pass
     return _syscall_names.get(number, f"syscall_{number}")
-
-
-class _quiet_stderr:
-    """Redirect fd 2 to /dev/null while clang runs inside BCC (warnings from borrowed headers)."""
-
-    def __enter__(self):
-        import sys
-
-        sys.stderr.flush()
-        self._saved = os.dup(2)
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 2)
-        os.close(devnull)
-        return self
-
-    def __exit__(self, *exc):
-        os.dup2(self._saved, 2)
-        os.close(self._saved)
-        return False

@@ -20,6 +20,7 @@ BAD_INPUTS = [
     (["audit", "--duration", "-3"], "--duration must be positive"),
     (["audit", "--pid", "999999999"], "--pid 999999999: no such process"),
     (["audit", "--probes", "host,warp_drive"], "unknown probe warp_drive"),
+    (["audit", "--process", "no-such-process-xyz"], "--process no-such-process-xyz: no running process"),
     (["audit", "--duration", "abc"], "'abc' is not a valid float"),
     (["audit", "--no-such-flag"], "No such option '--no-such-flag'"),
 ]

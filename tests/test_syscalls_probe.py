@@ -82,12 +82,9 @@ def run_child_under_probe(sleeps: int, getppids: int, raw: bool = True):
         probe = SyscallsProbe(ProbeConfig(pids=(child.pid,)))
         probe.check()
         if not raw:
-            import bcc
+            from probes.bpf import compile_program
 
-            from probes.syscalls import _quiet_stderr
-            with _quiet_stderr():
-                probe._bpf = bcc.BPF(text=build_source((child.pid,), os.getpid(), raw_tracepoints=False),
-                                     cflags=["-Wno-everything"])
+            probe._bpf = compile_program(build_source((child.pid,), os.getpid(), raw_tracepoints=False))
         else:
             probe.prepare()
         window = Window(60, Path("/tmp"))

@@ -1,0 +1,64 @@
+"""Shared BCC plumbing for the eBPF probes: prerequisites and one-at-a-time compilation."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from typing import Iterable
+
+from agent.errors import Unavailable
+
+# BCC's clang front end (its in-memory kernel headers) is not thread-safe: two probes compiling
+# at once in the runner's parallel prepare threads make one fail with "'linux/types.h' file not
+# found" (seen with BCC 0.26, tcp + syscalls). Every eBPF probe compiles under this lock.
+COMPILE_LOCK = threading.Lock()
+
+
+class quiet_stderr:
+    """Send fd 2 to /dev/null while clang runs inside BCC: borrowed kernel headers make it print
+    pages of warnings that mean nothing to a user."""
+
+    def __enter__(self):
+        sys.stderr.flush()
+        self._saved = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+        return self
+
+    def __exit__(self, *exc):
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        return False
+
+
+def compile_program(source: str):
+    """Compile and load a BCC program (serialised, warnings silenced)."""
+    import bcc
+
+    with COMPILE_LOCK, quiet_stderr():
+        return bcc.BPF(text=source, cflags=["-Wno-everything"])
+
+
+def bpf_prerequisites(host, events: Iterable[str]) -> None:
+    """Raise Unavailable naming the fix when BCC cannot run here."""
+    if os.geteuid() != 0:
+        raise Unavailable("needs CAP_BPF and CAP_PERFMON: run as root")
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        raise Unavailable("BCC not importable: apt-get install python3-bpfcc (and use a venv with "
+                          "--system-site-packages)") from None
+    release = host.kernel_release()
+    if not host.exists(f"/lib/modules/{release}/build"):
+        raise Unavailable(f"kernel headers missing: install linux-headers-{release} (or run `make setup`)")
+    tracing = "/sys/kernel/tracing/events"
+    if not host.exists(tracing):
+        if host.exists("/sys/kernel/debug/tracing/events"):
+            tracing = "/sys/kernel/debug/tracing/events"
+        else:
+            raise Unavailable("tracefs not mounted: mount -t tracefs tracefs /sys/kernel/tracing")
+    for event in events:
+        if not host.exists(f"{tracing}/{event}"):
+            raise Unavailable(f"tracepoint {event} missing on this kernel")
