@@ -1,0 +1,94 @@
+"""`guardian-agent pg-log FILE... --out DIR`: PostgreSQL slow-query logs -> a report bundle."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+from agent.errors import BadInput
+
+
+@click.command(name="pg-log")
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="Bundle directory (created; refused if not empty).")
+@click.option("--format", "log_format", type=click.Choice(["auto", "stderr", "csv", "json"]),
+              default="auto", show_default=True, help="Log format (auto: from name and content).")
+@click.option("--prefix", help="The server's log_line_prefix (stderr logs; default: detected and printed).")
+@click.option("--keep-literals", is_flag=True,
+              help="Keep one example statement with its literals per fingerprint (sensitive!).")
+@click.option("--top", "top_count", type=int, default=10, show_default=True,
+              help="Fingerprints printed in the summary.")
+@click.pass_obj
+def pg_log(obj, files, out_dir, log_format, prefix, keep_literals, top_count) -> int:
+    """Slow-query log analysis: per-fingerprint calls, total and p50/p99/p99.9/max at microsecond
+    resolution from stderr (any log_line_prefix), csvlog or jsonlog files, plain, gzip or zstd.
+
+    \b
+    Writes pg_queries, pg_query_minutes and pg_log_errors. Lines that could not be used are
+    counted in pg_log_errors (never silently dropped); literals never reach the bundle unless
+    --keep-literals. Exit 0 done, 1 failed, 2 bad input.
+    """
+    from agent.host import Host
+    from agent.pglog import analyse_logs
+    from reports.bundle import BundleWriter, ProbeRecord, validate_out_dir
+
+    if top_count < 0:
+        raise BadInput(f"--top must be >= 0, not {top_count}")
+    for path in files:
+        if not path.exists():
+            raise BadInput(f"{path}: no such file")
+        if not path.is_file():
+            raise BadInput(f"{path}: not a regular file")
+    if prefix is not None and log_format not in ("auto", "stderr"):
+        raise BadInput("--prefix only applies to stderr logs")
+    validate_out_dir(out_dir)
+    # The byte-progress line the pcap command draws (one stderr line, terminal only).
+    from probes.pcap_analysis import terminal_progress
+
+    verbose = bool(getattr(obj, "verbose", False))
+    started = time.monotonic()
+    analysis = analyse_logs(list(files), log_format=log_format, prefix=prefix,
+                            keep_literals=keep_literals, progress=terminal_progress("pg-log"),
+                            announce=lambda message: click.echo(message, err=True))
+    seconds = time.monotonic() - started
+    writer = BundleWriter(out_dir, host=Host.real())
+    counts = {
+        "pg_queries": writer.write_table("pg_queries", analysis.queries, "pg-log"),
+        "pg_query_minutes": writer.write_table("pg_query_minutes", analysis.minutes, "pg-log"),
+        "pg_log_errors": writer.write_table("pg_log_errors", analysis.errors, "pg-log"),
+    }
+    writer.add_probe(ProbeRecord("pg-log", "ok", "", counts, seconds))
+    writer.finish(extra={"source": "pg-log", "pg_log": analysis.summary()})
+
+    total_bytes = sum(f.bytes_read for f in analysis.files)
+    click.echo(f"pg-log: {len(analysis.files)} file(s), {total_bytes / 1e6:,.1f} MB in {seconds:.2f} s "
+               f"({total_bytes / 1e6 / max(seconds, 1e-6):,.0f} MB/s); {analysis.durations_counted:,} "
+               f"executions, {analysis.queries.num_rows} fingerprints")
+    for summary in analysis.files:
+        if summary.prefix is not None:
+            click.echo(f"  {summary.path}: {summary.format}, log_line_prefix {summary.prefix!r}")
+    rows = analysis.queries.slice(0, top_count).to_pylist()
+    if rows:
+        click.echo(f"  {'total_ms':>11} {'calls':>9} {'p50_ms':>9} {'p99_ms':>9} {'p99.9_ms':>9} {'max_ms':>9}  query")
+    for row in rows:
+        query = row["query"] if len(row["query"]) <= 70 else row["query"][:69] + "…"
+        click.echo(f"  {row['total_ms']:>11,.1f} {row['calls']:>9,} {row['p50_ms']:>9.3f} {row['p99_ms']:>9.3f} "
+                   f"{row['p999_ms']:>9.3f} {row['max_ms']:>9.3f}  {query}")
+    problems = analysis.errors.to_pylist()
+    for problem in problems:
+        click.echo(f"  not used: {problem['count']:,} × {problem['category']}"
+                   + (f" (first at line {problem['first_line']})" if problem["first_line"] else ""), err=True)
+        if verbose:
+            for example in problem["examples"]:
+                click.echo(f"      {example}", err=True)
+    if analysis.durations_counted == 0:
+        click.echo("  no statement durations found: is log_min_duration_statement set (0 logs every "
+                   "statement, N logs those slower than N ms)?", err=True)
+    click.echo(f"bundle: {writer.out_dir}")
+    return 0
+
+
+commands = [pg_log]

@@ -1,0 +1,134 @@
+"""Statement fingerprints with libpg_query (pglast), cached on a cheap pre-normalised key.
+
+libpg_query's fingerprint ignores literal values, parameter numbers, IN-list lengths, comments
+and whitespace, so `WHERE aid = 7` (log), `WHERE aid = $1` (prepared) and pg_stat_statements'
+normalised text all give one fingerprint: that is what joins a log to pg_stat_statements.
+
+Parsing every line would cost ~20 us each; instead the statements of a block are reduced to a
+key with their literals removed by one vectorised RE2 pass, and the parser runs once per
+distinct key (a handful for pgbench, a few thousand for a real application).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+# Double-quoted identifiers are kept (group 1) so "t1" and "t2" stay apart; single-quoted
+# strings and numbers are dropped. Whitespace is left alone: differing whitespace only costs an
+# extra parser call, never a wrong merge.
+PREKEY_PATTERN = r"(\"(?:[^\"]|\"\")*\")|'(?:[^']|'')*'|\b[0-9]+(?:\.[0-9]*)?(?:[eE][-+]?[0-9]+)?"
+
+# The same pre-normalisation in Python's re, for single representatives (RE2 and re agree on
+# this pattern: no look-arounds, no backreferences).
+_PREKEY = re.compile(PREKEY_PATTERN)
+_STRINGS = re.compile(r"'(?:[^']|'')*'")
+_REDACT = re.compile(r"'(?:[^']|'')*'|\b\d+(?:\.\d+)?(?:[eE][-+]?\d+)?\b")
+
+
+def redact_literals(text: str) -> str:
+    return _REDACT.sub("?", text)
+
+
+def prekeys(statements: pa.Array) -> pa.Array:
+    return pc.replace_substring_regex(statements, PREKEY_PATTERN, r"\1")
+
+
+def clean_statement(text: str) -> str:
+    """Undo the stderr log's tab after each newline and trim; used only on representatives."""
+    return text.replace("\n\t", "\n").strip()
+
+
+def fingerprint_statement(text: str) -> tuple[str, str, bool]:
+    """(fingerprint, normalised query without literals, parsed by libpg_query?)."""
+    from pglast import parser
+
+    text = clean_statement(text)
+    try:
+        fingerprint = parser.fingerprint(text)
+        try:
+            normalised = parser.normalize(text)
+        except Exception:  # normalise can fail where fingerprint succeeds (rare); never leak
+            normalised = redact_literals(text)
+        # libpg_query leaves strings in some utility statements (LOAD, COPY ... FROM 'file'):
+        # those are redacted too, so nothing quoted ever reaches a report.
+        return fingerprint, _STRINGS.sub("'?'", " ".join(normalised.split())), True
+    except Exception:
+        # Truncated or non-SQL text (e.g. a statement cut by log_parameter_max_length): a stable
+        # fingerprint of its literal-free shape, marked so it is never mistaken for libpg_query's.
+        shape = " ".join(redact_literals(text).split())
+        return "x" + hashlib.sha1(shape.encode()).hexdigest()[:15], shape, False
+
+
+class FingerprintCache:
+    """Maps pre-normalised keys to small integer ids of distinct fingerprints."""
+
+    def __init__(self, keep_literals: bool = False):
+        self.keep_literals = keep_literals
+        self.by_prekey: dict[str, int] = {}
+        self.by_digit_key: dict[str, int] = {}
+        self.fingerprints: list[str] = []
+        self.queries: list[str] = []
+        self.examples: list[str] = []
+        self.parsed: list[bool] = []
+        self._id_by_fingerprint: dict[str, int] = {}
+        self.parser_calls = 0
+
+    def _id_for(self, statement: str) -> int:
+        fingerprint, normalised, parsed = fingerprint_statement(statement)
+        self.parser_calls += 1
+        found = self._id_by_fingerprint.get(fingerprint)
+        if found is not None:
+            return found
+        identifier = len(self.fingerprints)
+        self._id_by_fingerprint[fingerprint] = identifier
+        self.fingerprints.append(fingerprint)
+        self.queries.append(normalised)
+        self.examples.append(clean_statement(statement) if self.keep_literals else "")
+        self.parsed.append(parsed)
+        return identifier
+
+    def ids(self, statements: pa.Array, digit_keys: pa.Array | None = None) -> pa.Array:
+        """Fingerprint id (int32) for each statement, calling the parser once per new key.
+
+        `digit_keys` (the statements with every digit turned into '0', from one bytes.translate
+        over the block) is a cheaper key than the RE2 pre-normalisation; it is used while it
+        stays selective, i.e. while the statements differ mostly in numbers. When many keys are
+        new (string literals that vary), the block falls back to the RE2 key.
+        """
+        if len(statements) == 0:
+            return pa.array([], pa.int32())
+        if digit_keys is not None:
+            encoded = pc.dictionary_encode(digit_keys)
+            keys = encoded.dictionary.to_pylist()
+            new = sum(1 for key in keys if key not in self.by_digit_key)
+            if new <= max(256, len(statements) // 50):
+                return self._map(encoded, keys, statements, self.by_digit_key)
+        encoded = pc.dictionary_encode(prekeys(statements))
+        return self._map(encoded, encoded.dictionary.to_pylist(), statements, self.by_prekey)
+
+    def _map(self, encoded, keys: list[str], statements: pa.Array, known: dict[str, int]) -> pa.Array:
+        first_index = None
+        mapping = []
+        for position, key in enumerate(keys):
+            identifier = known.get(key)
+            if identifier is None:
+                if first_index is None:
+                    # Position of each key's first occurrence: one vectorised pass, only when
+                    # some key is new.
+                    uniques, first = np.unique(encoded.indices.to_numpy(zero_copy_only=False), return_index=True)
+                    first_index = dict(zip(uniques.tolist(), first.tolist()))
+                statement = statements[first_index[position]].as_py()
+                # Another digit key may already have met this statement's shape.
+                shape = _PREKEY.sub(lambda m: m.group(1) or "", statement)
+                identifier = self.by_prekey.get(shape)
+                if identifier is None:
+                    identifier = self._id_for(statement)
+                    self.by_prekey[shape] = identifier
+                known[key] = identifier
+            mapping.append(identifier)
+        return pc.take(pa.array(mapping, pa.int32()), encoded.indices)
