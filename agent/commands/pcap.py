@@ -24,7 +24,8 @@ def pcap(capture_file: Path, out_dir: Path, block_mib: int) -> None:
     says partial) and the command exits 2 naming the byte offset.
     """
     from agent.host import Host
-    from probes.pcap_analysis import analyse_capture, flows_findings, flows_headlines, terminal_progress
+    from agent.progress import terminal_progress
+    from probes.pcap_analysis import analyse_capture, flows_findings, flows_headlines
     from probes.pcap_reader import CaptureReader
     from reports.bundle import BundleWriter, ProbeRecord, validate_out_dir
 

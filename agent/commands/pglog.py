@@ -46,7 +46,7 @@ def pg_log(obj, files, out_dir, log_format, prefix, keep_literals, top_count) ->
         raise BadInput("--prefix only applies to stderr logs")
     validate_out_dir(out_dir)
     # The byte-progress line the pcap command draws (one stderr line, terminal only).
-    from probes.pcap_analysis import terminal_progress
+    from agent.progress import terminal_progress
 
     verbose = bool(getattr(obj, "verbose", False))
     started = time.monotonic()
