@@ -1,0 +1,1 @@
+"""Blue/green + canary rollouts: plan, journal, traffic adapters, KPI collection and the driver."""

@@ -1,0 +1,130 @@
+"""The rollout journal: one JSON object per line, fsync'd before the step it announces proceeds.
+
+Every run starts with a `start` record holding the plan, the traffic adapter settings and the
+driver's pid, so `rollout status`, `rollout abort` and the watchdog can act from the journal alone
+(after a crash, a kill -9 or a reboot) without the plan file.
+Terminal events end a run: promoted, rolled_back, aborted, failed (before any traffic moved).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.errors import BadInput
+
+TERMINAL_EVENTS = ("promoted", "rolled_back", "aborted", "failed")
+
+
+class Journal:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def append(self, event: str, **fields: Any) -> dict:
+        record = {"ts": time.time(), "event": event, **fields}
+        line = json.dumps(record, default=str, separators=(",", ":")) + "\n"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # O_APPEND: the driver and the watchdog may both write; each line lands whole.
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, line.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return record
+
+
+def read_records(path: Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        raise BadInput(f"{path}: no rollout journal here")
+    records = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            # A line torn by a crash mid-write: everything before it is still good.
+            continue
+    return records
+
+
+@dataclass
+class RunState:
+    run_id: str
+    start: dict
+    records: list[dict] = field(default_factory=list)
+
+    @property
+    def last(self) -> dict:
+        return self.records[-1]
+
+    @property
+    def terminal(self) -> dict | None:
+        for record in reversed(self.records):
+            if record["event"] in TERMINAL_EVENTS:
+                return record
+        return None
+
+    @property
+    def pid(self) -> int:
+        return int(self.start.get("pid", 0))
+
+    def driver_alive(self) -> bool:
+        return pid_alive(self.pid) and self.terminal is None
+
+    @property
+    def current_stage(self) -> dict | None:
+        for record in reversed(self.records):
+            if record["event"] == "stage_started":
+                return record
+        return None
+
+    @property
+    def weights(self) -> dict | None:
+        for record in reversed(self.records):
+            if "weights" in record:
+                return record["weights"]
+        return None
+
+    @property
+    def status(self) -> str:
+        terminal = self.terminal
+        if terminal is not None:
+            return terminal["event"]
+        if pid_alive(self.pid):
+            return "running"
+        return "interrupted"
+
+
+def pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie still answers kill(0); it is not running anything.
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def last_run(path: Path) -> RunState:
+    records = read_records(path)
+    starts = [index for index, record in enumerate(records) if record.get("event") == "start"]
+    if not starts:
+        raise BadInput(f"{path}: journal holds no rollout run")
+    first = starts[-1]
+    run_records = [r for r in records[first:] if r.get("run_id") == records[first].get("run_id")]
+    return RunState(run_id=records[first]["run_id"], start=records[first], records=run_records)

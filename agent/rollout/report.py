@@ -1,0 +1,91 @@
+"""The rollout's report bundle (a post-mortem when it rolled back).
+
+Tables: turns (every KPI sample, with version and stage: the gate can re-judge them),
+rollout_stages (per stage and version: samples, p50, p99, error rate), rollout_verdicts (every
+gate evaluation, one row per metric, in the decision-record schema) and findings.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pyarrow as pa
+
+from agent.gate.record import decision_rows, decision_table
+from probes.base import finding, findings_table
+from reports.bundle import BundleWriter, ProbeRecord
+
+STAGES_SCHEMA = pa.schema([
+    ("stage", pa.int32()), ("weight_pct", pa.float64()), ("version", pa.string()), ("samples", pa.int64()),
+    ("p50_ms", pa.float64()), ("p99_ms", pa.float64()), ("error_rate_pct", pa.float64()),
+])
+
+
+def write_rollout_bundle(driver, status: str, reason: str) -> Path:
+    from agent.rollout.collector import samples_table
+    from agent.rollout.driver import stage_summary_rows
+
+    plan = driver.plan
+    label = "postmortem" if status != "promoted" else "report"
+    out_dir = plan.state_dir / f"{plan.name}-{driver.run_id}-{label}"
+    writer = BundleWriter(out_dir, run_id=driver.run_id)
+    samples = driver.collector.snapshot() if driver.collector is not None else []
+    tables = {"turns": samples_table(samples),
+              "rollout_stages": pa.Table.from_pylist(stage_summary_rows(samples, plan), schema=STAGES_SCHEMA)}
+    rows = []
+    for evaluation in driver.evaluations:
+        rows += decision_rows(evaluation.verdict, plan.gate,
+                              context=f"stage {evaluation.stage + 1} at {evaluation.elapsed_s:.1f} s "
+                                      f"(baseline: {evaluation.baseline_scope})",
+                              baseline="blue", candidate="green", baseline_run_id=driver.run_id,
+                              candidate_run_id=driver.run_id,
+                              decided_at=datetime.fromtimestamp(evaluation.decided_at, timezone.utc))
+    tables["rollout_verdicts"] = decision_table(rows)
+    severity = "info" if status == "promoted" else "critical"
+    tables["findings"] = findings_table([finding(
+        "rollout", severity, plan.name, f"{status}: {reason}",
+        "nothing to do" if status == "promoted" else
+        "read rollout_verdicts for the failing metrics and rollout_stages for blue vs green per stage")])
+    counts = {}
+    for name, table in tables.items():
+        counts[name] = writer.write_table(name, table, probe="rollout")
+    writer.add_probe(ProbeRecord("rollout", "ok", reason="", tables=counts))
+    stacks_note = differential_flamegraph(plan, writer)
+    writer.finish(extra={"rollout": {
+        "name": plan.name, "status": status, "reason": reason, "plan": str(plan.path),
+        "stages": [stage.__dict__ for stage in plan.stages],
+        "unattributed_requests": driver.collector.unattributed if driver.collector else 0,
+        "stacks": stacks_note,
+    }})
+    return out_dir
+
+
+def folded_stacks(bundle_dir: Path) -> dict[str, float]:
+    from reports.bundle import Bundle
+
+    table = Bundle(bundle_dir).table("stacks")
+    folded: dict[str, float] = {}
+    for stack, samples in zip(table.column("stack").to_pylist(), table.column("samples").to_pylist(), strict=True):
+        if stack and samples:
+            folded[stack] = folded.get(stack, 0.0) + float(samples)
+    return folded
+
+
+def differential_flamegraph(plan, writer: BundleWriter) -> str:
+    """stacks.diff.svg (blue -> green) when the plan names stacks bundles of both; else why not."""
+    from reports.flamegraph import differential_svg
+
+    if plan.blue_stacks is None:
+        return "not collected (set [postmortem] blue_stacks and green_stacks to stacks bundles)"
+    try:
+        blue, green = folded_stacks(plan.blue_stacks), folded_stacks(plan.green_stacks)
+    except Exception as error:  # noqa: BLE001 - a missing profile must not cost the post-mortem
+        return f"not drawn: {error}"
+    if not blue or not green:
+        return "not drawn: a stacks bundle holds no samples"
+    svg = differential_svg(blue, green, title=f"{plan.name}: blue -> green",
+                           subtitle="red: share of samples grew on green, blue: shrank")
+    (writer.out_dir / "stacks.diff.svg").write_text(svg)
+    writer.add_extra("stacks.diff.svg")
+    return "stacks.diff.svg"
