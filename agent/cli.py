@@ -23,7 +23,15 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_DRIFT = 0, 1, 2, 3
 
 # Other command modules, each exposing `commands` (a list of click commands/groups).
 # Explicit and ordered, like the probe registry: easy to read, no magic.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = (
+    "agent.commands.fleet",
+    "agent.commands.gate",
+    "agent.commands.rollout",
+    "agent.commands.pcap",
+    "agent.commands.pglog",
+    "agent.commands.stacks",
+    "agent.commands.tune",
+)
 
 
 class Context:
@@ -41,6 +49,23 @@ def progress_printer(enabled: bool):
             click.echo(f"… {message}", err=True)
 
     return progress
+
+
+def countdown_ticker(enabled: bool):
+    """On a terminal, one self-overwriting line with the seconds left in the window."""
+    state = {"shown": False}
+
+    def tick(remaining_s: float) -> None:
+        if not enabled:
+            return
+        if remaining_s <= 0:
+            if state["shown"]:
+                click.echo("\r" + " " * 40 + "\r", err=True, nl=False)
+            return
+        state["shown"] = True
+        click.echo(f"\r… {remaining_s:5.0f} s left (Ctrl-C ends the window early)", err=True, nl=False)
+
+    return tick
 
 
 def stderr_is_tty() -> bool:
@@ -97,11 +122,14 @@ def parse_probe_list(text: str | None) -> list[str] | None:
 @click.option("--native", is_flag=True, help="Native stacks with perf (stacks probe).")
 @click.option("--subprocesses", is_flag=True, help="Also profile child processes (stacks probe).")
 @click.option("--blocking", is_flag=True, help="Stop the target while sampling for exact stacks (stacks).")
+@click.option("--stack-threads", type=click.Choice(["running", "all", "gil"]), help="Threads to sample: running (default), all (idle too), gil (GIL holder only) (stacks).")
 @click.option("--jitter-cpus", help="CPUs for the jitter busy-loop, e.g. 2-3 (jitter probe).")
+@click.option("--peer-role", "peer_roles", multiple=True, metavar="PORT[-PORT]|CIDR=ROLE", help="Label TCP peers, e.g. 9100-9199=exchange (tcp probe; 5432=database built in).", callback=lambda context, parameter, values: importlib.import_module("probes.tcp").peer_roles_option(values))
 @click.pass_obj
 def audit(obj: Context, duration_s, out_dir, probe_list, pids, process_names, units, interval_s,
           profile, profile_dir, profile_vars, iface, capture_filter, capture_payload, pg_dsn,
-          pg_dsn_file, sample_rate_hz, native, subprocesses, blocking, jitter_cpus) -> None:
+          pg_dsn_file, sample_rate_hz, native, subprocesses, blocking, stack_threads, jitter_cpus,
+          peer_roles=()) -> None:
     """Run probes side by side over one window and write a report bundle.
 
     Prints each probe's status and the findings, most severe first. Exit 0 when the bundle is
@@ -122,6 +150,13 @@ def audit(obj: Context, duration_s, out_dir, probe_list, pids, process_names, un
     for pid in pids:
         if pid <= 0 or not host.pid_exists(pid):
             raise BadInput(f"--pid {pid}: no such process")
+    if process_names or units:
+        from probes.targets import resolve_targets
+
+        # A name or unit that matches nothing is a typo, not an empty audit: refuse it up front.
+        # The matches join --pid so every probe (host, syscalls, stacks...) targets them.
+        resolved = resolve_targets(host, (), process_names, units)
+        pids = tuple(dict.fromkeys([*pids, *(target.pid for target in resolved)]))
     names = parse_probe_list(probe_list)
     probe_classes = select_probes(names, REGISTRY)
     variables = {}
@@ -139,13 +174,14 @@ def audit(obj: Context, duration_s, out_dir, probe_list, pids, process_names, un
         "profile_vars": variables, "iface": iface, "capture_filter": capture_filter,
         "capture_payload": capture_payload, "pg_dsn": pg_dsn, "pg_dsn_file": pg_dsn_file,
         "sample_rate_hz": sample_rate_hz, "native": native, "subprocesses": subprocesses,
-        "blocking": blocking, "jitter_cpus": jitter_cpus, "process_names": process_names,
-        "units": units, "explicit_probes": tuple(names or ()),
+        "blocking": blocking, "stack_threads": stack_threads, "jitter_cpus": jitter_cpus, "process_names": process_names,
+        "units": units, "explicit_probes": tuple(names or ()), "tcp_roles": tuple(peer_roles),
     }
     config = ProbeConfig(host=host, pids=tuple(pids), options=options)
     writer = BundleWriter(target, run_id=run_id, host=host)
     run = AuditRun(probe_classes, config, writer, duration_s, explicit=bool(names),
-                   progress=progress_printer(stderr_is_tty() or obj.verbose))
+                   progress=progress_printer(stderr_is_tty() or obj.verbose),
+                   ticker=countdown_ticker(stderr_is_tty()))
 
     previous = {}
 
@@ -213,6 +249,12 @@ def main(argv: list[str] | None = None) -> None:
         argv if argv is not None else sys.argv[1:])
     try:
         code = cli.main(args=argv, prog_name="guardian-agent", standalone_mode=False)
+    except SystemExit as done:
+        # click turns EPIPE (output piped into `head`) into exit 1 and wraps stdout; the reader
+        # having seen enough is not a failure.
+        if done.code == 1 and type(sys.stdout).__name__.endswith("PacifyFlushWrapper"):
+            sys.exit(EXIT_OK)
+        raise
     except click.exceptions.Abort:
         echo_error("aborted")
         sys.exit(130)

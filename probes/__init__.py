@@ -5,6 +5,7 @@ any host."""
 from probes.host import HostProbe
 from probes.stacks import StacksProbe
 from probes.syscalls import SyscallsProbe
+from probes.tcp import TcpProbe
 from probes.capture import CaptureProbe
 from probes.kernel import KernelProbe
 from probes.jitter import JitterProbe
@@ -14,6 +15,7 @@ REGISTRY: tuple = (
     HostProbe,
     SyscallsProbe,
     StacksProbe,
+    TcpProbe,
     CaptureProbe,
     KernelProbe,
     JitterProbe,

@@ -1,0 +1,161 @@
+"""`guardian-agent query`: embedded DuckDB with one view per dataset table.
+
+A local ROOT is read by DuckDB's own Parquet reader (hive partitioning, union_by_name so runs
+written by different agent versions with extra columns still line up). An s3:// ROOT is read
+through pyarrow's S3 filesystem and handed to DuckDB as Arrow datasets: DuckDB's httpfs
+extension is downloaded at run time, which a locked-down trading host cannot do.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from datetime import date, datetime
+from decimal import Decimal
+from pathlib import Path
+
+from agent.errors import BadInput
+
+FORMATS = ("table", "csv", "json")
+TABLE_DIR = re.compile(r"^table=([A-Za-z0-9_]+)$")
+
+
+def sql_string(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def local_tables(root: Path) -> list[str]:
+    if not root.is_dir():
+        return []
+    names = []
+    for child in sorted(root.iterdir()):
+        match = TABLE_DIR.match(child.name)
+        if match and child.is_dir() and any(child.rglob("*.parquet")):
+            names.append(match.group(1))
+    return names
+
+
+def s3_filesystem(endpoint_url: str | None, region: str | None):
+    from pyarrow import fs
+
+    kwargs = {}
+    if endpoint_url:
+        scheme, _, rest = endpoint_url.partition("://")
+        kwargs["endpoint_override"] = rest.rstrip("/")
+        kwargs["scheme"] = scheme
+    if region:
+        kwargs["region"] = region
+    return fs.S3FileSystem(**kwargs)
+
+
+def open_dataset_connection(root: str, endpoint_url: str | None = None, region: str | None = None):
+    """A DuckDB connection with one view per table of the dataset at ROOT; returns (conn, names)."""
+    import duckdb
+
+    connection = duckdb.connect(":memory:")
+    if "://" not in root:
+        base = Path(root)
+        if not base.exists():
+            raise BadInput(f"--dataset {root}: no such directory")
+        names = local_tables(base)
+        for name in names:
+            pattern = str(base / f"table={name}" / "*" / "*" / "*.parquet")
+            connection.execute(
+                f'CREATE VIEW "{name}" AS SELECT * EXCLUDE ("table") FROM read_parquet('
+                f"{sql_string(pattern)}, hive_partitioning = true, union_by_name = true)")
+        return connection, names
+    return _open_s3(connection, root, endpoint_url, region)
+
+
+def _open_s3(connection, root: str, endpoint_url: str | None, region: str | None):
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+    from pyarrow import fs
+
+    from agent.fleet.stores import split_s3_url
+
+    bucket, prefix = split_s3_url(root)
+    base = f"{bucket}/{prefix}" if prefix else bucket
+    filesystem = s3_filesystem(endpoint_url, region)
+    try:
+        children = filesystem.get_file_info(fs.FileSelector(base, allow_not_found=True))
+    except OSError as error:
+        raise BadInput(f"--dataset {root}: cannot list it ({str(error).splitlines()[0]})") from None
+    partitioning = ds.partitioning(pa.schema([("date", pa.date32()), ("host", pa.string())]), flavor="hive")
+    names = []
+    for child in children:
+        match = TABLE_DIR.match(child.base_name)
+        if child.type != fs.FileType.Directory or not match:
+            continue
+        dataset = ds.dataset(child.path, filesystem=filesystem, format="parquet", partitioning=partitioning)
+        fragments = list(dataset.get_fragments())
+        if not fragments:
+            continue
+        # Unify every file's schema so a column added by a newer agent is not silently dropped.
+        schema = pa.unify_schemas([fragment.physical_schema for fragment in fragments]
+                                  + [partitioning.schema])
+        dataset = ds.dataset(child.path, filesystem=filesystem, format="parquet", partitioning=partitioning,
+                             schema=schema)
+        name = match.group(1)
+        connection.register(f"__arrow_{name}", dataset)
+        connection.execute(f'CREATE VIEW "{name}" AS SELECT * FROM "__arrow_{name}"')
+        names.append(name)
+    return connection, sorted(names)
+
+
+def run_query(root: str, sql: str, endpoint_url: str | None = None, region: str | None = None):
+    """Returns (column names, rows)."""
+    import duckdb
+
+    connection, names = open_dataset_connection(root, endpoint_url, region)
+    try:
+        cursor = connection.execute(sql)
+        if cursor.description is None:
+            return [], []
+        columns = [item[0] for item in cursor.description]
+        return columns, cursor.fetchall()
+    except duckdb.Error as error:
+        message = str(error).splitlines()[0]
+        hint = f" (tables: {', '.join(names) or 'none yet'})" if "does not exist" in message else ""
+        raise BadInput(f"query: {message}{hint}") from None
+    finally:
+        connection.close()
+
+
+def _plain(value):
+    if isinstance(value, (datetime, date)):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return float(value)
+    if isinstance(value, bytes):
+        return value.hex()
+    return value
+
+
+def format_rows(columns: list[str], rows: list[tuple], output_format: str) -> str:
+    if output_format == "json":
+        return json.dumps([{c: _plain(v) for c, v in zip(columns, row)} for row in rows], indent=2, default=str)
+    if output_format == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow(["" if v is None else _plain(v) for v in row])
+        return buffer.getvalue().rstrip("\n")
+    cells = [[("NULL" if v is None else str(_plain(v))) for v in row] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.rjust(w) if _numeric(v) else v.ljust(w) for v, w in zip(r, widths)) for r in cells]
+    lines.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
+    return "\n".join(lines)
+
+
+def _numeric(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
