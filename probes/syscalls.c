@@ -156,17 +156,20 @@ SYSCALL_ENTER_PROBE {
 
 SYSCALL_EXIT_PROBE {
     u64 now = bpf_ktime_get_ns();
-    u64 id = bpf_get_current_pid_tgid();
-    u32 tid = (u32)id;
     u32 zero = 0;
     struct inflight_t *slot = inflight.lookup(&zero);
     if (!slot)
         return 0;
-    if (slot->active && slot->tid == tid) {
+    // An active slot belongs to the current thread: any context switch since sys_enter on this
+    // CPU would have run sched_switch, which parks the slot and clears `active` (BPF programs
+    // run with preemption off, so that switch cannot be missed). No pid lookup on this path.
+    if (slot->active) {
         slot->active = 0;
         record(slot->tgid, slot->syscall_nr, now - slot->start_ns);
         return 0;
     }
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tid = (u32)id;
     if (!keep_tgid(id >> 32))
         return 0;
     struct inflight_t *waiting = parked.lookup(&tid);
@@ -185,6 +188,9 @@ SCHED_SWITCH_PROBE {
     slot->active = 0;
     // sched_switch runs in the outgoing task's context: the current thread is the one leaving.
     if (slot->tid != (u32)bpf_get_current_pid_tgid())
+        return 0;
+    // exit/exit_group never return: parking them would leak one entry per exiting thread.
+    if (slot->syscall_nr == SYS_EXIT_NR || slot->syscall_nr == SYS_EXIT_GROUP_NR)
         return 0;
     u32 tid = slot->tid;
     if (parked.update(&tid, slot) != 0)

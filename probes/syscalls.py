@@ -189,6 +189,9 @@ def build_source(pids: tuple[int, ...], self_tgid: int, raw_tracepoints: bool = 
         pid_filter = ""
     for macro, text in (RAW_TRACEPOINT_MACROS if raw_tracepoints else CLASSIC_TRACEPOINT_MACROS).items():
         source = source.replace(macro, text)
+    numbers = {name: number for number, name in _syscall_table().items()}
+    source = (source.replace("SYS_EXIT_NR", str(numbers.get("exit", 0xFFFFFFFF)))
+              .replace("SYS_EXIT_GROUP_NR", str(numbers.get("exit_group", 0xFFFFFFFF))))
     return (source.replace("PID_FILTER", pid_filter)
             .replace("SELF_TGID", str(int(self_tgid)))
             .replace("PARKED_MAX", str(PARKED_MAX))
@@ -291,7 +294,8 @@ class SyscallsProbe(ProbeBase):
 _syscall_names: dict[int, str] = {}
 
 
-def syscall_name(number: int) -> str:
+def _syscall_table() -> dict[int, str]:
+    """This architecture's syscall numbers -> names (BCC ships the table per architecture)."""
     if not _syscall_names:
         try:
             from bcc.syscall import syscalls
@@ -299,4 +303,8 @@ def syscall_name(number: int) -> str:
             _syscall_names.update({int(k): v.decode() for k, v in syscalls.items()})
         except Exception:
             pass
-    return _syscall_names.get(number, f"syscall_{number}")
+    return _syscall_names
+
+
+def syscall_name(number: int) -> str:
+    return _syscall_table().get(number, f"syscall_{number}")
