@@ -112,6 +112,11 @@ def test_query_formats_and_errors(tmp_path):
     assert format_rows(columns, rows, "csv").splitlines() == ["probe,status", "loadavg,ok"]
     table = format_rows(columns, rows, "table").splitlines()
     assert table[0].split() == ["probe", "status"] and table[-1] == "(1 row)"
+    # Every column type a bundle holds must come back, timestamps with time zones included.
+    columns, rows = run_query(str(root), "SELECT * FROM runs")
+    record = json.loads(format_rows(columns, rows, "json"))[0]
+    assert record["started_at"].endswith("+00:00") and record["probe"] == "loadavg"
+    assert format_rows(columns, rows, "table").splitlines()[-1] == "(1 row)"
     with pytest.raises(BadInput, match=r"query: .*nosuch.*\(tables: loadavg, runs\)"):
         run_query(str(root), "SELECT * FROM nosuch")
     with pytest.raises(BadInput, match="--dataset .*: no such directory"):
