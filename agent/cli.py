@@ -159,12 +159,9 @@ def audit(obj: Context, duration_s, out_dir, probe_list, pids, process_names, un
         pids = tuple(dict.fromkeys([*pids, *(target.pid for target in resolved)]))
     names = parse_probe_list(probe_list)
     probe_classes = select_probes(names, REGISTRY)
-    variables = {}
-    for item in profile_vars:
-        if "=" not in item:
-            raise BadInput(f"--var {item!r}: expected KEY=VALUE")
-        key, value = item.split("=", 1)
-        variables[key.strip()] = value.strip()
+    from agent.tuning.profiles import parse_variables
+
+    variables = parse_variables(profile_vars)
     run_id = new_run_id(host.hostname())
     target = out_dir if out_dir is not None else Path("guardian-reports") / run_id
     validate_out_dir(target)

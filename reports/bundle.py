@@ -10,6 +10,7 @@ says where it came from.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -17,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -88,16 +89,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_parquet_atomic(table: pa.Table, path: Path, metadata: dict[str, str] | None = None) -> None:
-    """Write `table` to `path` through a temp file + fsync + os.replace, zstd-compressed."""
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temp name beside `path`; on success fsync it, os.replace() it into place and fsync
+    the directory, so a reader sees the old file or the whole new one, even after a crash."""
     path = Path(path)
-    if metadata:
-        existing = dict(table.schema.metadata or {})
-        existing.update({k.encode(): str(v).encode() for k, v in metadata.items()})
-        table = table.replace_schema_metadata(existing)
     temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        pq.write_table(table, temp, compression="zstd")
+        yield temp
         with open(temp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(temp, path)
@@ -107,20 +106,19 @@ def write_parquet_atomic(table: pa.Table, path: Path, metadata: dict[str, str] |
     _fsync_dir(path.parent)
 
 
+def write_parquet_atomic(table: pa.Table, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write `table` to `path` atomically (see atomic_path), zstd-compressed."""
+    if metadata:
+        existing = dict(table.schema.metadata or {})
+        existing.update({k.encode(): str(v).encode() for k, v in metadata.items()})
+        table = table.replace_schema_metadata(existing)
+    with atomic_path(path) as temp:
+        pq.write_table(table, temp, compression="zstd")
+
+
 def write_json_atomic(payload: Any, path: Path) -> None:
-    path = Path(path)
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(temp, "w") as handle:
-            json.dump(payload, handle, indent=2, sort_keys=False, default=str)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    with atomic_path(path) as temp:
+        temp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
 
 
 @dataclass

@@ -26,16 +26,6 @@ def _common(function):
     return function
 
 
-def _variables(items) -> dict[str, str]:
-    values = {}
-    for item in items:
-        if "=" not in item:
-            raise BadInput(f"--var {item!r}: expected KEY=VALUE")
-        key, value = item.split("=", 1)
-        values[key.strip()] = value.strip()
-    return values
-
-
 def _host(host_root):
     from agent.host import Host
 
@@ -55,9 +45,9 @@ def _engine(host, state_dir):
 
 def _plan(profile, profile_dir, profile_vars, host):
     from agent.tuning.plan import build_plan
-    from agent.tuning.profiles import load_profile
+    from agent.tuning.profiles import load_profile, parse_variables
 
-    loaded = load_profile(profile, profile_dir, _variables(profile_vars), host)
+    loaded = load_profile(profile, profile_dir, parse_variables(profile_vars), host)
     return build_plan(host, loaded)
 
 

@@ -51,15 +51,10 @@ class LocalStore:
     def put(self, obj: StagedObject, source: Path) -> None:
         path = self.root / obj.key
         path.parent.mkdir(parents=True, exist_ok=True)
-        temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
+        from reports.bundle import atomic_path
+
+        with atomic_path(path) as temp:
             shutil.copyfile(source, temp)
-            with open(temp, "rb") as handle:
-                os.fsync(handle.fileno())
-            os.replace(temp, path)
-        except BaseException:
-            temp.unlink(missing_ok=True)
-            raise
         self.put_count += 1
 
 

@@ -76,6 +76,17 @@ class Profile:
     files: list[Path] = field(default_factory=list)
 
 
+def parse_variables(items) -> dict[str, str]:
+    """`--var KEY=VALUE` flags (tune and audit) -> {key: value}."""
+    values = {}
+    for item in items:
+        if "=" not in item:
+            raise BadInput(f"--var {item!r}: expected KEY=VALUE")
+        key, value = item.split("=", 1)
+        values[key.strip()] = value.strip()
+    return values
+
+
 def search_dirs(profile_dir: Path | None, host: Host | None = None) -> list[Path]:
     host = host or Host.real()
     dirs = [Path(profile_dir)] if profile_dir else []
