@@ -52,11 +52,16 @@ struct row_cache_t {
     u32 row;
 };
 
-BPF_PERCPU_ARRAY(inflight, struct inflight_t, 1);
+// Everything the hot path needs on this CPU in one map value: one lookup per program run.
+struct cpu_state_t {
+    struct inflight_t slot;
+    struct row_cache_t cache[CACHED_SYSCALLS];
+};
+
+BPF_PERCPU_ARRAY(cpu_state, struct cpu_state_t, 1);
 BPF_HASH(parked, u32, struct inflight_t, PARKED_MAX);
 BPF_PERCPU_HASH(row_ids, struct hist_key_t, u32, HIST_MAX);
 BPF_PERCPU_ARRAY(next_row, u32, 1);
-BPF_PERCPU_ARRAY(row_cache, struct row_cache_t, CACHED_SYSCALLS);
 BPF_PERCPU_ARRAY(hists, struct hist_t, HIST_MAX);
 // 0: histogram rows lost (no free row), 1: parked slots lost (map full)
 BPF_PERCPU_ARRAY(lost, u64, 2);
@@ -74,11 +79,11 @@ static __always_inline int keep_tgid(u32 tgid) {
     return 1;
 }
 
-static __always_inline int row_for(u32 tgid, u32 nr, u32 *row_out) {
+static __always_inline int row_for(struct cpu_state_t *state, u32 tgid, u32 nr, u32 *row_out) {
     struct row_cache_t *cached = 0;
     if (nr < CACHED_SYSCALLS) {
-        cached = row_cache.lookup(&nr);
-        if (cached && cached->tgid_plus_one == tgid + 1) {
+        cached = &state->cache[nr];
+        if (cached->tgid_plus_one == tgid + 1) {
             *row_out = cached->row;
             return 1;
         }
@@ -118,9 +123,9 @@ static __always_inline int row_for(u32 tgid, u32 nr, u32 *row_out) {
     return 1;
 }
 
-static __always_inline void record(u32 tgid, u32 nr, u64 delta_ns) {
+static __always_inline void record(struct cpu_state_t *state, u32 tgid, u32 nr, u64 delta_ns) {
     u32 row_number;
-    if (!row_for(tgid, nr, &row_number))
+    if (!row_for(state, tgid, nr, &row_number))
         return;
     struct hist_t *row = hists.lookup(&row_number);
     if (!row)
@@ -143,9 +148,10 @@ SYSCALL_ENTER_PROBE {
     if (!keep_tgid(tgid))
         return 0;
     u32 zero = 0;
-    struct inflight_t *slot = inflight.lookup(&zero);
-    if (!slot)
+    struct cpu_state_t *state = cpu_state.lookup(&zero);
+    if (!state)
         return 0;
+    struct inflight_t *slot = &state->slot;
     slot->start_ns = bpf_ktime_get_ns();
     slot->tid = (u32)id;
     slot->tgid = tgid;
@@ -157,15 +163,16 @@ SYSCALL_ENTER_PROBE {
 SYSCALL_EXIT_PROBE {
     u64 now = bpf_ktime_get_ns();
     u32 zero = 0;
-    struct inflight_t *slot = inflight.lookup(&zero);
-    if (!slot)
+    struct cpu_state_t *state = cpu_state.lookup(&zero);
+    if (!state)
         return 0;
+    struct inflight_t *slot = &state->slot;
     // An active slot belongs to the current thread: any context switch since sys_enter on this
     // CPU would have run sched_switch, which parks the slot and clears `active` (BPF programs
     // run with preemption off, so that switch cannot be missed). No pid lookup on this path.
     if (slot->active) {
         slot->active = 0;
-        record(slot->tgid, slot->syscall_nr, now - slot->start_ns);
+        record(state, slot->tgid, slot->syscall_nr, now - slot->start_ns);
         return 0;
     }
     u64 id = bpf_get_current_pid_tgid();
@@ -175,15 +182,18 @@ SYSCALL_EXIT_PROBE {
     struct inflight_t *waiting = parked.lookup(&tid);
     if (!waiting)
         return 0;
-    record(waiting->tgid, waiting->syscall_nr, now - waiting->start_ns);
+    record(state, waiting->tgid, waiting->syscall_nr, now - waiting->start_ns);
     parked.delete(&tid);
     return 0;
 }
 
 SCHED_SWITCH_PROBE {
     u32 zero = 0;
-    struct inflight_t *slot = inflight.lookup(&zero);
-    if (!slot || !slot->active)
+    struct cpu_state_t *state = cpu_state.lookup(&zero);
+    if (!state)
+        return 0;
+    struct inflight_t *slot = &state->slot;
+    if (!slot->active)
         return 0;
     slot->active = 0;
     // sched_switch runs in the outgoing task's context: the current thread is the one leaving.
