@@ -70,8 +70,11 @@ fi
 stamp=.venv/.requirements.sha
 digest=$(cat packaging/pip-requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$digest" ]; then
-    .venv/bin/pip install -q --disable-pip-version-check -r packaging/pip-requirements.txt
-    .venv/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+    # Some hosts' pip configuration names local mirror folders that do not exist; pip warns once
+    # per package about each. Drop just those lines; every other message still shows.
+    quiet_pip() { .venv/bin/pip "$@" 2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2); }
+    quiet_pip install -q --disable-pip-version-check -r packaging/pip-requirements.txt
+    quiet_pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
     echo "$digest" > "$stamp"
     say "python packages installed"
 else
