@@ -11,8 +11,10 @@ it costs (seconds not observed) is counted in the state file and the log instead
 hidden. eBPF programs run in the context of the traced tasks, so their cost is not in our
 rusage; it is reported separately by the probes that measure it.
 
-Memory. Each window runs in a forked child (see `_window_in_child`), so the few hundred MB a
-BPF compile takes are returned when the window ends. Past `rss_limit_mb` of anonymous RSS
+Memory. Windows of non-rolling probes run in a forked child (see `_window_in_child`), so what
+a window allocates is returned when it ends. Rolling probes (below) compile once in the daemon
+itself; after that compile the heap is trimmed and LLVM's touched pages handed back
+(HeapKeeper.after_compile). Past `rss_limit_mb` of anonymous RSS
 after a window the daemon exits with status 1 so that systemd (Restart=on-failure) starts a
 fresh process: a leak never grows without bound on a trading host. The limit is on anonymous
 memory, not total RSS: the rest is clean, shared library text (LLVM alone is ~85 MB once BCC
@@ -20,7 +22,9 @@ has compiled in-process) that a restart would not shrink.
 
 A probe class may declare `rolling = True` to say that one instance can be prepared once and
 then collect window after window; the daemon then runs windows in-process and keeps it attached
-between windows (no BPF recompilation per window). Other probes get a fresh instance per window.
+between windows (no BPF recompilation per window); RollingAuditRun marks such an instance with
+`keep_attached = True` (see probes/base.py). Other probes get a fresh instance per window.
+The syscalls and tcp probes are rolling, so the default daemon compiles once, at start.
 """
 
 from __future__ import annotations
@@ -99,6 +103,36 @@ class HeapKeeper:
         if self.libc is not None:
             self.libc.malloc_trim(0)
 
+    MADV_PAGEOUT = 21  # Linux 5.4+
+    COMPILER_LIBRARIES = ("/libLLVM", "/libclang")
+
+    def release_compiler_text(self) -> None:
+        """After the BPF compiles: ask the kernel to reclaim now the pages of LLVM and clang the
+        compile touched (~80 MB here) instead of whenever memory runs short. They are file pages
+        (text, read-only data) that nothing uses until the next compile, which reads them back
+        from the page cache; MADV_PAGEOUT only reclaims, it never discards modified data, and
+        older kernels refuse it (ignored)."""
+        if self.libc is None:
+            return
+        try:
+            with open("/proc/self/maps") as maps:
+                lines = maps.read().splitlines()
+            madvise = self.libc.madvise
+            import ctypes
+
+            madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            for line in lines:
+                fields = line.split()
+                if len(fields) > 5 and any(name in fields[5] for name in self.COMPILER_LIBRARIES):
+                    low, high = (int(address, 16) for address in fields[0].split("-"))
+                    madvise(low, high - low, self.MADV_PAGEOUT)
+        except (OSError, AttributeError, ValueError):
+            pass
+
+    def after_compile(self) -> None:
+        self.trim()
+        self.release_compiler_text()
+
 
 def budget_pause_s(history: collections.deque, cpu_budget_pct: float) -> float:
     """Seconds to idle so that CPU over the horizon is at most the budget (a fraction of a core).
@@ -130,8 +164,11 @@ class SerialPrepareAuditRun(AuditRun):
         return ready, outcomes
 
 
-def rolling_run_factory(cache: dict[str, object]) -> Callable[..., AuditRun]:
-    """AuditRun that keeps `rolling` probe instances prepared across windows."""
+def rolling_run_factory(cache: dict[str, object],
+                        after_prepare: Callable[[], None] = lambda: None) -> Callable[..., AuditRun]:
+    """AuditRun that keeps `rolling` probe instances prepared across windows. `after_prepare`
+    runs after probes were prepared (compiled) for a window: the daemon trims its heap there, so
+    the compile's few hundred MB are not kept for the whole first window."""
 
     class RollingAuditRun(SerialPrepareAuditRun):
         def _check_all(self):
@@ -146,9 +183,18 @@ def rolling_run_factory(cache: dict[str, object]) -> Callable[..., AuditRun]:
 
         def _prepare_all(self, probes):
             kept = [probe for probe in probes if cache.get(probe.name) is probe]
-            ready, outcomes = super()._prepare_all([probe for probe in probes if probe not in kept])
+            ready, outcomes = [], []
+            for probe in probes:
+                if probe in kept:
+                    continue
+                # One at a time, the heap trimmed after each: the compiles' peaks do not add up.
+                probe_ready, probe_outcomes = super()._prepare_all([probe])
+                after_prepare()
+                ready.extend(probe_ready)
+                outcomes.extend(probe_outcomes)
             for probe in ready:
                 if getattr(type(probe), "rolling", False):
+                    probe.keep_attached = True  # collect() leaves it attached (probes/base.py)
                     cache[probe.name] = probe
             return kept + ready, outcomes
 
@@ -290,9 +336,13 @@ class Daemon:
     def _window_in_process(self, probe_classes: list[type]) -> tuple[str, list]:
         run_id, result = audit_into_spool(
             self.spool, probe_classes, probe_config(self.config, self.host), self.settings.window_s,
-            self.host, on_run=self._on_run, run_factory=rolling_run_factory(self.cache))
+            self.host, on_run=self._on_run, run_factory=rolling_run_factory(self.cache, self.heap.after_compile))
         with self._lock:
             self._current = None
+        for outcome in result.outcomes:
+            # A kept probe whose window failed (or timed out and was abandoned) starts afresh.
+            if outcome.status not in ("ok", "interrupted") and outcome.name in self.cache:
+                self._close(self.cache.pop(outcome.name))
         self.spool.stage(run_id)
         return run_id, [(o.name, o.status, o.reason) for o in result.outcomes]
 
@@ -367,13 +417,17 @@ class Daemon:
 
     def _detach_all(self) -> None:
         for probe in self.cache.values():
-            close = getattr(probe, "close", None)
-            if close:
-                try:
-                    close()
-                except Exception:
-                    pass
+            self._close(probe)
         self.cache.clear()
+
+    @staticmethod
+    def _close(probe) -> None:
+        close = getattr(probe, "close", None)
+        if close:
+            try:
+                close()
+            except Exception:
+                pass
 
     def _write_state(self) -> None:
         try:

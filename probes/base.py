@@ -4,6 +4,12 @@ A probe is a thin I/O shell: `check()` says whether it can run here (raising Una
 missing piece as an action), `collect(window)` gathers data over the shared window and returns
 tables by name. Pure parsing/aggregation lives in `*_rows(...)` functions beside the probe so tests
 can feed them recorded data.
+
+Rolling use: a probe class with `rolling = True` can be prepared once and collected window after
+window on the same instance. A caller that does so (the daemon's RollingAuditRun) sets
+`probe.keep_attached = True` on the instance; collect() then returns exactly that window's data
+and leaves its programs attached, and `close()` detaches at the end. Without the attribute (a
+normal audit) collect() detaches when the window ends, as before.
 """
 
 from __future__ import annotations

@@ -23,6 +23,8 @@ BPF_SOURCE = Path(__file__).with_name("syscalls.c")
 BUCKETS = 36
 HIST_MAX_ROWS = 16384
 PARKED_MAX = 65536
+# Rolling use: past this fraction of HIST_MAX_ROWS rows in use, the program is loaded afresh.
+REARM_FRACTION = 0.75
 
 SCHEMA = pa.schema(
     [
@@ -91,15 +93,52 @@ def merge_cpu_values(per_cpu: Iterable[dict]) -> dict:
     return merged
 
 
+def window_histograms(current: dict[tuple[int, int, int], dict],
+                      previous: dict[tuple[int, int, int], dict]) -> dict[tuple[int, int], dict]:
+    """One window's {(pid, syscall_nr): merged histogram} from two cumulative snapshots of the
+    kernel rows, each {(pid, syscall_nr, cpu): row} (an empty `previous` = since attach).
+
+    The kernel rows are never cleared while attached (clearing per-CPU rows from user space
+    races with the programs writing them), so a window is the difference of two reads: count,
+    total_ns and every bucket count are exact. max_ns cannot be differenced: when the row's
+    cumulative max grew during the window, the new max happened in it and is exact; otherwise
+    the window's max is reported as min(cumulative max, upper bound of the highest non-empty
+    bucket of the window), an upper bound at the bucket's resolution. Pairs with no call in the
+    window are left out.
+    """
+    per_pair: dict[tuple[int, int], list[dict]] = {}
+    for (pid, number, cpu), row in current.items():
+        before = previous.get((pid, number, cpu))
+        if before is None:
+            delta = dict(row, slots=list(row["slots"]))
+        else:
+            count = row["count"] - before["count"]
+            if count <= 0:
+                continue
+            slots = [now - then for now, then in zip(row["slots"], before["slots"])]
+            if row["max_ns"] > before["max_ns"]:
+                max_ns = row["max_ns"]
+            else:
+                highest = max((slot for slot, value in enumerate(slots) if value > 0), default=0)
+                max_ns = min(row["max_ns"], bucket_bounds(highest)[1])
+            delta = {"count": count, "total_ns": row["total_ns"] - before["total_ns"], "max_ns": max_ns,
+                     "slots": slots, "comm": row["comm"]}
+        if delta["count"] > 0:
+            per_pair.setdefault((pid, number), []).append(delta)
+    return {pair: merge_cpu_values(values) for pair, values in per_pair.items()}
+
+
 def syscalls_rows(histograms: dict[tuple[int, int], dict], name_of: Callable[[int], str]) -> list[dict]:
     """Turn {(pid, syscall_nr): merged histogram} into table rows (one per non-empty bucket)."""
     rows = []
     for (pid, number), hist in sorted(histograms.items()):
         if hist["count"] <= 0:
             continue
-        # A bucket's upper bound can exceed the largest value seen: clamp to the max.
-        p50 = min(histogram_quantile(hist["slots"], 0.50), hist["max_ns"])
-        p99 = min(histogram_quantile(hist["slots"], 0.99), hist["max_ns"])
+        # A bucket's upper bound can exceed the largest value seen: clamp to the max. (A row
+        # read while the kernel updates it may have its count but not yet its bucket: None.)
+        p50, p99 = (histogram_quantile(hist["slots"], quantile) for quantile in (0.50, 0.99))
+        p50 = None if p50 is None else min(p50, hist["max_ns"])
+        p99 = None if p99 is None else min(p99, hist["max_ns"])
         for slot, count in enumerate(hist["slots"]):
             if not count:
                 continue
@@ -204,11 +243,17 @@ class SyscallsProbe(ProbeBase):
     description: ClassVar[str] = "eBPF syscall latency histograms per process (raw_syscalls tracepoints)"
     finish_grace_s: ClassVar[float] = 30.0
     tracepoints = ("raw_syscalls/sys_enter", "raw_syscalls/sys_exit", "sched/sched_switch")
+    # Prepared once, then collect() window after window (see window_histograms).
+    rolling: ClassVar[bool] = True
 
     def __init__(self, config: ProbeConfig | None = None):
         super().__init__(config)
         self._bpf = None
         self.status_reason = ""
+        # Set by a caller that collects window after window on this instance (the daemon).
+        self.keep_attached = False
+        self._previous: dict[tuple[int, int, int], dict] = {}
+        self._previous_lost = (0, 0)
 
     def check(self) -> None:
         bpf_prerequisites(self.host, self.tracepoints)
@@ -216,6 +261,7 @@ class SyscallsProbe(ProbeBase):
     def prepare(self) -> None:
         import bcc
 
+        self._previous, self._previous_lost = {}, (0, 0)
         raw = bool(bcc.BPF.support_raw_tracepoint())
         self.attach_mode = "raw tracepoints" if raw else "tracepoints"
         source = build_source(tuple(self.config.pids), os.getpid(), raw_tracepoints=raw)
@@ -230,9 +276,23 @@ class SyscallsProbe(ProbeBase):
         bpf = self._bpf
         try:
             window.wait()
-            histograms, lost_rows, lost_parked = self._read_maps(bpf)
+            snapshot, lost_now, rows_in_use = self._read_maps(bpf)
         finally:
-            self.detach()
+            if not self.keep_attached:
+                self.detach()
+        histograms = window_histograms(snapshot, self._previous)
+        lost_rows = lost_now[0] - self._previous_lost[0]
+        lost_parked = lost_now[1] - self._previous_lost[1]
+        if self.keep_attached:
+            self._previous, self._previous_lost = snapshot, lost_now
+            if rows_in_use > REARM_FRACTION * HIST_MAX_ROWS:
+                # Rows are never freed in the kernel (exited pids keep theirs): start afresh
+                # before the maps fill. Rare; the recompile (~1 s of CPU) is the only cost.
+                self.detach()
+                try:
+                    self.prepare()
+                except Exception as error:  # the next collect() tries again
+                    self.status_reason = f"re-arming failed: {error}"
         for (pid, _number), hist in histograms.items():
             # The kernel side records the calling thread's name; the process name is what users
             # search for, so prefer it while the process is still alive.
@@ -244,25 +304,34 @@ class SyscallsProbe(ProbeBase):
         findings = syscall_findings(table, lost_rows, lost_parked, window.elapsed())
         return {NAME: table, "findings": findings_table(findings)}
 
-    def _read_maps(self, bpf) -> tuple[dict, int, int]:
+    def _read_maps(self, bpf) -> tuple[dict, tuple[int, int], int]:
+        """Cumulative map contents: ({(pid, syscall_nr, cpu): row values}, lost counters, rows in
+        use). Only user-space reads: the maps are never written from here while attached."""
         row_ids = bpf["row_ids"]
         hists = bpf["hists"]
-        histograms: dict[tuple[int, int], dict] = {}
+        next_rows = [int(value) for value in bpf["next_row"][bpf["next_row"].Key(0)]]
+        keys = 0
+        rows_cache: dict[int, list] = {}
+        snapshot: dict[tuple[int, int, int], dict] = {}
         for key, rows_per_cpu in row_ids.items():
-            values = []
+            keys += 1
             for cpu, row_plus_one in enumerate(rows_per_cpu):
                 if not row_plus_one:
                     continue  # this pid x syscall never ran on that CPU
-                value = hists[hists.Key(row_plus_one - 1)][cpu]
-                values.append({"count": value.count, "total_ns": value.total_ns, "max_ns": value.max_ns,
-                               "slots": list(value.slots),
-                               "comm": bytes(value.comm).split(b"\0", 1)[0].decode(errors="replace")})
-            if values:
-                histograms[(int(key.tgid), int(key.syscall_nr))] = merge_cpu_values(values)
+                row = row_plus_one - 1
+                if row not in rows_cache:
+                    rows_cache[row] = hists[hists.Key(row)]
+                value = rows_cache[row][cpu]
+                if not value.count:
+                    continue
+                snapshot[(int(key.tgid), int(key.syscall_nr), cpu)] = {
+                    "count": int(value.count), "total_ns": int(value.total_ns), "max_ns": int(value.max_ns),
+                    "slots": list(value.slots),
+                    "comm": bytes(value.comm).split(b"\0", 1)[0].decode(errors="replace")}
         lost = bpf["lost"]
-        lost_rows = sum(lost[lost.Key(0)])
-        lost_parked = sum(lost[lost.Key(1)])
-        return histograms, int(lost_rows), int(lost_parked)
+        lost_now = (int(sum(lost[lost.Key(0)])), int(sum(lost[lost.Key(1)])))
+        # row_ids holds at most HIST_MAX keys in all, each CPU numbers at most HIST_MAX rows.
+        return snapshot, lost_now, max([keys, *next_rows])
 
     def detach(self) -> None:
         if self._bpf is not None:
@@ -272,6 +341,7 @@ class SyscallsProbe(ProbeBase):
                 self._bpf = None
 
     abandon = detach
+    close = detach
 
     @staticmethod
     def headlines(tables: dict[str, pa.Table]) -> list[str]:

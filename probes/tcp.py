@@ -217,6 +217,73 @@ def tcp_rows(records: Iterable[dict], now_monotonic_ns: int, wall_offset_ns: int
     return rows
 
 
+# Counters the kernel keeps per connection since it was first seen: a window's share is the
+# difference between two reads.
+WINDOW_COUNTERS = ("bytes_received", "bytes_sent", "srtt_sum_us", "srtt_samples", "retransmits",
+                   "resets_received", "resets_sent")
+
+
+def connection_identity(record: dict) -> tuple:
+    """Names one connection across windows: the kernel's first-seen time and its endpoints (the
+    local port is left out: it is assigned after SYN_SENT, so it may change between reads)."""
+    return (record["first_ns"], record["family"], bytes(record["laddr"]), bytes(record["raddr"]),
+            record["rport"])
+
+
+def window_record(record: dict, before: dict | None) -> dict:
+    """One window's share of a connection record, given its record at the previous window's end.
+
+    Counters and the SRTT histogram are differenced exactly. The SRTT min and max cannot be:
+    when the cumulative max grew (min fell) during the window it is the window's own and exact;
+    otherwise it is bounded by the window's highest (lowest) non-empty slot and clamped to the
+    cumulative value. Identity, state, first_ts, connect latency and lifetime stay per
+    connection (not per window)."""
+    if before is None:
+        return record
+    delta = dict(record)
+    for name in WINDOW_COUNTERS:
+        delta[name] = max(0, record[name] - before[name])
+    slots = [max(0, now - then) for now, then in zip(record["srtt_slots"], before["srtt_slots"])]
+    delta["srtt_slots"] = slots
+    filled = [slot for slot, count in enumerate(slots) if count]
+    if not filled:
+        delta["srtt_samples"], delta["srtt_sum_us"] = 0, 0
+        delta["srtt_min_us"] = delta["srtt_max_us"] = 0
+        return delta
+    if record["srtt_max_us"] <= before["srtt_max_us"]:
+        delta["srtt_max_us"] = min(record["srtt_max_us"], srtt_slot_bounds(filled[-1])[1] - 1)
+    if record["srtt_min_us"] >= before["srtt_min_us"]:
+        delta["srtt_min_us"] = max(record["srtt_min_us"], srtt_slot_bounds(filled[0])[0])
+    return delta
+
+
+def window_records(closed: list[dict], open_records: list[dict], previous_open: dict[tuple, dict]
+                   ) -> tuple[list[dict], list[dict], dict[tuple, dict]]:
+    """Rolling windows: (closed, open, snapshot for the next window).
+
+    The kernel's records are cumulative per connection; a window reports the connections that
+    closed in it and those open at its end, each minus its record at the previous window's end.
+    A connection that was open then but is now neither closed nor open closed between the
+    ring-buffer read and the map read: its record arrives with the next window, so its old
+    snapshot is carried over (once) to be differenced then."""
+    seen = set()
+    closed_out = []
+    for record in closed:
+        identity = connection_identity(record)
+        seen.add(identity)
+        closed_out.append(window_record(record, previous_open.get(identity)))
+    open_out, snapshot = [], {}
+    for record in open_records:
+        identity = connection_identity(record)
+        seen.add(identity)
+        open_out.append(window_record(record, previous_open.get(identity)))
+        snapshot[identity] = record
+    for identity, record in previous_open.items():
+        if identity not in seen and not record.get("carried"):
+            snapshot[identity] = dict(record, carried=True)
+    return closed_out, open_out, snapshot
+
+
 MAX_CONNECTION_FINDINGS = 20
 
 
@@ -307,6 +374,8 @@ class TcpProbe(ProbeBase):
     schema: ClassVar[pa.Schema] = SCHEMA
     description: ClassVar[str] = "eBPF per-connection TCP RTT, retransmits, resets, connect latency, bytes"
     finish_grace_s: ClassVar[float] = 20.0
+    # Prepared once, then collect() window after window (see window_records).
+    rolling: ClassVar[bool] = True
 
     def __init__(self, config: ProbeConfig | None = None):
         super().__init__(config)
@@ -314,6 +383,10 @@ class TcpProbe(ProbeBase):
         self.closed: list[dict] = []
         self.listeners: dict[int, tuple[int, str]] = {}
         self.status_reason = ""
+        # Set by a caller that collects window after window on this instance (the daemon).
+        self.keep_attached = False
+        self._previous_open: dict[tuple, dict] = {}
+        self._previous_lost = [0, 0]
 
     def check(self) -> None:
         from probes.bpf import bpf_prerequisites
@@ -327,6 +400,8 @@ class TcpProbe(ProbeBase):
 
     def prepare(self) -> None:
         from probes.bpf import compile_program
+
+        self.closed, self._previous_open, self._previous_lost = [], {}, [0, 0]
 
         try:
             self._bpf = compile_program(BPF_SOURCE.read_text())
@@ -351,30 +426,47 @@ class TcpProbe(ProbeBase):
     def abandon(self) -> None:
         self.detach()
 
+    close = detach
+
     def collect(self, window: Window) -> dict[str, pa.Table]:
         if self._bpf is None:
             self.prepare()
         bpf = self._bpf
         try:
             while not window.wait(0.0):
-                bpf.ring_buffer_poll(100)
+                # The poll returns as soon as a closed connection is written (the ring buffer
+                # wakes its reader), so the timeout only bounds how late a stop is noticed; at
+                # 100 ms, idle polling alone cost 0.12% of a core here, at 1 s 0.01%.
+                bpf.ring_buffer_poll(1000)
                 if window.remaining() <= 0:
                     break
             bpf.ring_buffer_consume()
             open_records = [_record(value) for value in bpf["connections"].values()]
-            lost = [int(value.value) for value in bpf["lost"].values()][:2] + [0, 0]
+            lost_now = [int(value.value) for value in bpf["lost"].values()][:2] + [0, 0]
             now_ns = time.monotonic_ns()
         finally:
-            self.detach()
+            if not self.keep_attached:
+                self.detach()
+        closed, self.closed = self.closed, []
+        lost = [now - then for now, then in zip(lost_now[:2], self._previous_lost)]
+        if self.keep_attached:
+            self._previous_lost = lost_now[:2]
+        if self._previous_open or self.keep_attached:
+            closed, open_records, self._previous_open = window_records(
+                closed, open_records, self._previous_open)
         wall_offset_ns = time.time_ns() - time.monotonic_ns()
         try:
             owners, listeners = socket_owners()
         except Exception:
             owners, listeners = {}, {}
+        current_listeners = listeners
         listeners = {**listeners, **self.listeners}
-        rows = tcp_rows(self.closed + open_records, now_ns, wall_offset_ns, owners, listeners,
+        if self.keep_attached:
+            self.listeners = {**self.listeners, **current_listeners}
+        rows = tcp_rows(closed + open_records, now_ns, wall_offset_ns, owners, listeners,
                         parse_roles(self._role_items()), self.config.pids)
         findings = tcp_findings(rows, lost[0], lost[1])
+        self.status_reason = ""
         if lost[0] or lost[1]:
             self.status_reason = f"{lost[0]} connections untracked, {lost[1]} closed connections lost"
         return {"tcp": rows_to_table(rows, SCHEMA), "findings": findings_table(findings)}

@@ -149,3 +149,47 @@ def test_non_rolling_windows_run_in_a_child_that_returns_its_memory(tmp_path):
     assert len(pids) == 2 and os.getpid() not in pids, "one fresh child per window"
     assert daemon.state["window_rss_peak_bytes"] > 0
     assert daemon.state["uploaded_runs"] == 2 and daemon.state["probes"]["whoami"]["ok"] == 2
+
+
+@pytest.mark.live
+@pytest.mark.timeout(180)
+def test_rolling_ebpf_probes_compile_once_and_stay_attached_across_windows(tmp_path, monkeypatch):
+    """The default daemon's eBPF probes are rolling: the first window compiles both programs,
+    later windows only read the maps (their CPU is a small fraction of the first's)."""
+    import probes.bpf
+    import probes.syscalls
+    from agent.daemon import process_cpu_s
+    from probes.syscalls import SyscallsProbe
+    from probes.tcp import TcpProbe
+
+    compiled = []
+    real_compile = probes.bpf.compile_program
+
+    def counting_compile(source):
+        compiled.append(len(source))
+        return real_compile(source)
+
+    monkeypatch.setattr(probes.bpf, "compile_program", counting_compile)
+    monkeypatch.setattr(probes.syscalls, "compile_program", counting_compile)
+    root = tmp_path / "dataset"
+    config = make_config(root, probes=("syscalls", "tcp"))
+    config.daemon.window_s = 1.0
+    config.daemon.cpu_budget_pct = 100.0
+    daemon = Daemon(config, (SyscallsProbe, TcpProbe), max_windows=3)
+    window_cpu_s = []
+    original = daemon._window_in_process
+
+    def timed_window(probe_classes):
+        started = process_cpu_s()
+        result = original(probe_classes)
+        window_cpu_s.append(process_cpu_s() - started)
+        return result
+
+    daemon._window_in_process = timed_window
+    assert daemon.run() == 0
+    assert len(compiled) == 2, "one compile per probe for the daemon's life, not one per window"
+    assert daemon.state["probes"]["syscalls"]["ok"] == 3 and daemon.state["probes"]["tcp"]["ok"] == 3
+    assert daemon.cache == {}, "detached at exit"
+    assert len(window_cpu_s) == 3 and max(window_cpu_s[1:]) < 0.5 * window_cpu_s[0], window_cpu_s
+    _, rows = run_query(str(root), "SELECT count(DISTINCT run_id) FROM syscalls")
+    assert rows[0][0] == 3
