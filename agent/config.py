@@ -73,8 +73,9 @@ class CollectSettings:
 @dataclass
 class DaemonSettings:
     probes: tuple[str, ...] = DAEMON_DEFAULT_PROBES
-    # Each window of the eBPF probes costs a BPF compile (~0.5 s of CPU per probe here); 300 s
-    # windows keep that under the 0.5% budget without pauses. See docs/fleet.md.
+    # syscalls and tcp are rolling (compiled once, read every window); what a window costs is
+    # host sampling, one map read and publishing (~0.6-0.85 s of CPU here), so 300 s windows
+    # stay under the 0.5% budget without pauses. See docs/fleet.md.
     window_s: float = 300.0
     cpu_budget_pct: float = 0.5
     rss_limit_mb: float = 200.0
