@@ -172,11 +172,11 @@ def audit(obj: Context, duration_s, out_dir, probe_list, pids, process_names, un
         "capture_payload": capture_payload, "pg_dsn": pg_dsn, "pg_dsn_file": pg_dsn_file,
         "sample_rate_hz": sample_rate_hz, "native": native, "subprocesses": subprocesses,
         "blocking": blocking, "stack_threads": stack_threads, "jitter_cpus": jitter_cpus, "process_names": process_names,
-        "units": units, "explicit_probes": tuple(names or ()), "tcp_roles": tuple(peer_roles),
+        "units": units, "tcp_roles": tuple(peer_roles),
     }
     config = ProbeConfig(host=host, pids=tuple(pids), options=options)
     writer = BundleWriter(target, run_id=run_id, host=host)
-    run = AuditRun(probe_classes, config, writer, duration_s, explicit=bool(names),
+    run = AuditRun(probe_classes, config, writer, duration_s,
                    progress=progress_printer(stderr_is_tty() or obj.verbose),
                    ticker=countdown_ticker(stderr_is_tty()))
 

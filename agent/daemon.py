@@ -146,31 +146,13 @@ def budget_pause_s(history: collections.deque, cpu_budget_pct: float) -> float:
     return max(0.0, cpu_s / budget - wall_s)
 
 
-class SerialPrepareAuditRun(AuditRun):
-    """AuditRun that prepares probes one after the other.
-
-    bcc.BPF() is not thread-safe: two probes compiling at once (syscalls and tcp) abort the
-    whole process inside LLVM (seen on bcc 0.26 / kernel 6.18 within two windows). A daemon
-    that compiles every window would crash within minutes, so compiles are serialized here;
-    it costs a few seconds before the window starts, never inside it.
-    """
-
-    def _prepare_all(self, probes):
-        ready, outcomes = [], []
-        for probe in probes:
-            probe_ready, probe_outcomes = super()._prepare_all([probe])
-            ready.extend(probe_ready)
-            outcomes.extend(probe_outcomes)
-        return ready, outcomes
-
-
 def rolling_run_factory(cache: dict[str, object],
                         after_prepare: Callable[[], None] = lambda: None) -> Callable[..., AuditRun]:
     """AuditRun that keeps `rolling` probe instances prepared across windows. `after_prepare`
     runs after probes were prepared (compiled) for a window: the daemon trims its heap there, so
     the compile's few hundred MB are not kept for the whole first window."""
 
-    class RollingAuditRun(SerialPrepareAuditRun):
+    class RollingAuditRun(AuditRun):
         def _check_all(self):
             fresh = [cls for cls in self.probe_classes if cls.name not in cache]
             kept = [cache[cls.name] for cls in self.probe_classes if cls.name in cache]

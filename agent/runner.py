@@ -61,14 +61,12 @@ class AuditRun:
         config: ProbeConfig,
         writer: BundleWriter,
         duration_s: float,
-        explicit: bool = False,
         progress: Callable[[str], None] | None = None,
         ticker: Callable[[float], None] | None = None,
     ):
         self.probe_classes = probe_classes
         self.config = config
         self.writer = writer
-        self.explicit = explicit
         self.window = Window(duration_s, writer.out_dir, writer.run_id)
         self.progress = progress or (lambda message: None)
         self.ticker = ticker or (lambda remaining_s: None)
@@ -227,7 +225,6 @@ class AuditRun:
 
         findings = pa.concat_tables(findings_parts) if findings_parts else FINDINGS_SCHEMA.empty_table()
         findings = sort_findings(findings)
-        self.writer.tables_written.pop("findings", None)
         self.writer.write_table("findings", findings, "audit")
         manifest = self.writer.finish(
             tuning_profile=self.config.option("profile"),

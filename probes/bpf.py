@@ -41,6 +41,25 @@ def compile_program(source: str):
         return bcc.BPF(text=source, cflags=["-Wno-everything"])
 
 
+class LoadedProgram:
+    """Mixin for probes that hold a loaded BCC program in `self._bpf`: one way to let it go."""
+
+    _bpf = None
+
+    def detach(self) -> None:
+        if self._bpf is not None:
+            try:
+                self._bpf.cleanup()
+            finally:
+                self._bpf = None
+
+    def abandon(self) -> None:
+        self.detach()
+
+    def close(self) -> None:
+        self.detach()
+
+
 def bpf_prerequisites(host, events: Iterable[str]) -> None:
     """Raise Unavailable naming the fix when BCC cannot run here."""
     if os.geteuid() != 0:

@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from agent.errors import Unavailable
 from probes.base import ProbeBase, ProbeConfig, Window, finding, findings_table, rows_to_table
-from probes.bpf import bpf_prerequisites, compile_program
+from probes.bpf import LoadedProgram, bpf_prerequisites, compile_program
 
 NAME = "syscalls"
 BPF_SOURCE = Path(__file__).with_name("syscalls.c")
@@ -237,7 +237,7 @@ def build_source(pids: tuple[int, ...], self_tgid: int, raw_tracepoints: bool = 
             .replace("HIST_MAX", str(HIST_MAX_ROWS)))
 
 
-class SyscallsProbe(ProbeBase):
+class SyscallsProbe(LoadedProgram, ProbeBase):
     name: ClassVar[str] = NAME
     schema: ClassVar[pa.Schema] = SCHEMA
     description: ClassVar[str] = "eBPF syscall latency histograms per process (raw_syscalls tracepoints)"
@@ -333,15 +333,6 @@ class SyscallsProbe(ProbeBase):
         # row_ids holds at most HIST_MAX keys in all, each CPU numbers at most HIST_MAX rows.
         return snapshot, lost_now, max([keys, *next_rows])
 
-    def detach(self) -> None:
-        if self._bpf is not None:
-            try:
-                self._bpf.cleanup()
-            finally:
-                self._bpf = None
-
-    abandon = detach
-    close = detach
 
     @staticmethod
     def headlines(tables: dict[str, pa.Table]) -> list[str]:

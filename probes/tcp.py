@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from agent.errors import BadInput, Unavailable
 from probes.base import ProbeBase, ProbeConfig, Window, finding, findings_table, rows_to_table
+from probes.bpf import LoadedProgram
 
 BPF_SOURCE = Path(__file__).with_name("tcp.c")
 SRTT_SLOTS = 128
@@ -369,7 +370,7 @@ def _plain(address: str) -> str:
     return str(parsed)
 
 
-class TcpProbe(ProbeBase):
+class TcpProbe(LoadedProgram, ProbeBase):
     name: ClassVar[str] = "tcp"
     schema: ClassVar[pa.Schema] = SCHEMA
     description: ClassVar[str] = "eBPF per-connection TCP RTT, retransmits, resets, connect latency, bytes"
@@ -416,17 +417,6 @@ class TcpProbe(ProbeBase):
     def _on_closed(self, context, data, size) -> None:  # noqa: ARG002 - BCC callback signature
         self.closed.append(_record(self._bpf["closed_connections"].event(data)))
 
-    def detach(self) -> None:
-        if self._bpf is not None:
-            try:
-                self._bpf.cleanup()
-            finally:
-                self._bpf = None
-
-    def abandon(self) -> None:
-        self.detach()
-
-    close = detach
 
     def collect(self, window: Window) -> dict[str, pa.Table]:
         if self._bpf is None:

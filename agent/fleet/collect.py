@@ -65,7 +65,7 @@ def audit_into_spool(spool: Spool, probe_classes: list[type], probe_cfg: ProbeCo
                      run_factory: Callable[..., AuditRun] = AuditRun) -> tuple[str, AuditResult]:
     run_id = new_run_id(host.hostname())
     writer = BundleWriter(spool.bundle_dir(run_id), run_id=run_id, host=host)
-    run = run_factory(probe_classes, probe_cfg, writer, duration_s, explicit=True, progress=progress)
+    run = run_factory(probe_classes, probe_cfg, writer, duration_s, progress=progress)
     if on_run:
         on_run(run)
     return run_id, run.run()
@@ -96,11 +96,8 @@ def collect_once(config: AgentConfig, registry: tuple, duration_s: float | None 
         for signum in (signal.SIGINT, signal.SIGTERM):
             previous[signum] = signal.signal(signum, on_signal)
     try:
-        from agent.daemon import SerialPrepareAuditRun
-
         run_id, result = audit_into_spool(spool, probe_classes, probe_config(config, host), duration_s, host,
-                                          progress, on_run=lambda run: current.__setitem__("run", run),
-                                          run_factory=SerialPrepareAuditRun)
+                                          progress, on_run=lambda run: current.__setitem__("run", run))
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
