@@ -337,8 +337,11 @@ class SyscallsProbe(LoadedProgram, ProbeBase):
     @staticmethod
     def headlines(tables: dict[str, pa.Table]) -> list[str]:
         table = tables.get(NAME)
-        if table is None or table.num_rows == 0:
+        if table is None:
             return []
+        if table.num_rows == 0:
+            return ["Syscalls: none completed in the window by the processes watched "
+                    "(the agent's own calls are left out)."]
         rows = summarize(table)
         lines = ["Top syscalls by total time:"]
         for row in sorted(rows, key=lambda r: r["total_ns"], reverse=True)[:5]:

@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,27 @@ def cli_runner():
             return runner.invoke(command, [], catch_exceptions=False)
 
     return Runner()
+
+
+SYSCALL_LOAD = """
+import os, sys, time
+deadline = time.monotonic() + float(sys.argv[1])
+while time.monotonic() < deadline:
+    for _ in range(50):
+        os.getppid()
+    time.sleep(0.005)
+"""
+
+
+@contextmanager
+def syscall_load(max_s: float = 60.0):
+    """A child that makes getppid bursts and 5 ms naps for at most MAX_S seconds (it stops by
+    itself; leaving the block kills it sooner). The syscalls probe leaves out the agent's own
+    calls, and a CI container may run nothing else: tests that expect rows bring their own load
+    and check that its pid shows up. Yields the child's pid."""
+    child = subprocess.Popen([sys.executable, "-c", SYSCALL_LOAD, str(max_s)])
+    try:
+        yield child.pid
+    finally:
+        child.kill()
+        child.wait()

@@ -16,7 +16,7 @@ import pytest
 from agent.daemon import Daemon, budget_pause_s
 from agent.fleet.query import run_query
 from probes.base import ProbeBase, rows_to_table
-from tests.conftest import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT, syscall_load
 from tests.test_fleet import LoadavgProbe, make_config
 
 BURN_SCHEMA = pa.schema([("spins", pa.int64())])
@@ -186,10 +186,11 @@ def test_rolling_ebpf_probes_compile_once_and_stay_attached_across_windows(tmp_p
         return result
 
     daemon._window_in_process = timed_window
-    assert daemon.run() == 0
+    with syscall_load() as load_pid:
+        assert daemon.run() == 0
     assert len(compiled) == 2, "one compile per probe for the daemon's life, not one per window"
     assert daemon.state["probes"]["syscalls"]["ok"] == 3 and daemon.state["probes"]["tcp"]["ok"] == 3
     assert daemon.cache == {}, "detached at exit"
     assert len(window_cpu_s) == 3 and max(window_cpu_s[1:]) < 0.5 * window_cpu_s[0], window_cpu_s
-    _, rows = run_query(str(root), "SELECT count(DISTINCT run_id) FROM syscalls")
-    assert rows[0][0] == 3
+    _, rows = run_query(str(root), f"SELECT count(DISTINCT run_id) FROM syscalls WHERE pid = {load_pid}")
+    assert rows[0][0] == 3, "the load's calls in every window"

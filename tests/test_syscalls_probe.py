@@ -64,6 +64,18 @@ def test_rows_findings_flag_fat_tail_but_not_waiting_calls():
     assert lost[0]["severity"] == "warning" and "3 histogram updates" in lost[0]["message"]
 
 
+
+def test_headlines_say_so_when_no_syscall_completed():
+    """An idle host (or a quiet target) gives an empty table: the summary says why it is empty
+    instead of printing nothing, and names the busiest calls when there are rows."""
+    empty = SyscallsProbe.headlines({"syscalls": SCHEMA.empty_table()})
+    assert len(empty) == 1 and "none completed" in empty[0] and "agent's own calls" in empty[0]
+    assert SyscallsProbe.headlines({}) == []
+    rows = syscalls_rows({(7, 1): {"count": 3, "total_ns": 3000, "max_ns": 1500,
+                                   "slots": slots_with(s10=3), "comm": "engine"}}, {1: "write"}.__getitem__)
+    lines = SyscallsProbe.headlines({"syscalls": rows_to_table(rows, SCHEMA)})
+    assert lines[0] == "Top syscalls by total time:" and "engine[7] write" in lines[1] and "3 calls" in lines[1]
+
 def test_generated_source_filters_pids_and_self():
     source = build_source((111, 222), self_tgid=999)
     assert "tgid != 111 && tgid != 222" in source and "tgid == 999" in source
