@@ -147,3 +147,63 @@ def test_probe_reports_unavailable_reason_without_root(monkeypatch):
 
     with pytest.raises(Unavailable, match="CAP_BPF and CAP_PERFMON"):
         SyscallsProbe(ProbeConfig()).check()
+
+
+YIELDING_CHILD = """
+import ctypes, os, sys
+os.sched_setaffinity(0, {0})
+libc = ctypes.CDLL(None)
+sys.stdout.write("ready\\n"); sys.stdout.flush()
+sys.stdin.readline()
+for _ in range(int(sys.argv[1])):
+    libc.syscall(110)  # getppid
+    libc.syscall(24)   # sched_yield: hands the CPU to the other child
+sys.stdout.write("done\\n"); sys.stdout.flush()
+sys.stdin.readline()
+"""
+
+
+@pytest.mark.live
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="syscall numbers in the child are x86_64's")
+@pytest.mark.parametrize("watch_first_only", [False, True], ids=["system-wide", "pid-filter"])
+def test_live_counts_stay_with_their_process_when_two_share_a_cpu(watch_first_only):
+    """Two children on one CPU hand it to each other after every call. The probe keeps the
+    running task's pid per CPU until the next sched_switch: a switch it missed would show here
+    as calls counted under the wrong process (or a filtered-out process leaking in)."""
+    calls = (3000, 5000)
+    children = [subprocess.Popen([sys.executable, "-c", YIELDING_CHILD, str(n)], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True) for n in calls]
+    try:
+        for child in children:
+            assert child.stdout.readline().strip() == "ready"
+        pids = (children[0].pid,) if watch_first_only else ()
+        probe = SyscallsProbe(ProbeConfig(pids=pids))
+        probe.check()
+        probe.prepare()
+        window = Window(60, Path("/tmp"))
+
+        def drive():
+            for child in children:
+                child.stdin.write("go\n")
+                child.stdin.flush()
+            for child in children:
+                child.stdout.readline()
+            window.stop()
+
+        driver = threading.Thread(target=drive)
+        driver.start()
+        tables = probe.collect(window)
+        driver.join(30)
+    finally:
+        for child in children:
+            child.stdin.write("exit\n")
+            child.stdin.flush()
+            child.wait(10)
+    counts = {}
+    for row in summarize(tables["syscalls"]):
+        counts[(row["pid"], row["syscall"])] = row["count"]
+    watched = children[:1] if watch_first_only else children
+    for child, n in zip(watched, calls):
+        assert counts.get((child.pid, "getppid")) == n and counts.get((child.pid, "sched_yield")) == n, counts
+    if watch_first_only:
+        assert {pid for pid, _ in counts} == {children[0].pid}
