@@ -86,6 +86,32 @@ def test_generated_source_filters_pids_and_self():
     assert "->pid" not in source and "task_struct" not in source
 
 
+def collect_while_children_run(probe: SyscallsProbe, children: list[subprocess.Popen]) -> dict:
+    """Tell each (ready) child to go, end the probe's window when all say done, then let them exit."""
+    window = Window(60, Path("/tmp"))
+
+    def drive():
+        for child in children:
+            child.stdin.write("go\n")
+            child.stdin.flush()
+        for child in children:
+            child.stdout.readline()
+        window.stop()
+
+    driver = threading.Thread(target=drive)
+    driver.start()
+    tables = probe.collect(window)
+    driver.join(30)
+    return tables
+
+
+def finish_children(children: list[subprocess.Popen]) -> None:
+    for child in children:
+        child.stdin.write("exit\n")
+        child.stdin.flush()
+        child.wait(10)
+
+
 def run_child_under_probe(sleeps: int, getppids: int, raw: bool = True):
     child = subprocess.Popen([sys.executable, str(CHILD), str(sleeps), str(getppids)],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -99,22 +125,9 @@ def run_child_under_probe(sleeps: int, getppids: int, raw: bool = True):
             probe._bpf = compile_program(build_source((child.pid,), os.getpid(), raw_tracepoints=False))
         else:
             probe.prepare()
-        window = Window(60, Path("/tmp"))
-
-        def drive():
-            child.stdin.write("go\n")
-            child.stdin.flush()
-            child.stdout.readline()
-            window.stop()
-
-        driver = threading.Thread(target=drive)
-        driver.start()
-        tables = probe.collect(window)
-        driver.join(30)
+        tables = collect_while_children_run(probe, [child])
     finally:
-        child.stdin.write("exit\n")
-        child.stdin.flush()
-        child.wait(10)
+        finish_children([child])
     return child.pid, tables
 
 
@@ -180,25 +193,9 @@ def test_live_counts_stay_with_their_process_when_two_share_a_cpu(watch_first_on
         probe = SyscallsProbe(ProbeConfig(pids=pids))
         probe.check()
         probe.prepare()
-        window = Window(60, Path("/tmp"))
-
-        def drive():
-            for child in children:
-                child.stdin.write("go\n")
-                child.stdin.flush()
-            for child in children:
-                child.stdout.readline()
-            window.stop()
-
-        driver = threading.Thread(target=drive)
-        driver.start()
-        tables = probe.collect(window)
-        driver.join(30)
+        tables = collect_while_children_run(probe, children)
     finally:
-        for child in children:
-            child.stdin.write("exit\n")
-            child.stdin.flush()
-            child.wait(10)
+        finish_children(children)
     counts = {}
     for row in summarize(tables["syscalls"]):
         counts[(row["pid"], row["syscall"])] = row["count"]
