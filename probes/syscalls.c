@@ -26,11 +26,13 @@
 #define NBUCKETS 36   // slot k holds [2^(k-1), 2^k) ns; the last slot also holds everything longer
 #define CACHED_SYSCALLS 512
 
+// tgid is filled in only when the slot is parked: while it is in flight, the CPU's current_tgid
+// names its task.
 struct inflight_t {
     u64 start_ns;
-    u32 tgid;
     u32 syscall_nr;
     u32 active;
+    u32 tgid;
 };
 
 struct hist_key_t {
@@ -39,9 +41,9 @@ struct hist_key_t {
 };
 
 // Counts are u32 per CPU per bucket (4 billion calls of one syscall on one CPU in one window):
-// halving the row keeps the per-CPU histogram array small on many-core hosts.
+// halving the row keeps the per-CPU histogram array small on many-core hosts. The call count is
+// the sum of the buckets (user space adds them): one increment fewer per syscall.
 struct hist_t {
-    u64 count;
     u64 total_ns;
     u64 max_ns;
     u32 slots[NBUCKETS];
@@ -129,8 +131,13 @@ static __always_inline int row_for(struct cpu_state_t *state, u32 tgid, u32 nr, 
             count_lost(0);
             return 0;
         }
-        *row_plus_one = *next + 1;
+        u32 fresh_row = *next;
+        *row_plus_one = fresh_row + 1;
         (*next)++;
+        // A new row takes the caller's thread name once, off the per-call path.
+        struct hist_t *fresh = hists.lookup(&fresh_row);
+        if (fresh)
+            bpf_get_current_comm(&fresh->comm, sizeof(fresh->comm));
     }
     u32 row = *row_plus_one - 1;
     if (cached) {
@@ -148,9 +155,6 @@ static __always_inline void record(struct cpu_state_t *state, u32 tgid, u32 nr, 
     struct hist_t *row = hists.lookup(&row_number);
     if (!row)
         return;
-    if (row->count == 0)
-        bpf_get_current_comm(&row->comm, sizeof(row->comm));
-    row->count++;
     row->total_ns += delta_ns;
     if (delta_ns > row->max_ns)
         row->max_ns = delta_ns;
@@ -171,7 +175,6 @@ SYSCALL_ENTER_PROBE {
         return 0;
     struct inflight_t *slot = &state->slot;
     slot->start_ns = bpf_ktime_get_ns();
-    slot->tgid = state->current_tgid;
     slot->syscall_nr = (u32)SYSCALL_ID;
     slot->active = 1;
     return 0;
@@ -189,7 +192,7 @@ SYSCALL_EXIT_PROBE {
     // run with preemption off, so that switch cannot be missed). No pid lookup on this path.
     if (slot->active) {
         slot->active = 0;
-        record(state, slot->tgid, slot->syscall_nr, now - slot->start_ns);
+        record(state, state->current_tgid, slot->syscall_nr, now - slot->start_ns);
         return 0;
     }
     u64 id = bpf_get_current_pid_tgid();
@@ -220,8 +223,7 @@ SCHED_SWITCH_PROBE {
     // sched_switch runs in the outgoing task's context: the current thread is the one leaving,
     // and (no switch having happened since its sys_enter) the one that filled the slot.
     u64 id = bpf_get_current_pid_tgid();
-    if (slot->tgid != (u32)(id >> 32))
-        return 0;
+    slot->tgid = id >> 32;
     // exit/exit_group never return: parking them would leak one entry per exiting thread.
     if (slot->syscall_nr == SYS_EXIT_NR || slot->syscall_nr == SYS_EXIT_GROUP_NR)
         return 0;

@@ -322,11 +322,13 @@ class SyscallsProbe(LoadedProgram, ProbeBase):
                 if row not in rows_cache:
                     rows_cache[row] = hists[hists.Key(row)]
                 value = rows_cache[row][cpu]
-                if not value.count:
+                slots = list(value.slots)
+                count = sum(slots)  # the kernel keeps no separate count (see syscalls.c)
+                if not count:
                     continue
                 snapshot[(int(key.tgid), int(key.syscall_nr), cpu)] = {
-                    "count": int(value.count), "total_ns": int(value.total_ns), "max_ns": int(value.max_ns),
-                    "slots": list(value.slots),
+                    "count": count, "total_ns": int(value.total_ns), "max_ns": int(value.max_ns),
+                    "slots": slots,
                     "comm": bytes(value.comm).split(b"\0", 1)[0].decode(errors="replace")}
         lost = bpf["lost"]
         lost_now = (int(sum(lost[lost.Key(0)])), int(sum(lost[lost.Key(1)])))
