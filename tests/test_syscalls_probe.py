@@ -112,20 +112,25 @@ def finish_children(children: list[subprocess.Popen]) -> None:
         child.wait(10)
 
 
+def prepared_probe(pids: tuple[int, ...], raw: bool) -> SyscallsProbe:
+    """A loaded probe on raw tracepoints (what prepare() picks here) or on the classic fallback."""
+    probe = SyscallsProbe(ProbeConfig(pids=pids))
+    probe.check()
+    if raw:
+        probe.prepare()
+    else:
+        from probes.bpf import compile_program
+
+        probe._bpf = compile_program(build_source(pids, os.getpid(), raw_tracepoints=False))
+    return probe
+
+
 def run_child_under_probe(sleeps: int, getppids: int, raw: bool = True):
     child = subprocess.Popen([sys.executable, str(CHILD), str(sleeps), str(getppids)],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout.readline().strip() == "ready"
-        probe = SyscallsProbe(ProbeConfig(pids=(child.pid,)))
-        probe.check()
-        if not raw:
-            from probes.bpf import compile_program
-
-            probe._bpf = compile_program(build_source((child.pid,), os.getpid(), raw_tracepoints=False))
-        else:
-            probe.prepare()
-        tables = collect_while_children_run(probe, [child])
+        tables = collect_while_children_run(prepared_probe((child.pid,), raw), [child])
     finally:
         finish_children([child])
     return child.pid, tables
@@ -179,7 +184,8 @@ sys.stdin.readline()
 @pytest.mark.live
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="syscall numbers in the child are x86_64's")
 @pytest.mark.parametrize("watch_first_only", [False, True], ids=["system-wide", "pid-filter"])
-def test_live_counts_stay_with_their_process_when_two_share_a_cpu(watch_first_only):
+@pytest.mark.parametrize("raw", [True, False], ids=["raw-tracepoints", "classic-tracepoints"])
+def test_live_counts_stay_with_their_process_when_two_share_a_cpu(watch_first_only, raw):
     """Two children on one CPU hand it to each other after every call. The probe keeps the
     running task's pid per CPU until the next sched_switch: a switch it missed would show here
     as calls counted under the wrong process (or a filtered-out process leaking in)."""
@@ -190,9 +196,7 @@ def test_live_counts_stay_with_their_process_when_two_share_a_cpu(watch_first_on
         for child in children:
             assert child.stdout.readline().strip() == "ready"
         pids = (children[0].pid,) if watch_first_only else ()
-        probe = SyscallsProbe(ProbeConfig(pids=pids))
-        probe.check()
-        probe.prepare()
+        probe = prepared_probe(pids, raw)
         tables = collect_while_children_run(probe, children)
     finally:
         finish_children(children)
