@@ -229,3 +229,41 @@ def test_pm_qos_holder_outlives_kill_9_and_rollback_releases_it(tmp_path):
 
         if (state / "journal.jsonl").exists():
             stop_holders("guardian-qos-")
+
+
+def test_real_irq_affinity_apply_rollback_exact(tmp_path):
+    """[irq_affinity] on this host's real /proc/irq: every IRQ that accepts a new affinity moves
+    to the housekeeping CPU, refusals are reported and kept, and rollback restores every byte."""
+    host = Host.real()
+    online = host.online_cpus()
+    if len(online) < 2:
+        pytest.skip("LIVE TEST SKIPPED: one online CPU: IRQs have nowhere else to go")
+    housekeeping = str(online[0])
+    profile = tmp_path / "irq.toml"
+    profile.write_text(f'[irq_affinity]\ncpus = "{housekeeping}"\n')
+    plan = build_plan(host, load_profile(str(profile), host=host))
+    paths = sorted({action.path for item in plan.applicable for action in item.actions if action.op == "write"})
+    assert "/proc/irq/default_smp_affinity" in paths and len(paths) > 1, paths
+    before = {path: Path(path).read_bytes() for path in paths}
+    state = str(tmp_path / "state")
+    try:
+        applied = run_agent("tune", "apply", "--profile", str(profile), "--yes", "--state-dir", state)
+        assert applied.returncode == 0, applied.stdout + applied.stderr
+        moved = [path for path in paths if path.endswith("smp_affinity_list")
+                 and Path(path).read_text().strip() == housekeeping]
+        refused = [path for path in paths if path.endswith("smp_affinity_list") and path not in moved]
+        assert moved, "no IRQ accepted the new affinity"
+        for path in refused:  # untouched, and said so
+            assert Path(path).read_bytes() == before[path]
+            assert f"irq:{path.split('/')[3]}" in applied.stdout
+        assert int(Path("/proc/irq/default_smp_affinity").read_text().replace(",", ""), 16) == 1 << int(housekeeping)
+        rolled = run_agent("tune", "rollback", "--state-dir", state)
+        assert rolled.returncode == 0, rolled.stdout + rolled.stderr
+        assert {path: Path(path).read_bytes() for path in paths} == before
+    finally:
+        for path, original in before.items():  # safety net: never leave the shared host's IRQs moved
+            if Path(path).read_bytes() != original:
+                try:
+                    Path(path).write_bytes(original)
+                except OSError:
+                    pass
