@@ -111,6 +111,28 @@ def test_netns_kill_9_after_write_then_rollback(netns, profile_file, tmp_path):
     assert netns_values(netns) == before
 
 
+
+def test_netns_kill_9_during_rollback_then_rollback_again(netns, profile_file, tmp_path):
+    """A rollback killed between restoring a value and journaling it is simply run again: steps
+    already restored read as the original and are left alone, the rest are restored."""
+    state = str(tmp_path / "state")
+    before = netns_values(netns)
+    applied = in_netns(netns, "tune", "apply", "--profile", str(profile_file), "--yes", "--state-dir", state)
+    assert applied.returncode == 0, applied.stderr
+    # Rollback walks the steps backwards (3, 2, 1): die right after restoring step 2.
+    killed = in_netns(netns, "tune", "rollback", "--state-dir", state, env={"GUARDIAN_AGENT_TEST_KILL_AT": "undo:2"})
+    assert killed.returncode in (-9, 137), killed.stderr
+    halfway = netns_values(netns)
+    assert halfway["net/core/somaxconn"] == b"1024\n", "step 1 not reached before the kill"
+    assert halfway["net/ipv4/ip_local_port_range"] == before["net/ipv4/ip_local_port_range"]
+    assert (tmp_path / "state" / "journal.jsonl").exists(), "the cut-short rollback stays pending"
+    again = in_netns(netns, "tune", "rollback", "--state-dir", state)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "1 restored" in again.stdout and "0 failed" in again.stdout, again.stdout
+    assert netns_values(netns) == before
+    assert not (tmp_path / "state" / "journal.jsonl").exists()
+    assert list((tmp_path / "state" / "history").glob("*.jsonl"))
+
 def test_netns_third_party_drift_is_reported_and_kept(netns, profile_file, tmp_path):
     state = str(tmp_path / "state")
     before = netns_values(netns)

@@ -26,7 +26,8 @@ from agent.tuning.journal import JournalState, StateDir, decode, encode, new_jou
 from agent.tuning.plan import Action, Plan, compare_key, read_raw, selected_word
 
 # Fault injection for the crash-safety tests: SIGKILL ourselves at a named point of apply
-# ("begin", "intent:N", "write:N", "done:N"). Real kill -9, real journal, real files.
+# ("begin", "intent:N", "write:N", "done:N") or of rollback ("undo:N": step N restored, its
+# `undone` record not yet written). Real kill -9, real journal, real files.
 KILL_AT_ENV = "GUARDIAN_AGENT_TEST_KILL_AT"
 RUNTIME_PREFIXES = ("/proc/", "/sys/", "/dev/")
 HOLDER_MODULE = "agent.tuning.qos_holder"
@@ -299,6 +300,7 @@ class Engine:
             for intent in reversed(journal.intents):
                 seq = intent["seq"]
                 step = self._undo(intent, created_dirs, force, report.stale_boot, journal.boot_id)
+                _kill_point(f"undo:{seq}")
                 report.steps.append(step)
                 writer.append({"op": "undone", "seq": seq, "result": step.result, "detail": step.detail})
             writer.append({"op": "rolled_back", "at": now_iso(), "force": force,
