@@ -280,6 +280,30 @@ def test_cli_bad_input_exit_2(tmp_path, agent_cli, arguments, message):
     assert not (tmp_path / "out").exists()
 
 
+FOREIGN_LOGS = {
+    "german.log": "2026-11-24 10:00:00.123 UTC [123] LOG:  Dauer: 1.234 ms  Anweisung: SELECT 1\n"
+                  "2026-11-24 10:00:01.123 UTC [123] LOG:  Dauer: 0.532 ms  Anweisung: SELECT 2\n",
+    "french.csv": '2026-11-24 10:00:00.123 UTC,"app","db",123,"[local]",1,1,"SELECT",2026-11-24 10:00:00 UTC,'
+                  '3/4,0,LOG,00000,"durée : 1.234 ms  instruction : SELECT 1",,,,,,,,,"psql","client backend",,0\n',
+}
+
+
+@pytest.mark.parametrize("name", sorted(FOREIGN_LOGS))
+def test_durations_in_another_language_are_refused_with_the_fix(tmp_path, agent_cli, name):
+    """A server with lc_messages other than English logs 'Dauer: 1.234 ms': rather than report
+    zero executions (and blame log_min_duration_statement), say what is wrong. Exit 2, no bundle."""
+    log = tmp_path / name
+    log.write_text(FOREIGN_LOGS[name], encoding="utf-8")
+    result = agent_cli("pg-log", str(log), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "another language" in result.stderr and "lc_messages = 'C'" in result.stderr, result.stderr
+    assert f"{name}:1:" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+    english = tmp_path / "english.log"  # the same lines in English are analysed
+    english.write_text(FOREIGN_LOGS["german.log"].replace("Dauer", "duration").replace("Anweisung", "statement"))
+    result = agent_cli("pg-log", str(english), "--out", str(tmp_path / "out"))
+    assert result.returncode == 0 and "2 executions" in result.stdout, result.stdout + result.stderr
+
 @pytest.mark.parametrize("name", ["pgbadger_prefix.log", "recorded_stderr.log", "rds_prefix.log", "custom_prefix.log"])
 def test_fast_path_equals_regex_path(name):
     """The numpy fast path (prefixes starting with %m/%t) and the RE2 capture path agree."""

@@ -45,6 +45,7 @@ def pg_log(obj, files, out_dir, log_format, prefix, keep_literals, top_count) ->
     if prefix is not None and log_format not in ("auto", "stderr"):
         raise BadInput("--prefix only applies to stderr logs")
     validate_out_dir(out_dir)
+    refuse_foreign_language(files)
     # The byte-progress line the pcap command draws (one stderr line, terminal only).
     from agent.progress import terminal_progress
 
@@ -89,6 +90,19 @@ def pg_log(obj, files, out_dir, log_format, prefix, keep_literals, top_count) ->
                    "statement, N logs those slower than N ms)?", err=True)
     click.echo(f"bundle: {writer.out_dir}")
     return 0
+
+
+def refuse_foreign_language(files) -> None:
+    """Logs whose durations are in another language would parse to nothing: say so up front
+    (exit 2, nothing written) instead of reporting zero executions."""
+    from agent.pglog.readers import foreign_durations
+
+    for path in files:
+        found = foreign_durations(path)
+        if found:
+            phrase, line = found
+            raise BadInput(f"{path}:{line}: durations logged in another language ('{phrase}'); pg-log reads "
+                           "English server messages: set lc_messages = 'C' in postgresql.conf and reload")
 
 
 commands = [pg_log]

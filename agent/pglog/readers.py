@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -109,6 +110,26 @@ def read_head(path: Path, size: int = 1 << 20) -> bytes:
         raise BadInput(f"{path}: cannot read ({error})") from None
     finally:
         raw.raw.close()
+
+
+# The server prints a duration as "<word>: %.3f ms" in its lc_messages language ("duration",
+# "Dauer", "durée", "duración", "時間" ...). Only English messages are parsed.
+_DURATION_IN_ANY_LANGUAGE = re.compile(rb"([^\s\",:]+) ?: +\d+[.,]\d{3} ms\b")
+
+
+def foreign_durations(path: Path) -> tuple[str, int] | None:
+    """(phrase, line number) of the first duration in the head of PATH when the durations there
+    are all in a language other than English; None when there are English ones, or none."""
+    first = None
+    for number, line in enumerate(read_head(path).splitlines(), 1):
+        match = _DURATION_IN_ANY_LANGUAGE.search(line)
+        if not match:
+            continue
+        if match.group(1) == b"duration":
+            return None
+        if first is None:
+            first = (match.group(0).decode(errors="replace"), number)
+    return first
 
 
 def detect_format(path: Path, head: bytes) -> str:
