@@ -8,7 +8,10 @@
 4. Power: candidate's tail stretched so its p99 is +10% (median untouched) -> caught >= 95%.
    Also reported, for honesty: a uniform +10% slowdown (p50 and p99 both +10%), which the default
    settings deliberately let through (median threshold 20%, tail judged after the median shift).
-5. Cost: pyperf timeit of one gate evaluation vs scipy's mannwhitneyu alone (what Kayenta's
+5. Repeated looks: the rollout driver judges the gate again and again while a stage dwells and
+   rolls back at the first "fail". A/A stages of 6 looks on growing samples (1/6 ... 6/6 of the
+   size above): the share of stages with any fail is the false-rollback rate per stage.
+6. Cost: pyperf timeit of one gate evaluation vs scipy's mannwhitneyu alone (what Kayenta's
    Mann-Whitney judge computes) on the same data, side by side.
 
 Writes benchmarks/results/gate.json. `--quick` uses fewer samples and trials.
@@ -110,6 +113,20 @@ def rate(pool, size, trials, transform, settings, rng) -> tuple[int, dict]:
     return fails, verdicts
 
 
+def sequential_rate(pool, size, trials, looks, settings, rng) -> tuple[int, dict]:
+    """A/A stages judged at `looks` growing sample sizes; a stage fails at its first failed look."""
+    failed, first_fail = 0, {}
+    for _ in range(trials):
+        baseline, candidate = rng.choice(pool, size), rng.choice(pool, size)
+        for look in range(1, looks + 1):
+            count = size * look // looks
+            if gate_verdict(baseline[:count], candidate[:count], settings).verdict == "fail":
+                failed += 1
+                first_fail[look] = first_fail.get(look, 0) + 1
+                break
+    return failed, first_fail
+
+
 def pyperf_timeit(setup: str, statement: str) -> float:
     with tempfile.TemporaryDirectory() as scratch:
         output = Path(scratch) / "out.json"
@@ -149,6 +166,8 @@ def main() -> int:
     aa_fails, aa_verdicts = rate(pool, size, aa_trials, lambda values: values, settings, rng)
     tail_fails, tail_verdicts = rate(pool, size, power_trials, lambda v: stretch_tail(v, pool, 0.10), settings, rng)
     uniform_fails, uniform_verdicts = rate(pool, size, power_trials // 5, lambda v: v * 1.10, settings, rng)
+    looks, stage_trials = 6, (20 if quick else 100)
+    stage_fails, stage_first_fail = sequential_rate(pool, size, stage_trials, looks, settings, rng)
 
     setup = ("import numpy as np; from benchmarks.bench_gate import gate_verdict; "
              "from agent.gate.config import GateSettings; from scipy.stats import mannwhitneyu; "
@@ -178,6 +197,10 @@ def main() -> int:
         "uniform_plus_10pct": {"trials": power_trials // 5, "caught": uniform_fails,
                                "catch_rate": uniform_fails / (power_trials // 5), "verdicts": uniform_verdicts,
                                "note": "by design below the 20% median threshold; tail judged after the median shift"},
+        "aa_repeated_looks": {"trials": stage_trials, "looks_per_stage": looks, "stages_failed": stage_fails,
+                              "fail_rate": stage_fails / stage_trials,
+                              "fail_rate_upper95": clopper_pearson_upper(stage_fails, stage_trials),
+                              "first_failed_look": stage_first_fail},
         "cost": {"gate_evaluation_ms": gate_s * 1e3, "bare_mannwhitneyu_ms": mwu_s * 1e3,
                  "ratio": gate_s / mwu_s},
         "seconds": round(time.monotonic() - started, 1),
@@ -186,6 +209,8 @@ def main() -> int:
           f"(95% upper bound {100 * result['aa']['fail_rate_upper95']:.1f}%; target <= 1%)")
     print(f"p99 +10% (tail) caught: {tail_fails}/{power_trials} = {100 * tail_fails / power_trials:.1f}% "
           f"(95% lower bound {100 * result['p99_plus_10pct_tail']['catch_rate_lower95']:.1f}%; target >= 95%)")
+    print(f"A/A stages of {looks} looks with any fail: {stage_fails}/{stage_trials} (95% upper bound "
+          f"{100 * result['aa_repeated_looks']['fail_rate_upper95']:.1f}%)")
     print(f"uniform +10% caught: {uniform_fails}/{power_trials // 5} (by design: below the 20% median threshold)")
     print(f"cost per evaluation at {size}/side: gate {gate_s * 1e3:.1f} ms vs bare Mann-Whitney U "
           f"{mwu_s * 1e3:.1f} ms (x{gate_s / mwu_s:.1f})")
