@@ -113,8 +113,9 @@ def read_head(path: Path, size: int = 1 << 20) -> bytes:
 
 
 # The server prints a duration as "<word>: %.3f ms" in its lc_messages language ("duration",
-# "Dauer", "durée", "duración", "時間" ...). Only English messages are parsed.
-_DURATION_IN_ANY_LANGUAGE = re.compile(rb"([^\s\",:]+) ?: +\d+[.,]\d{3} ms\b")
+# "Dauer", "durée", "duración", "時間" ...) at the start of a message: after the severity's
+# ":  " (stderr) or a field's opening quote (csvlog, jsonlog). Only English messages are parsed.
+_DURATION_IN_ANY_LANGUAGE = re.compile(rb"(?::  |\")([^\s\",:]+) ?: +\d+[.,]\d{3} ms\b")
 
 
 def foreign_durations(path: Path) -> tuple[str, int] | None:
@@ -128,7 +129,7 @@ def foreign_durations(path: Path) -> tuple[str, int] | None:
         if match.group(1) == b"duration":
             return None
         if first is None:
-            first = (match.group(0).decode(errors="replace"), number)
+            first = (match.group(0).lstrip(b': "').decode(errors="replace"), number)
     return first
 
 
