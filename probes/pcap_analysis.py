@@ -1,8 +1,11 @@
 """TCP flow and request→response turn analysis of a capture, vectorised per block.
 
 Flow model (shared with the capture probe and `guardian-agent pcap`):
-- A flow is a TCP 4-tuple. The client is the sender of the first SYN; failing that the receiver
-  of a SYN-ACK; failing that (capture started mid-connection) the endpoint with the higher port.
+- A flow is one TCP connection: a 4-tuple, split again when the 4-tuple is reused (a SYN with a
+  new initial sequence number after the tuple has carried packets starts a new flow; a
+  retransmitted SYN does not). The client is the sender of the first SYN; failing that the
+  receiver of a SYN-ACK; failing that (capture started mid-connection) the endpoint with the
+  higher port.
 - Handshake RTT is SYN → SYN-ACK as seen at the capture point (from a client-side capture this
   is the network round trip plus the server kernel's accept path).
 - A retransmission is a data segment that starts below the highest sequence number already seen
@@ -180,12 +183,13 @@ class FlowAnalyzer:
         self.spill_path: Path | None = None
         self._spill_writer = None
         self.turn_rows_in_memory = 0
+        # (a_high, a_low, a_port, b_high, b_low, b_port) -> the flow of the tuple's latest connection
         self.flow_index: dict[tuple, int] = {}
         self.flow_keys: list[tuple] = []  # (a_high, a_low, a_port, b_high, b_low, b_port, ip_version)
         self.flows = _Grow({
             "client_is_a": 0, "first_ts": 0, "last_ts": 0, "packets": 0, "bytes": 0,
             "client_packets": 0, "client_payload": 0, "server_payload": 0, "syn_ts": -1,
-            "synack_ts": -1, "resets": 0,
+            "synack_ts": -1, "resets": 0, "isn": -1,  # isn: the client SYN's sequence number
         })
         # Per flow-direction (flow * 2 + from_client): sequence tracking across blocks.
         self.directions = _Grow({"seq_base": -1, "last_relative": 0, "wraps": 0, "max_end": -1,
@@ -234,22 +238,72 @@ class FlowAnalyzer:
             appearance = np.argsort(first_index, kind="stable")
             remap[appearance] = np.arange(len(first_index))
             local, first_index = remap[local], first_index[appearance]
-        keys = zip(a_high[first_index].tolist(), a_low[first_index].tolist(),
-                   (ports[first_index] >> np.uint64(16)).tolist(), b_high[first_index].tolist(),
-                   b_low[first_index].tolist(), (ports[first_index] & np.uint64(0xFFFF)).tolist(),
-                   headers.ip_version[first_index].tolist())
+        keys = list(zip(a_high[first_index].tolist(), a_low[first_index].tolist(),
+                        (ports[first_index] >> np.uint64(16)).tolist(), b_high[first_index].tolist(),
+                        b_low[first_index].tolist(), (ports[first_index] & np.uint64(0xFFFF)).tolist(),
+                        headers.ip_version[first_index].tolist()))
+        local, first_index, tuple_of, reuse = self._connections(headers, local, first_index, keys)
         local_to_global = np.empty(len(first_index), dtype=np.int64)
         new_locals = []
         index = self.flow_index
-        for local_id, key in enumerate(keys):
-            flow = index.get(key[:6])
+        for local_id, (tuple_id, reused) in enumerate(zip(tuple_of.tolist(), reuse.tolist())):
+            key = keys[tuple_id]
+            flow = None if reused else index.get(key[:6])
             if flow is None:
                 flow = len(self.flow_keys)
-                index[key[:6]] = flow
+                index[key[:6]] = flow  # connections of one tuple come in order: the last one stays
                 self.flow_keys.append(key)
                 new_locals.append(local_id)
             local_to_global[local_id] = flow
         return src_is_a, local, local_to_global, np.array(new_locals, dtype=np.int64), first_index
+
+    def _connections(self, headers: TcpHeaders, local, first_index, keys):
+        """Split block-local 4-tuples into connections where a tuple is reused: a SYN whose
+        sequence number differs from the SYN of the tuple's current connection (or that follows
+        packets of a connection whose SYN was never seen) starts a new one. Returns per packet the
+        block-local connection id (first-appearance order) and per connection its first packet,
+        its tuple (index into `keys`) and whether it is a new connection on a tuple in use."""
+        syn_packets = np.flatnonzero((headers.flags & (SYN | ACK)) == SYN)
+        no_reuse = np.zeros(len(keys), dtype=bool)
+        if not len(syn_packets):
+            return local, first_index, np.arange(len(keys), dtype=np.int64), no_reuse
+        isn_of, index, seq = self.flows["isn"], self.flow_index, headers.seq
+        current: dict[int, int] = {}  # tuple id -> sequence number of its current connection's SYN
+        reusing = []
+        # SYNs are few next to data packets: a Python loop over them only.
+        for i in syn_packets.tolist():
+            tuple_id = int(local[i])
+            isn = int(seq[i])
+            known = current.get(tuple_id)
+            if known is None:
+                flow = index.get(keys[tuple_id][:6])
+                if flow is None:  # a tuple new in this block
+                    current[tuple_id] = isn
+                    if first_index[tuple_id] < i:  # after packets of a connection already under way
+                        reusing.append(i)
+                    continue
+                known = int(isn_of[flow])
+            if known != isn:  # not a retransmitted SYN: a new connection on this tuple
+                current[tuple_id] = isn
+                reusing.append(i)
+        if not reusing:
+            return local, first_index, np.arange(len(keys), dtype=np.int64), no_reuse
+        # Each packet's count of reusing SYNs at or before it on its tuple: its connection there.
+        count = len(local)
+        starts_here = np.zeros(count, dtype=np.int64)
+        starts_here[reusing] = 1
+        order = np.argsort(local, kind="stable")
+        group_starts = np.flatnonzero(np.diff(local[order], prepend=-1) != 0)
+        running = np.cumsum(starts_here[order])
+        before = running[group_starts] - starts_here[order][group_starts]
+        generation = np.empty(count, dtype=np.int64)
+        generation[order] = running - np.repeat(before, np.diff(np.append(group_starts, count)))
+        import pyarrow.compute as pc
+
+        combined = local * (int(generation.max()) + 1) + generation
+        connection = pc.dictionary_encode(pa.array(combined)).indices.to_numpy(zero_copy_only=False).astype(np.int64)
+        first = np.flatnonzero(np.diff(np.maximum.accumulate(connection), prepend=-1) > 0)
+        return connection, first, local[first], generation[first] > 0
 
     # -- one block ------------------------------------------------------------------------------
     def add(self, headers: TcpHeaders) -> None:
@@ -292,6 +346,9 @@ class FlowAnalyzer:
         np.maximum.at(flows["last_ts"], group_flow, np.maximum.reduceat(sorted_ts, starts))
 
         self._handshakes(local_to_global[local], from_client, syn, synack, ts)
+        syn_flows = local_to_global[local[syn]]
+        unset = flows["isn"][syn_flows] == -1
+        flows["isn"][syn_flows[unset]] = headers.seq[syn][unset]
         retransmitted = self._retransmissions(order, starts, group_flow * 2 + group_client, headers)
         self._turns(local, local_to_global, from_client, payload, ts, retransmitted)
 

@@ -108,6 +108,50 @@ def test_flow_seen_mid_connection_takes_the_higher_port_as_client(tmp_path):
     assert flows["handshake_rtt_ns"] == [None]
 
 
+
+def reused_tuple(connections: int) -> list:
+    """`connections` connections one after another on the same 4-tuple (each its own ISN), the
+    way a client reusing an ephemeral port talks to the same server; connection i has i % 5 + 1
+    turns."""
+    return build.merged(*[build.conversation("10.0.0.1", "10.0.0.2", 40000, 5432, [((10,), 100)] * (i % 5 + 1),
+                                             start_s=i * 0.03, client_isn=1000 + 7919 * i)
+                          for i in range(connections)])
+
+
+def test_a_reused_tuple_is_one_flow_per_connection(tmp_path):
+    flows, turns, _ = analyse(build.write_pcap(tmp_path / "reuse.pcap", build.framed(reused_tuple(2))))
+    assert flows["client"] == ["10.0.0.1:40000"] * 2 and flows["server"] == ["10.0.0.2:5432"] * 2
+    assert flows["turns"] == [1, 2]
+    assert flows["handshake_rtt_ns"] == [100_000, 100_000]  # each connection's own handshake
+    assert flows["client_payload_bytes"] == [10, 20] and flows["retransmits"] == [0, 0]
+    assert sorted(set(turns["flow"])) == flows["flow"]
+
+
+def test_reuse_across_blocks_gives_the_same_flows(tmp_path):
+    path = build.write_pcap(tmp_path / "reuse-many.pcap", build.framed(reused_tuple(250)))
+    assert path.stat().st_size > 2 * (1 << 16)
+    whole = analyse(path)
+    assert whole[0]["turns"] == [i % 5 + 1 for i in range(250)] and set(whole[0]["retransmits"]) == {0}
+    small = analyse(path, block_bytes=1 << 16)
+    assert small[0] == whole[0] and small[1] == whole[1]
+
+
+def test_a_retransmitted_syn_does_not_start_a_connection(tmp_path):
+    packets = build.conversation("10.0.0.1", "10.0.0.2", 40000, 5432, [((10,), 100)] * 2)
+    syn_time, syn = packets[0]
+    packets.insert(1, (syn_time + 0.00005, syn.copy()))  # the same SYN again before the SYN-ACK
+    flows, _, _ = analyse(build.write_pcap(tmp_path / "resyn.pcap", build.framed(packets)))
+    assert flows["turns"] == [2] and flows["packets"] == [len(packets)]
+
+
+def test_a_connection_seen_mid_way_then_a_new_one_on_its_tuple(tmp_path):
+    first = build.conversation("10.0.0.1", "10.0.0.2", 40000, 5432, [((10,), 100)] * 2)[3:]  # no handshake
+    second = build.conversation("10.0.0.1", "10.0.0.2", 40000, 5432, [((10,), 100)] * 3, start_s=0.05,
+                                client_isn=9_000_000)
+    flows, _, _ = analyse(build.write_pcap(tmp_path / "mid-then-new.pcap", build.framed(build.merged(first, second))))
+    assert flows["turns"] == [2, 3]
+    assert flows["handshake_rtt_ns"] == [None, 100_000]
+
 def test_truncated_file_analyses_what_came_before_and_names_the_offset(tmp_path):
     path = build.write_pcap(tmp_path / "t.pcap", build.framed(two_flows()))
     data = path.read_bytes()
