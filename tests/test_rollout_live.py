@@ -38,8 +38,12 @@ def serve(port: int, name: str, delay_ms: float, error_rate: float) -> None:
         disable_nagle_algorithm = True
 
         def do_GET(self):  # noqa: N802 - http.server naming
-            time.sleep(delay_ms / 1000.0)
-            failed = generator.random() < error_rate
+            # The validate hook's health check: never delayed, never failed (the injected errors
+            # are for traffic; a 2% chance of failing the smoke test made the test flaky).
+            health = self.path == "/health"
+            if not health:
+                time.sleep(delay_ms / 1000.0)
+            failed = not health and generator.random() < error_rate
             body = (b"error\n" if failed else b"ok " + name.encode() + b"\n")
             self.send_response(500 if failed else 200)
             self.send_header("Content-Length", str(len(body)))
@@ -168,7 +172,7 @@ class Setup:
             [prepare]
             commands = ["{prepare}"]
             [validate]
-            commands = ["python3 -c 'import urllib.request; urllib.request.urlopen(\\"http://127.0.0.1:{self.green_port}/\\")'"]
+            commands = ["python3 -c 'import urllib.request; urllib.request.urlopen(\\"http://127.0.0.1:{self.green_port}/health\\")'"]
             [traffic]
             adapter = "haproxy"
             socket = "{self.socket}"
