@@ -109,6 +109,54 @@ def test_recorded_formats_agree():
     assert formats == ["stderr", "csv", "json"]
 
 
+
+def as_syslog(stderr_text: str, piece: int = 900) -> str:
+    """What rsyslog writes for the same messages with log_destination = syslog: one syslog line
+    per line of a message ("[N-1]", "[N-2]" ...), lines longer than `piece` bytes cut into
+    numbered pieces, the tab after each newline inside a message escaped as #011."""
+    out, number = [], 0
+    entries: list[list[str]] = []
+    for line in stderr_text.splitlines():
+        if line.startswith("\t") and entries:
+            entries[-1].append(line)
+        else:
+            entries.append([line])
+    for entry in entries:
+        number += 1
+        part = 0
+        for line in entry:
+            text = line.replace("\t", "#011")
+            for start in range(0, max(len(text), 1), piece):
+                part += 1
+                out.append(f"Nov 24 02:36:28 dbhost postgres[26151]: [{number}-{part}] {text[start:start + piece]}")
+    return "\n".join(out) + "\n"
+
+
+LONG_STATEMENT = ("2026-11-24 02:40:00.000 UTC [26199] postgres@bench LOG:  duration: 12.500 ms  statement: "
+                  "SELECT " + ", ".join(f"col_{i}" for i in range(400)) + " FROM wide WHERE id = 42\n"
+                  "\tAND venue = 'XNAS'\n")
+
+
+@pytest.mark.parametrize("block_bytes", [None, 1 << 12, 700])
+def test_syslog_gives_what_stderr_gives(tmp_path, block_bytes):
+    """The same messages logged through syslog (multi-line statements as [N-2] lines, a 2.4 kB
+    statement cut into pieces) read back to the same per-fingerprint figures as the stderr log."""
+    stderr_text = (FIXTURES / "recorded_stderr.log").read_text() + LONG_STATEMENT
+    stderr_log, syslog_log = tmp_path / "postgresql.log", tmp_path / "syslog"
+    stderr_log.write_text(stderr_text)
+    syslog_log.write_text(as_syslog(stderr_text))
+    sizes = {"block_bytes": block_bytes} if block_bytes else {}
+    results = []
+    for path in (stderr_log, syslog_log):
+        analysis = analyse_logs([path], **sizes)
+        assert analysis.errors.num_rows == 0, analysis.errors.to_pylist()
+        results.append(sorted((r["fingerprint"], r["calls"], round(r["total_ms"], 3), r["query"])
+                              for r in analysis.queries.to_pylist()))
+    assert results[0] == results[1]
+    assert analyse_logs([syslog_log]).files[0].format == "syslog"
+    wide = [row for row in results[1] if "col_399" in row[3]]
+    assert len(wide) == 1 and wide[0][1] == 1 and "venue = $2" in wide[0][3], wide
+
 def test_recorded_multiline_and_plan():
     queries = by_query(analyse_logs([FIXTURES / "recorded.csv"]))
     # The multi-line and the one-line GROUP BY differ only in literals and whitespace.

@@ -14,9 +14,9 @@ from agent.errors import BadInput
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
               help="Bundle directory (created; refused if not empty).")
-@click.option("--format", "log_format", type=click.Choice(["auto", "stderr", "csv", "json"]),
+@click.option("--format", "log_format", type=click.Choice(["auto", "stderr", "syslog", "csv", "json"]),
               default="auto", show_default=True, help="Log format (auto: from name and content).")
-@click.option("--prefix", help="The server's log_line_prefix (stderr logs; default: detected and printed).")
+@click.option("--prefix", help="The server's log_line_prefix (stderr and syslog logs; default: detected and printed).")
 @click.option("--keep-literals", is_flag=True,
               help="Keep one example statement with its literals per fingerprint (sensitive!).")
 @click.option("--top", "top_count", type=int, default=10, show_default=True,
@@ -24,7 +24,7 @@ from agent.errors import BadInput
 @click.pass_obj
 def pg_log(obj, files, out_dir, log_format, prefix, keep_literals, top_count) -> int:
     """Slow-query log analysis: per-fingerprint calls, total and p50/p99/p99.9/max at microsecond
-    resolution from stderr (any log_line_prefix), csvlog or jsonlog files, plain, gzip or zstd.
+    resolution from stderr (any log_line_prefix), syslog, csvlog or jsonlog files, plain, gzip or zstd.
 
     \b
     Writes pg_queries, pg_query_minutes and pg_log_errors. Lines that could not be used are
@@ -42,8 +42,8 @@ def pg_log(obj, files, out_dir, log_format, prefix, keep_literals, top_count) ->
             raise BadInput(f"{path}: no such file")
         if not path.is_file():
             raise BadInput(f"{path}: not a regular file")
-    if prefix is not None and log_format not in ("auto", "stderr"):
-        raise BadInput("--prefix only applies to stderr logs")
+    if prefix is not None and log_format not in ("auto", "stderr", "syslog"):
+        raise BadInput("--prefix only applies to stderr and syslog logs")
     validate_out_dir(out_dir)
     refuse_foreign_language(files)
     # The byte-progress line the pcap command draws (one stderr line, terminal only).

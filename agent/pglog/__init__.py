@@ -203,7 +203,7 @@ class _Analyser:
 def _read_file(analyser: _Analyser, path: Path, log_format: str, prefix: str | None,
                problems: ParseProblems, announce: Callable[[str], None],
                block_bytes: int = BLOCK_BYTES, fast: bool = True) -> FileSummary:
-    from agent.pglog.readers import compression_of
+    from agent.pglog.readers import SyslogAsStderr, compression_of, syslog_to_stderr
 
     if not path.exists():
         raise BadInput(f"{path}: no such file")
@@ -217,7 +217,11 @@ def _read_file(analyser: _Analyser, path: Path, log_format: str, prefix: str | N
     entries_seen = 0
     pairer = DurationPairer()
     try:
-        if chosen == "stderr":
+        if chosen == "syslog":
+            # The server's own lines are inside the syslog ones: read them as a stderr log.
+            head = syslog_to_stderr(head[:head.rfind(b"\n") + 1])
+            stream = SyslogAsStderr(stream)
+        if chosen in ("stderr", "syslog"):
             used_prefix, fraction = resolve_prefix(head, prefix, path)
             if prefix is None:
                 announce(f"{path}: detected log_line_prefix {used_prefix!r} "
