@@ -102,6 +102,16 @@ def _group_starts(sorted_keys: np.ndarray) -> np.ndarray:
     return np.concatenate(([0], np.flatnonzero(sorted_keys[1:] != sorted_keys[:-1]) + 1))
 
 
+def _factorize(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(id per element in first-appearance order, index of each id's first element). Arrow's
+    hash-based dictionary_encode is a factorize in that order: no sort (np.unique would sort
+    every packet's key)."""
+    import pyarrow.compute as pc
+
+    ids = pc.dictionary_encode(pa.array(values)).indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    return ids, np.flatnonzero(np.diff(np.maximum.accumulate(ids), prepend=-1) > 0)
+
+
 class _Grow:
     """Per-flow (or per flow-direction) int64 columns that grow by doubling."""
 
@@ -201,8 +211,6 @@ class FlowAnalyzer:
     def _flow_ids(self, headers: TcpHeaders):
         """Per packet: src_is_a and the block-local flow index (in order of first appearance);
         plus the local → global id map and the local indexes of flows never seen before."""
-        import pyarrow.compute as pc
-
         src_is_a = (headers.src_high < headers.dst_high) | (
             (headers.src_high == headers.dst_high) & (
                 (headers.src_low < headers.dst_low)
@@ -219,12 +227,7 @@ class FlowAnalyzer:
             folded ^= (a_high * _K3) ^ (b_high * _K4)
         else:
             a_high = b_high = headers.src_high  # all zero
-        hashed = _splitmix(folded)
-        # Arrow's hash-based dictionary_encode is a factorize in first-appearance order: no sort
-        # (np.unique would sort every packet's key).
-        local = pc.dictionary_encode(pa.array(hashed)).indices.to_numpy(zero_copy_only=False).astype(np.int64)
-        running = np.maximum.accumulate(local)
-        first_index = np.flatnonzero(np.diff(running, prepend=-1) > 0)
+        local, first_index = _factorize(_splitmix(folded))
         representative = first_index[local]
         collided = (a_low != a_low[representative]) | (b_low != b_low[representative]) | (
             ports != ports[representative])
@@ -293,16 +296,12 @@ class FlowAnalyzer:
         starts_here = np.zeros(count, dtype=np.int64)
         starts_here[reusing] = 1
         order = np.argsort(local, kind="stable")
-        group_starts = np.flatnonzero(np.diff(local[order], prepend=-1) != 0)
+        group_starts = _group_starts(local[order])
         running = np.cumsum(starts_here[order])
         before = running[group_starts] - starts_here[order][group_starts]
         generation = np.empty(count, dtype=np.int64)
         generation[order] = running - np.repeat(before, np.diff(np.append(group_starts, count)))
-        import pyarrow.compute as pc
-
-        combined = local * (int(generation.max()) + 1) + generation
-        connection = pc.dictionary_encode(pa.array(combined)).indices.to_numpy(zero_copy_only=False).astype(np.int64)
-        first = np.flatnonzero(np.diff(np.maximum.accumulate(connection), prepend=-1) > 0)
+        connection, first = _factorize(local * (int(generation.max()) + 1) + generation)
         return connection, first, local[first], generation[first] > 0
 
     # -- one block ------------------------------------------------------------------------------
