@@ -121,16 +121,12 @@ _DURATION_IN_ANY_LANGUAGE = re.compile(rb"(?::  |\")([^\s\",:]+) ?: +\d+[.,]\d{3
 def foreign_durations(path: Path) -> tuple[str, int] | None:
     """(phrase, line number) of the first duration in the head of PATH when the durations there
     are all in a language other than English; None when there are English ones, or none."""
-    first = None
-    for number, line in enumerate(read_head(path).splitlines(), 1):
-        match = _DURATION_IN_ANY_LANGUAGE.search(line)
-        if not match:
-            continue
-        if match.group(1) == b"duration":
-            return None
-        if first is None:
-            first = (match.group(0).lstrip(b': "').decode(errors="replace"), number)
-    return first
+    head = read_head(path)
+    matches = list(_DURATION_IN_ANY_LANGUAGE.finditer(head))
+    if not matches or any(match.group(1) == b"duration" for match in matches):
+        return None
+    first = matches[0]
+    return first.group(0).lstrip(b': "').decode(errors="replace"), head.count(b"\n", 0, first.start()) + 1
 
 
 # -- syslog ----------------------------------------------------------------------------------------
