@@ -208,7 +208,7 @@ class FlowAnalyzer:
         self.turn_parts: list[tuple[np.ndarray, ...]] = []
 
     # -- flow identity -----------------------------------------------------------------------
-    def _flow_ids(self, headers: TcpHeaders):
+    def _flow_ids(self, headers: TcpHeaders, syn: np.ndarray):
         """Per packet: src_is_a and the block-local flow index (in order of first appearance);
         plus the local → global id map and the local indexes of flows never seen before."""
         src_is_a = (headers.src_high < headers.dst_high) | (
@@ -245,7 +245,7 @@ class FlowAnalyzer:
                         (ports[first_index] >> np.uint64(16)).tolist(), b_high[first_index].tolist(),
                         b_low[first_index].tolist(), (ports[first_index] & np.uint64(0xFFFF)).tolist(),
                         headers.ip_version[first_index].tolist()))
-        local, first_index, tuple_of, reuse = self._connections(headers, local, first_index, keys)
+        local, first_index, tuple_of, reuse = self._connections(headers, syn, local, first_index, keys)
         local_to_global = np.empty(len(first_index), dtype=np.int64)
         new_locals = []
         index = self.flow_index
@@ -260,13 +260,13 @@ class FlowAnalyzer:
             local_to_global[local_id] = flow
         return src_is_a, local, local_to_global, np.array(new_locals, dtype=np.int64), first_index
 
-    def _connections(self, headers: TcpHeaders, local, first_index, keys):
+    def _connections(self, headers: TcpHeaders, syn: np.ndarray, local, first_index, keys):
         """Split block-local 4-tuples into connections where a tuple is reused: a SYN whose
         sequence number differs from the SYN of the tuple's current connection (or that follows
         packets of a connection whose SYN was never seen) starts a new one. Returns per packet the
         block-local connection id (first-appearance order) and per connection its first packet,
         its tuple (index into `keys`) and whether it is a new connection on a tuple in use."""
-        syn_packets = np.flatnonzero((headers.flags & (SYN | ACK)) == SYN)
+        syn_packets = np.flatnonzero(syn)
         no_reuse = np.zeros(len(keys), dtype=bool)
         if not len(syn_packets):
             return local, first_index, np.arange(len(keys), dtype=np.int64), no_reuse
@@ -308,14 +308,14 @@ class FlowAnalyzer:
     def add(self, headers: TcpHeaders) -> None:
         if len(headers.ts_ns) == 0:
             return
-        src_is_a, local, local_to_global, new_locals, first_index = self._flow_ids(headers)
+        flags = headers.flags
+        syn = (flags & (SYN | ACK)) == SYN
+        src_is_a, local, local_to_global, new_locals, first_index = self._flow_ids(headers, syn)
         flows, directions = self.flows, self.directions
         flows.ensure(len(self.flow_keys))
         directions.ensure(2 * len(self.flow_keys))
-        flags = headers.flags
         ts = headers.ts_ns
         payload = headers.payload_bytes
-        syn = (flags & (SYN | ACK)) == SYN
         synack = (flags & (SYN | ACK)) == (SYN | ACK)
         if len(new_locals):
             self._decide_clients(local, local_to_global, new_locals, src_is_a, syn, synack)
