@@ -1,3 +1,5 @@
 """guardian-agent: a host-level performance audit agent for latency-critical Linux hosts."""
 
-__version__ = "0.1.0"
+from core import __version__
+
+__all__ = ["__version__"]

@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 
 from agent import __version__
-from agent.errors import BadInput, GuardianError
+from core.errors import BadInput, GuardianError
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_DRIFT = 0, 1, 2, 3
 
@@ -135,7 +135,7 @@ def audit(obj: Context, duration_s, out_dir, probe_list, pids, process_names, un
     Prints each probe's status and the findings, most severe first. Exit 0 when the bundle is
     complete (Ctrl-C ends the window early and still writes it).
     """
-    from agent.host import Host
+    from core.host import Host
     from agent.runner import AuditRun, select_probes
     from agent.summary import render_summary
     from probes import REGISTRY
@@ -202,7 +202,7 @@ def probes_command(as_json: bool, pids) -> None:
     """List every probe with available / unavailable and the reason."""
     import json
 
-    from agent.errors import Unavailable
+    from core.errors import Unavailable
     from probes import REGISTRY
     from probes.base import ProbeConfig
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.errors import BadInput
+from core.errors import BadInput
 
 DEFAULT_CONFIG_PATH = Path("/etc/guardian-agent/config.toml")
 DEFAULT_SPOOL_DIR = Path("/var/lib/guardian-agent/spool")

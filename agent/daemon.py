@@ -42,9 +42,9 @@ from typing import Callable
 from agent.config import AgentConfig
 from agent.fleet.collect import audit_into_spool, make_spool, make_store, probe_config, resolve_probes
 from agent.fleet.spool import SpoolFull
-from agent.host import Host
+from core.host import Host
 from agent.runner import AuditRun
-from reports.bundle import write_json_atomic
+from core.atomic import write_json_atomic
 
 STATE_NAME = "daemon-state.json"
 BUDGET_HORIZON_CYCLES = 30

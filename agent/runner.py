@@ -17,7 +17,7 @@ from typing import Callable
 
 import pyarrow as pa
 
-from agent.errors import GuardianError, Unavailable
+from core.errors import GuardianError, Unavailable
 from probes.base import FINDINGS_SCHEMA, ProbeConfig, Window
 from reports.bundle import BundleWriter, ProbeRecord
 
@@ -48,7 +48,7 @@ def select_probes(names: list[str] | None, registry: tuple) -> list[type]:
         return [probe for probe in registry if getattr(probe, "default_enabled", True)]
     unknown = [n for n in names if n not in by_name]
     if unknown:
-        from agent.errors import BadInput
+        from core.errors import BadInput
 
         raise BadInput(f"unknown probe {', '.join(unknown)} (known: {', '.join(by_name)})")
     return [by_name[n] for n in dict.fromkeys(names)]

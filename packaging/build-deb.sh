@@ -16,7 +16,7 @@ PREFIX=/opt/guardian-agent
 PYTHON=/usr/bin/python3
 # pip from the project venv (`make setup`): Debian's python3 has no pip module of its own.
 PIP=".venv/bin/python -m pip"
-VERSION=$($PYTHON -c 'import re; print(re.search(r"__version__ = \"([^\"]+)\"", open("agent/__init__.py").read()).group(1))')
+VERSION=$($PYTHON -c 'import re; print(re.search(r"__version__ = \"([^\"]+)\"", open("core/__init__.py").read()).group(1))')
 ARCH=$(dpkg --print-architecture)
 PY_MINOR=$($PYTHON -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
 PY_NEXT=$($PYTHON -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1] + 1}")')
@@ -151,7 +151,14 @@ case "$1" in
         ;;
 esac
 if [ "$1" = purge ]; then
-    rm -rf /etc/guardian-agent /var/lib/guardian-agent
+    # Purge removes only what the package itself made. A pending tuning journal is the only
+    # record of the host's original kernel values, the dataset is the user's data, and the
+    # kernel headers belong to `make setup`: all three stay.
+    rm -rf /etc/guardian-agent /var/lib/guardian-agent/spool
+    if [ -n "$(ls -A /var/lib/guardian-agent/journal 2>/dev/null)" ]; then
+        echo "guardian-agent: kept /var/lib/guardian-agent/journal: a tuning journal is pending;" \
+             "restore with 'guardian-agent tune rollback' (reinstall the package) before deleting it" >&2
+    fi
 fi
 exit 0
 EOF

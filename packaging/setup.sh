@@ -35,31 +35,8 @@ if [ ! -e /sys/kernel/debug/tracing ] && ! mountpoint -q /sys/kernel/debug; then
     mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null && say "mounted debugfs" || true
 fi
 
-# 3. Kernel headers for BCC. Prefer the running kernel's own package; when the distro has none
-#    (custom kernels), borrow its newest cloud headers: tracepoint programs compile fine because
-#    their layouts come from tracefs, and our BPF C never dereferences kernel structs.
-release=$(uname -r)
-build="/lib/modules/$release/build"
-if [ -e "$build/include" ]; then
-    say "kernel headers present at $build"
-elif apt-get install -y -q --no-install-recommends "linux-headers-$release" >/dev/null 2>&1; then
-    say "installed linux-headers-$release"
-else
-    [ -n "$(apt-cache search --names-only '^linux-headers-.*-cloud-amd64$' 2>/dev/null | head -1)" ] || apt-get update -q
-    newest=$(apt-cache search --names-only '^linux-headers-[0-9].*-cloud-amd64$' | awk '{print $1}' | sort -V | tail -1)
-    if [ -z "$newest" ]; then
-        say "no kernel headers available for $release: the syscalls and tcp probes will report unavailable"
-    else
-        dpkg-query -W -f='${Status}' "$newest" 2>/dev/null | grep -q "install ok installed" || \
-            apt-get install -y -q --no-install-recommends "$newest"
-        version=${newest#linux-headers-}
-        common="/usr/src/linux-headers-${version%-cloud-amd64}-common"
-        mkdir -p "/lib/modules/$release"
-        ln -sfn "/usr/src/linux-headers-$version" "$build"
-        [ -d "$common" ] && ln -sfn "$common" "/lib/modules/$release/source"
-        say "NOTE: no headers package for kernel $release; borrowed $newest for BCC (tracepoints only)"
-    fi
-fi
+# 3. Kernel headers for BCC: see kernel-headers.sh (never installs a kernel image).
+bash packaging/kernel-headers.sh
 
 # 4. The venv, from the system Python so the distro's bcc imports; pip only when requirements changed.
 if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import sys; sys.exit(0 if sys.base_prefix.startswith("/usr") else 1)'; then

@@ -22,8 +22,8 @@ from typing import Any, ClassVar, Protocol
 
 import pyarrow as pa
 
-from agent.errors import Unavailable
-from agent.host import Host
+from core.errors import Unavailable
+from core.host import Host
 
 __all__ = [
     "Probe",

@@ -7,7 +7,7 @@ import sys
 import threading
 from typing import Iterable
 
-from agent.errors import Unavailable
+from core.errors import Unavailable
 
 # BCC's clang front end (its in-memory kernel headers) is not thread-safe: two probes compiling
 # at once in the runner's parallel prepare threads make one fail with "'linux/types.h' file not
@@ -60,6 +60,24 @@ class LoadedProgram:
         self.detach()
 
 
+# Where `make setup` unpacks borrowed headers when the running kernel has no package of its own
+# (packaging/kernel-headers.sh): unpacked, never installed, so no kernel image comes with them.
+BORROWED_HEADERS_DIR = "/var/lib/guardian-agent/kernel-headers"
+
+
+def kernel_headers_dir(host) -> str | None:
+    """The kernel header tree BCC should compile against, or None (then BCC cannot run)."""
+    release = host.kernel_release()
+    if host.exists(f"/lib/modules/{release}/build"):
+        return f"/lib/modules/{release}/build"
+    if host.exists("/sys/kernel/kheaders.tar.xz"):
+        return "/sys/kernel/kheaders.tar.xz"  # BCC unpacks the kernel's own headers itself
+    borrowed = f"{BORROWED_HEADERS_DIR}/{release}/build"
+    if host.exists(f"{borrowed}/include"):
+        return borrowed
+    return None
+
+
 def bpf_prerequisites(host, events: Iterable[str]) -> None:
     """Raise Unavailable naming the fix when BCC cannot run here."""
     if os.geteuid() != 0:
@@ -69,9 +87,14 @@ def bpf_prerequisites(host, events: Iterable[str]) -> None:
     except ImportError:
         raise Unavailable("BCC not importable: apt-get install python3-bpfcc (and use a venv with "
                           "--system-site-packages)") from None
-    release = host.kernel_release()
-    if not host.exists(f"/lib/modules/{release}/build"):
-        raise Unavailable(f"kernel headers missing: install linux-headers-{release} (or run `make setup`)")
+    headers = kernel_headers_dir(host)
+    if headers is None:
+        release = host.kernel_release()
+        raise Unavailable(f"kernel headers missing: install linux-headers-{release} (or run `make setup`, "
+                          "which unpacks borrowed headers into the agent's state directory)")
+    if host.is_real and headers.startswith(BORROWED_HEADERS_DIR):
+        # BCC reads BCC_KERNEL_SOURCE instead of /lib/modules/R/build (bcc loader, since 0.10).
+        os.environ.setdefault("BCC_KERNEL_SOURCE", str(host.path(headers)))
     tracing = "/sys/kernel/tracing/events"
     if not host.exists(tracing):
         if host.exists("/sys/kernel/debug/tracing/events"):

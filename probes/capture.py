@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from agent.errors import Unavailable, WorkFailed
+from core.errors import Unavailable, WorkFailed
 from probes.base import ProbeBase, Window, finding, findings_table, require_root, rows_to_table
 
 # 14 Ethernet + 4 VLAN + 40 IPv6 + 60 TCP (with options) + 10 payload bytes

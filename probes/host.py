@@ -14,7 +14,7 @@ from typing import ClassVar
 
 import pyarrow as pa
 
-from agent.host import Host, format_cpu_list
+from core.host import Host, format_cpu_list
 from probes.base import ProbeBase, ProbeConfig, Window, finding, findings_table, rows_to_table
 
 NAME = "host"
@@ -418,7 +418,7 @@ class HostProbe(ProbeBase):
         self.status_reason = ""
 
     def check(self) -> None:
-        from agent.errors import Unavailable
+        from core.errors import Unavailable
 
         if not self.host.exists("/proc/stat"):
             raise Unavailable(f"{self.host.path('/proc/stat')} not readable: is /proc mounted?")

@@ -25,8 +25,8 @@ from typing import ClassVar
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from agent.errors import Unavailable
-from agent.host import Host, format_cpu_list, parse_cpu_list
+from core.errors import Unavailable
+from core.host import Host, format_cpu_list, parse_cpu_list
 from agent.tuning.jitter_loop import THRESHOLD_NS
 from probes.base import ProbeBase, finding, findings_table, rows_to_table
 

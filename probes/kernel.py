@@ -10,7 +10,7 @@ from typing import ClassVar
 
 import pyarrow as pa
 
-from agent.errors import BadInput, Unavailable
+from core.errors import BadInput, Unavailable
 from probes.base import ProbeBase, finding, findings_table, rows_to_table
 
 SEVERITY_BY_RISK = {"high": "critical", "medium": "warning", "low": "warning"}

@@ -24,7 +24,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from agent.errors import BadInput
+from core.errors import BadInput
 
 PCAP_MAGIC_USEC = 0xA1B2C3D4
 PCAP_MAGIC_NSEC = 0xA1B23C4D

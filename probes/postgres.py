@@ -24,7 +24,7 @@ from urllib.parse import unquote, urlsplit
 
 import pyarrow as pa
 
-from agent.errors import Unavailable
+from core.errors import Unavailable
 from probes.base import ProbeBase, Window, finding, findings_table, rows_to_table
 
 CONNECT_TIMEOUT_S = 5.0

@@ -34,8 +34,8 @@ from typing import ClassVar, Iterable
 
 import pyarrow as pa
 
-from agent.errors import BadInput, Unavailable
-from agent.host import Host
+from core.errors import BadInput, Unavailable
+from core.host import Host
 from probes.base import ProbeBase, ProbeConfig, Window, finding, findings_table, rows_to_table
 from probes.targets import Target, children_of, resolve_targets
 
@@ -658,7 +658,7 @@ class StacksProbe(ProbeBase):
         return rows, "; ".join(notes), findings, False
 
     def _write_extras(self, rows: list[dict], window: Window) -> None:
-        from reports.bundle import write_json_atomic
+        from core.atomic import write_json_atomic, write_text_atomic
         from reports.flamegraph import flamegraph_svg, speedscope_profile
 
         total = sum(row["samples"] for row in rows)
@@ -668,10 +668,8 @@ class StacksProbe(ProbeBase):
         mode = "blocking" if self.blocking else "non-blocking"
         subtitle = (f"{total:,} samples at {self.rate_hz} Hz over {window.elapsed():.1f} s "
                     f"({', '.join(sorted({row['source'] for row in rows}))}, {mode}, threads: {self.thread_mode})")
-        svg_path = window.extra_path("stacks.svg")
-        temp = svg_path.with_name(f".{svg_path.name}.tmp-{os.getpid()}")
-        temp.write_text(flamegraph_svg(graph_stacks(rows), title=title, subtitle=subtitle))
-        os.replace(temp, svg_path)
+        write_text_atomic(flamegraph_svg(graph_stacks(rows), title=title, subtitle=subtitle),
+                          window.extra_path("stacks.svg"))
         write_json_atomic(speedscope_profile(speedscope_profiles(rows), name=title),
                           window.extra_path("stacks.speedscope.json"))
 

@@ -14,7 +14,7 @@ from typing import Callable, ClassVar, Iterable
 
 import pyarrow as pa
 
-from agent.errors import Unavailable
+from core.errors import Unavailable
 from probes.base import ProbeBase, ProbeConfig, Window, finding, findings_table, rows_to_table
 from probes.bpf import LoadedProgram, bpf_prerequisites, compile_program
 

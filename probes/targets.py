@@ -15,8 +15,8 @@ import subprocess
 from dataclasses import dataclass
 from typing import Iterable
 
-from agent.errors import BadInput
-from agent.host import Host
+from core.errors import BadInput
+from core.host import Host
 
 __all__ = ["Target", "resolve_targets", "pids_by_name", "pids_of_unit", "process_comm",
            "process_exe_name", "children_of"]

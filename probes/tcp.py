@@ -20,7 +20,7 @@ from typing import ClassVar, Iterable
 
 import pyarrow as pa
 
-from agent.errors import BadInput, Unavailable
+from core.errors import BadInput, Unavailable
 from probes.base import ProbeBase, ProbeConfig, Window, finding, findings_table, rows_to_table
 from probes.bpf import LoadedProgram
 

@@ -10,7 +10,6 @@ says where it came from.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
@@ -18,14 +17,15 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from agent import __version__
-from agent.errors import BadInput
-from agent.host import Host, format_cpu_list
+from core import __version__
+from core.atomic import atomic_path, write_json_atomic
+from core.errors import BadInput
+from core.host import Host, format_cpu_list
 
 BUNDLE_FORMAT = 1
 MANIFEST_NAME = "manifest.json"
@@ -78,34 +78,6 @@ def host_fingerprint(host: Host, tuning_profile: str | None = None) -> dict[str,
     }
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temp name beside `path`; on success fsync it, os.replace() it into place and fsync
-    the directory, so a reader sees the old file or the whole new one, even after a crash."""
-    path = Path(path)
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        yield temp
-        with open(temp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
 def write_parquet_atomic(table: pa.Table, path: Path, metadata: dict[str, str] | None = None) -> None:
     """Write `table` to `path` atomically (see atomic_path), zstd-compressed."""
     if metadata:
@@ -114,11 +86,6 @@ def write_parquet_atomic(table: pa.Table, path: Path, metadata: dict[str, str] |
         table = table.replace_schema_metadata(existing)
     with atomic_path(path) as temp:
         pq.write_table(table, temp, compression="zstd")
-
-
-def write_json_atomic(payload: Any, path: Path) -> None:
-    with atomic_path(path) as temp:
-        temp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
 
 
 @dataclass

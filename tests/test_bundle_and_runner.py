@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from agent.errors import BadInput, Unavailable
+from core.errors import BadInput, Unavailable
 from agent.runner import AuditRun, select_probes
 from probes.base import FINDINGS_SCHEMA, ProbeBase, ProbeConfig, finding, findings_table
 from reports.bundle import MANIFEST_NAME, Bundle, BundleWriter, validate_out_dir, write_parquet_atomic

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import Unavailable
+from core.errors import Unavailable
 from probes.base import ProbeConfig
 from probes.capture import (HEADERS_SNAPLEN_BYTES, CaptureProbe, merge_ring, pick_timestamp_type,
                             tcpdump_command, tcpdump_counters)

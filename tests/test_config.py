@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import DEFAULT_SPOOL_DIR, load_config, parse_config
-from agent.errors import BadInput
+from core.errors import BadInput
 
 FULL = """
 [dataset]

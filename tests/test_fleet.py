@@ -11,7 +11,7 @@ import pyarrow.dataset as ds
 import pytest
 
 from agent.config import parse_config
-from agent.errors import BadInput
+from core.errors import BadInput
 from agent.fleet.collect import collect_once, upload_only
 from agent.fleet.layout import stage_bundle
 from agent.fleet.query import format_rows, run_query

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
 
-from agent.errors import BadInput
+from core.errors import BadInput
 from agent.gate.config import GateSettings, settings_from_mapping
 from agent.gate.kpi import MetricData, bundle_metrics, histogram_samples
 from agent.gate.verdict import classify, judge

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from agent.host import Host, format_cpu_list, parse_cpu_list
+from core.host import Host, format_cpu_list, parse_cpu_list
 from probes.base import ProbeConfig, Window
 from probes.host import (
     SCHEMA, HostProbe, Snapshot, cpu_interval_rows, host_findings, parse_per_cpu_table,

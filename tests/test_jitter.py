@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import Unavailable
-from agent.host import Host
+from core.errors import Unavailable
+from core.host import Host
 from probes.base import ProbeConfig, Window
 from probes.jitter import (JitterProbe, choose_cpus, interrupt_rows, jitter_findings, jitter_rows,
                            parse_interrupt_counts)

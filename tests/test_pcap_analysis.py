@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.errors import BadInput
+from core.errors import BadInput
 from probes.pcap_analysis import analyse_capture
 from probes.pcap_reader import CaptureCorrupt, CaptureReader
 

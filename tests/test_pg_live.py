@@ -133,7 +133,7 @@ def test_probe_finds_missing_index_confirmed_by_hypopg(pg, tmp_path):
 
 
 def test_probe_unavailable_reasons_never_leak_password(pg):
-    from agent.errors import Unavailable
+    from core.errors import Unavailable
 
     with pytest.raises(Unavailable, match="needs --pg-dsn or --pg-dsn-file"):
         _probe({}).check()
@@ -184,7 +184,7 @@ def test_audit_with_dsn_file_end_to_end(pg, tmp_path, agent_cli):
 
 
 def test_dsn_file_must_be_private(tmp_path):
-    from agent.errors import Unavailable
+    from core.errors import Unavailable
 
     dsn_file = tmp_path / "dsn"
     dsn_file.write_text("postgresql://u:p@127.0.0.1/x")

@@ -127,7 +127,7 @@ def test_dsn_password_is_scrubbed(dsn, password):
 
 
 def test_probe_without_dsn_is_unavailable_with_the_action():
-    from agent.errors import Unavailable
+    from core.errors import Unavailable
     from probes.base import ProbeConfig
 
     with pytest.raises(Unavailable, match=r"needs --pg-dsn or --pg-dsn-file"):

@@ -86,7 +86,7 @@ def test_infer_prefix_with_optional_session_part():
 
 
 def test_prefix_mismatch_is_refused_not_silent(tmp_path):
-    from agent.errors import BadInput
+    from core.errors import BadInput
 
     with pytest.raises(BadInput, match="matches only 0%"):
         analyse_logs([FIXTURES / "recorded_stderr.log"], prefix="%t:%r:%u@%d:[%p]:")

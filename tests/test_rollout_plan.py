@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import BadInput
+from core.errors import BadInput
 from agent.rollout.journal import Journal, last_run
 from agent.rollout.plan import load_plan
 from agent.rollout.shadow import split_requests

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import BadInput, Unavailable
-from agent.host import Host
+from core.errors import BadInput, Unavailable
+from core.host import Host
 from probes.base import ProbeConfig
 from probes.stacks import (
     SCHEMA,

@@ -161,7 +161,7 @@ def test_live_exact_counts_and_buckets_for_a_known_child(raw):
 
 def test_probe_reports_unavailable_reason_without_root(monkeypatch):
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
-    from agent.errors import Unavailable
+    from core.errors import Unavailable
 
     with pytest.raises(Unavailable, match="CAP_BPF and CAP_PERFMON"):
         SyscallsProbe(ProbeConfig()).check()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import BadInput
+from core.errors import BadInput
 from probes.base import ProbeConfig, Window
 from probes.tcp import (SRTT_SLOTS, TcpProbe, parse_roles, peer_role, slots_quantile, srtt_slot,
                         srtt_slot_bounds, tcp_rows)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.host import Host
+from core.host import Host
 from agent.tuning.engine import Engine
 from agent.tuning.journal import StateDir, read_journal
 from agent.tuning.plan import build_plan

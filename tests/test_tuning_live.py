@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.host import Host
+from core.host import Host
 from agent.tuning.plan import build_plan
 from agent.tuning.profiles import load_profile
 from tests.conftest import PROJECT_ROOT, run_agent

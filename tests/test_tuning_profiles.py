@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import BadInput
-from agent.host import Host
+from core.errors import BadInput
+from core.host import Host
 from agent.tuning import sysctld
 from agent.tuning.plan import compare_key, format_mask, parse_cmdline, parse_mask, selected_word
 from agent.tuning.profiles import available_profiles, load_profile

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from agent.errors import BadInput
+from core.errors import BadInput
 
 
 def _load(config_path: Path | None, dataset_root: str | None, spool_dir: Path | None):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from agent.errors import BadInput
+from core.errors import BadInput
 
 DEFAULT_RECORD_DIR = Path("guardian-reports") / "gate-decisions"
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from agent.errors import BadInput
+from core.errors import BadInput
 
 
 @click.command(name="pcap")
@@ -23,7 +23,7 @@ def pcap(capture_file: Path, out_dir: Path, block_mib: int) -> None:
     A truncated or corrupt file: what came before the bad record is written (the manifest
     says partial) and the command exits 2 naming the byte offset.
     """
-    from agent.host import Host
+    from core.host import Host
     from agent.progress import terminal_progress
     from probes.pcap_analysis import analyse_capture, flows_findings, flows_headlines
     from probes.pcap_reader import CaptureReader

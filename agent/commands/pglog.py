@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from agent.errors import BadInput
+from core.errors import BadInput
 
 
 @click.command(name="pg-log")
@@ -31,7 +31,7 @@ def pg_log(obj, files, out_dir, log_format, prefix, keep_literals, top_count) ->
     counted in pg_log_errors (never silently dropped); literals never reach the bundle unless
     --keep-literals. Exit 0 done, 1 failed, 2 bad input.
     """
-    from agent.host import Host
+    from core.host import Host
     from agent.pglog import analyse_logs
     from reports.bundle import BundleWriter, ProbeRecord, validate_out_dir
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from agent.errors import BadInput
+from core.errors import BadInput
 
 PLAN_OPTION = click.option("--plan", "plan_path", type=click.Path(path_type=Path), help="rollout.toml")
 

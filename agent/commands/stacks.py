@@ -8,7 +8,8 @@ from pathlib import Path
 
 import click
 
-from agent.errors import BadInput
+from core.atomic import write_text_atomic
+from core.errors import BadInput
 
 
 def load_folded(bundle_path: Path) -> tuple[dict[str, int], str]:
@@ -74,12 +75,9 @@ def diff(baseline: Path, candidate: Path, out_file: Path, top_n: int, as_json: b
         subtitle=(f"baseline {base_total:,} samples, candidate {cand_total:,} samples; "
                   "red: share grew, blue: shrank; width: mean share of both"),
     )
-    temp = out_file.with_name(f".{out_file.name}.tmp-{os.getpid()}")
     try:
-        temp.write_text(svg)
-        os.replace(temp, out_file)
+        write_text_atomic(svg, out_file)
     except OSError as error:
-        temp.unlink(missing_ok=True)
         raise BadInput(f"--out {out_file}: cannot write ({error.strerror})") from None
     grew = diff_frames(base_folded, cand_folded, limit=top_n, grew=True)
     shrank = diff_frames(base_folded, cand_folded, limit=top_n, grew=False)

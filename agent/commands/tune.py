@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from agent.errors import BadInput
+from core.errors import BadInput
 
 EXIT_DRIFT = 3
 
@@ -27,7 +27,7 @@ def _common(function):
 
 
 def _host(host_root):
-    from agent.host import Host
+    from core.host import Host
 
     if host_root is None:
         return Host.real()
@@ -176,7 +176,7 @@ def rollback_command(profile_dir, profile_vars, state_dir, host_root, force):
         click.echo("Kept values are named above; `tune rollback` has finished. Restore them by hand "
                    "or re-apply and roll back with --force.")
     if report.failed:
-        from agent.errors import WorkFailed
+        from core.errors import WorkFailed
 
         raise WorkFailed(f"{len(report.failed)} value(s) could not be restored; the journal stays pending")
     return EXIT_DRIFT if report.kept else 0

@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from agent.config import AgentConfig
-from agent.errors import BadInput, Unavailable
+from core.errors import BadInput, Unavailable
 from agent.fleet.spool import DrainReport, Spool
 from agent.fleet.stores import open_store
-from agent.host import Host
+from core.host import Host
 from agent.runner import AuditResult, AuditRun
 from probes.base import ProbeBase, ProbeConfig
 from reports.bundle import BundleWriter, new_run_id

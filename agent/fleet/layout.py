@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from reports.bundle import Bundle, write_json_atomic, write_parquet_atomic
+from core.atomic import write_json_atomic
+from reports.bundle import Bundle, write_parquet_atomic
 
 PARTITION_KEYS = ("table", "date", "host")
 RUNS_TABLE = "runs"

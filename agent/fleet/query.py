@@ -16,7 +16,7 @@ from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
 
-from agent.errors import BadInput
+from core.errors import BadInput
 
 FORMATS = ("table", "csv", "json")
 TABLE_DIR = re.compile(r"^table=([A-Za-z0-9_]+)$")

@@ -28,10 +28,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.errors import WorkFailed
+from core.errors import WorkFailed
 from agent.fleet.layout import StagedObject, stage_bundle
 from agent.fleet.stores import StoreUnavailable, ensure_writable_dir
-from reports.bundle import MANIFEST_NAME, write_json_atomic
+from core.atomic import write_json_atomic
+from reports.bundle import MANIFEST_NAME
 
 READY_NAME = "ready.json"
 PUBLISHED_NAME = "published.txt"

@@ -11,7 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
-from agent.errors import BadInput, WorkFailed
+from core.errors import BadInput, WorkFailed
 from agent.fleet.layout import StagedObject, file_md5
 
 
@@ -51,7 +51,7 @@ class LocalStore:
     def put(self, obj: StagedObject, source: Path) -> None:
         path = self.root / obj.key
         path.parent.mkdir(parents=True, exist_ok=True)
-        from reports.bundle import atomic_path
+        from core.atomic import atomic_path
 
         with atomic_path(path) as temp:
             shutil.copyfile(source, temp)

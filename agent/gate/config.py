@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from agent.errors import BadInput
+from core.errors import BadInput
 
 DIRECTIONS = ("increase", "decrease", "either")
 NO_DATA_POLICIES = ("skip", "inconclusive", "fail")

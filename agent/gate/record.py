@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from agent.errors import BadInput
+from core.errors import BadInput
 from agent.gate.config import GateSettings
 from agent.gate.verdict import GateVerdict
 

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from agent.errors import BadInput
+from core.errors import BadInput
 from agent.pglog.aggregate import (COUNTED_KINDS, PG_LOG_ERRORS_SCHEMA, PG_QUERIES_SCHEMA,
                                    PG_QUERY_MINUTES_SCHEMA, SOURCE_PLAN, SOURCE_STATEMENT,
                                    DurationAggregator, MinuteResolver)

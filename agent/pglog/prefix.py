@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from agent.errors import BadInput
+from core.errors import BadInput
 
 # Severity words PostgreSQL writes after the prefix (elog.c error_severity()).
 SEVERITIES = ("DEBUG1", "DEBUG2", "DEBUG3", "DEBUG4", "DEBUG5", "LOG", "INFO", "NOTICE", "WARNING",

@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from agent.errors import BadInput
+from core.errors import BadInput
 from agent.pglog.prefix import SEVERITY_PATTERN, detect_prefix, prefix_to_pattern, redact_line
 
 # 8 MB: the same throughput as 32 MB blocks at half the peak memory (measured, see docs).

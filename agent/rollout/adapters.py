@@ -13,7 +13,7 @@ import socket
 import subprocess
 import time
 
-from agent.errors import BadInput, WorkFailed
+from core.errors import BadInput, WorkFailed
 from agent.rollout.plan import TrafficSettings
 
 

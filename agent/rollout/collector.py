@@ -179,7 +179,7 @@ class HAProxyLogCollector:
             self._socket.bind(self.address)
         except OSError as error:
             self._socket.close()
-            from agent.errors import WorkFailed
+            from core.errors import WorkFailed
 
             raise WorkFailed(f"kpi.listen {self.settings.listen}: {error.strerror}") from None
         self._socket.settimeout(0.2)

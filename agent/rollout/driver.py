@@ -26,7 +26,7 @@ from typing import Callable
 
 import numpy as np
 
-from agent.errors import BadInput, WorkFailed
+from core.errors import BadInput, WorkFailed
 from agent.gate.kpi import turns_metrics
 from agent.gate.record import append_decision, decision_rows
 from agent.gate.verdict import GateVerdict, judge

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.errors import BadInput
+from core.errors import BadInput
 
 TERMINAL_EVENTS = ("promoted", "rolled_back", "aborted", "failed")
 

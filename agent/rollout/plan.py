@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from agent.errors import BadInput
+from core.errors import BadInput
 from agent.gate.config import GateSettings, read_toml, settings_from_mapping
 
 ADAPTERS = ("haproxy", "command")

@@ -19,8 +19,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.errors import BadInput, WorkFailed
-from agent.host import Host
+from core.errors import BadInput, WorkFailed
+from core.host import Host
 from agent.tuning import sysctld
 from agent.tuning.journal import JournalState, StateDir, decode, encode, new_journal_id, now_iso
 from agent.tuning.plan import Action, Plan, compare_key, read_raw, selected_word

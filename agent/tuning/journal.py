@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from agent.errors import BadInput, WorkFailed
+from core.errors import BadInput, WorkFailed
 
 DEFAULT_STATE_DIR = Path("/var/lib/guardian-agent/journal")
 STATE_DIR_ENV = "GUARDIAN_AGENT_STATE_DIR"

@@ -12,7 +12,7 @@ import stat
 import struct
 from dataclasses import dataclass, field
 
-from agent.host import Host, format_cpu_list, parse_cpu_list
+from core.host import Host, format_cpu_list, parse_cpu_list
 from agent.tuning import sysctld
 from agent.tuning.profiles import ItemSpec, Profile, _cpulist_part
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.errors import BadInput
-from agent.host import Host, format_cpu_list, parse_cpu_list
+from core.errors import BadInput
+from core.host import Host, format_cpu_list, parse_cpu_list
 
 BUILTIN_DIR = Path(__file__).resolve().parent.parent.parent / "kernel_profiles"
 SYSTEM_DIR = "/etc/guardian-agent/profiles"

@@ -10,7 +10,7 @@ import fnmatch
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.host import Host
+from core.host import Host
 
 SYSCTL_DIRS = ("/etc/sysctl.d", "/run/sysctl.d", "/usr/local/lib/sysctl.d", "/usr/lib/sysctl.d", "/lib/sysctl.d")
 LEGACY_FILE = "/etc/sysctl.conf"
