@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import uuid
 from pathlib import Path
 
 import pytest
@@ -71,19 +68,6 @@ def test_empty_and_binary_journals_read_as_what_they_are(tmp_path):
     assert contents.empty and contents.corrupt_lines and contents.torn_tail_bytes == 0
     with pytest.raises(WorkFailed, match="is a directory"):
         read_journal_records(tmp_path)
-
-
-@pytest.fixture
-def tiny_tmpfs():
-    """A real 64 KiB tmpfs: writes fail with ENOSPC exactly as on a full /var."""
-    mount = Path(f"/tmp/guardian-journal-tmpfs-{os.getpid()}-{uuid.uuid4().hex[:6]}")
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], check=True)
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
-        mount.rmdir()
 
 
 @pytest.mark.live

@@ -11,7 +11,9 @@ now on the host (ignoring whitespace) with the original and the target:
 
 from __future__ import annotations
 
+import errno
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -21,21 +23,25 @@ from pathlib import Path
 
 from core.errors import BadInput, WorkFailed
 from core.host import Host
+from core.journal import JournalWriteFailed, JournalWriter
 from agent.tuning import sysctld
 from agent.tuning.journal import JournalState, StateDir, decode, encode, new_journal_id, now_iso
 from agent.tuning.plan import Action, Plan, compare_key, read_raw, selected_word
 
-# Fault injection for the crash-safety tests: SIGKILL ourselves at a named point of apply
-# ("begin", "intent:N", "write:N", "done:N") or of rollback ("undo:N": step N restored, its
-# `undone` record not yet written). Real kill -9, real journal, real files.
+# Fault injection for the crash-safety tests: signal ourselves at a named point of apply
+# ("created": the journal file exists, no record yet; "begin", "intent:N", "write:N", "done:N")
+# or of rollback ("undo:N": step N restored, its `undone` record not yet written). SIGKILL by
+# default, or the signal named in KILL_SIGNAL_ENV (INT for a Ctrl-C). Real signals, real journal.
 KILL_AT_ENV = "GUARDIAN_AGENT_TEST_KILL_AT"
+KILL_SIGNAL_ENV = "GUARDIAN_AGENT_TEST_KILL_SIGNAL"
 RUNTIME_PREFIXES = ("/proc/", "/sys/", "/dev/")
 HOLDER_MODULE = "agent.tuning.qos_holder"
+ROLLED_BACK_RESULTS = ("restored", "unchanged", "forced", "not replayed")
 
 
 def _kill_point(name: str) -> None:
     if os.environ.get(KILL_AT_ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get(KILL_SIGNAL_ENV, "KILL")))
 
 
 @dataclass
@@ -61,6 +67,11 @@ class RollbackReport:
     steps: list[StepResult] = field(default_factory=list)
     stale_boot: bool = False
     archived_to: Path | None = None
+    journal_error: str = ""  # the journal could not record the rollback (disk full): restores went on
+
+    @property
+    def complete(self) -> bool:
+        return not self.failed and self.archived_to is not None
 
     @property
     def kept(self) -> list[StepResult]:
@@ -136,8 +147,6 @@ def start_holder(value_us: int, token: str, timeout_s: float = 5.0) -> int:
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
         start_new_session=True, env=env, close_fds=True,
     )
-    import select
-
     ready, _, _ = select.select([process.stdout], [], [], timeout_s)
     line = process.stdout.readline().strip() if ready else b""
     process.stdout.close()
@@ -159,6 +168,11 @@ class Engine:
             pending = self.state.pending()
             if pending is not None:
                 raise BadInput(self._pending_message(pending))
+            if plan.unknown:
+                names = ", ".join(item.item for item in plan.unknown)
+                raise BadInput(f"profile {plan.profile.name}: unknown setting(s) on this kernel: {names} "
+                               "(misspelled? mark an item `optional = true` if it exists only on some kernels); "
+                               "nothing was applied")
             return self._apply(plan, persist)
         finally:
             self.state.unlock()
@@ -188,7 +202,7 @@ class Engine:
             "journal_id": report.journal_id, "boot_id": self.host.boot_id(), "profile": plan.profile.name,
             "profile_file": str(plan.profile.file), "variables": plan.profile.variables,
             "host_root": str(self.host.root), "started_at": now_iso(), "pid": os.getpid(),
-        })
+        }, created=lambda: _kill_point("created"))
         try:
             _kill_point("begin")
             for seq, (name, action, best_effort) in enumerate(steps, start=1):
@@ -199,21 +213,40 @@ class Engine:
                 if best_effort:
                     report.steps.append(StepResult(name, action.path, "refused", error))
                     continue
-                writer.append({"op": "end", "status": "aborted", "error": error})
-                writer.close()
-                rollback = self._rollback(self.state.pending(), force=False)
-                undone = sum(1 for step in rollback.steps if step.result == "restored")
+                _append_if_possible(writer, {"op": "end", "status": "aborted", "error": error})
                 refused = f"{name}: the kernel refused {action.target.decode(errors='replace').strip()!r} ({error})"
-                if rollback.failed:
-                    raise WorkFailed(f"{refused}; rolling back failed for "
-                                     f"{', '.join(step.item for step in rollback.failed)}: the journal stays "
-                                     f"pending, see `guardian-agent tune status`")
-                raise WorkFailed(f"{refused}; rolled back {undone} value(s) already applied, "
-                                 f"journal archived to {rollback.archived_to}")
+                raise WorkFailed(self._undo_failed_apply(writer, refused))
             writer.append({"op": "end", "status": "applied"})
+        except JournalWriteFailed as error:
+            # The journal cannot record the next step (disk full): nothing more is written to the
+            # host, and what was written is rolled back from the records already on disk.
+            raise WorkFailed(self._undo_failed_apply(writer, f"apply stopped: {error}")) from None
+        except KeyboardInterrupt:
+            # Ctrl-C or SIGTERM mid-apply: leave the host as it was, then let the CLI exit 130.
+            _append_if_possible(writer, {"op": "end", "status": "aborted", "error": "interrupted"})
+            self._undo_failed_apply(writer, "interrupted")
+            raise
         finally:
             writer.close()
         return report
+
+    def _undo_failed_apply(self, writer: JournalWriter, why: str) -> str:
+        """Roll back what a failed apply did; the message says what happened and what to run."""
+        writer.close()
+        pending = self.state.pending()
+        if pending is None:
+            return f"{why}; nothing had been applied"
+        rollback = self._rollback(pending, force=False)
+        undone = sum(1 for step in rollback.steps if step.result == "restored")
+        if rollback.failed:
+            return (f"{why}; rolling back failed for {', '.join(step.item for step in rollback.failed)}: "
+                    f"the journal stays pending, see `guardian-agent tune status --state-dir {self.state.path}` "
+                    f"and run `guardian-agent tune rollback --state-dir {self.state.path}`")
+        if rollback.archived_to is None:
+            return (f"{why}; rolled back {undone} value(s) already applied, but the journal could not be "
+                    f"archived ({rollback.journal_error or 'see above'}): once there is space, run "
+                    f"`guardian-agent tune rollback --state-dir {self.state.path}` to close it")
+        return f"{why}; rolled back {undone} value(s) already applied, journal archived to {rollback.archived_to}"
 
     def _apply_step(self, writer, seq: int, name: str, action: Action, best_effort: bool,
                     journal_id: str) -> str | None:
@@ -291,10 +324,11 @@ class Engine:
     def _rollback(self, journal: JournalState, force: bool) -> RollbackReport:
         report = RollbackReport(journal.begin.get("journal_id", "?"), journal.profile)
         report.stale_boot = journal.boot_id != self.host.boot_id()
-        from agent.tuning.journal import JournalWriter
-
         writer = JournalWriter(journal.path)
         try:
+            # Recorded first, so `status` after a rollback cut short knows the values already back at
+            # their original were restored by the agent, not "reverted by someone else".
+            self._journal_rollback(writer, report, {"op": "rollback_started", "at": now_iso(), "pid": os.getpid()})
             created_dirs = {i["action"]["path"] for i in journal.intents
                             if i["action"]["op"] == "mkdir" and not i["action"].get("existed")}
             for intent in reversed(journal.intents):
@@ -302,14 +336,29 @@ class Engine:
                 step = self._undo(intent, created_dirs, force, report.stale_boot, journal.boot_id)
                 _kill_point(f"undo:{seq}")
                 report.steps.append(step)
-                writer.append({"op": "undone", "seq": seq, "result": step.result, "detail": step.detail})
-            writer.append({"op": "rolled_back", "at": now_iso(), "force": force,
-                           "kept": [step.item for step in report.kept]})
+                self._journal_rollback(writer, report, {"op": "undone", "seq": seq, "result": step.result,
+                                                        "detail": step.detail})
+            self._journal_rollback(writer, report, {"op": "rolled_back", "at": now_iso(), "force": force,
+                                                    "kept": [step.item for step in report.kept]})
         finally:
             writer.close()
         if not report.failed:
-            report.archived_to = self.state.archive(journal)
+            try:
+                report.archived_to = self.state.archive(journal)
+            except OSError as error:
+                report.journal_error = report.journal_error or f"cannot archive the journal: {error.strerror}"
         return report
+
+    @staticmethod
+    def _journal_rollback(writer: JournalWriter, report: RollbackReport, record: dict) -> None:
+        """Undo records let a rollback cut short resume; restoring is idempotent (each step compares
+        the value now with the original first), so a full disk must not stop the restores."""
+        if report.journal_error:
+            return
+        try:
+            writer.append(record)
+        except JournalWriteFailed as error:
+            report.journal_error = str(error)
 
     def _undo(self, intent: dict, created_dirs: set[str], force: bool, stale: bool, boot_id: str) -> StepResult:
         action = intent["action"]
@@ -382,12 +431,16 @@ class Engine:
             action, seq = intent["action"], intent["seq"]
             if seq in pending.failed:
                 state, detail = "refused", pending.failed[seq]
+            elif seq in pending.undone:
+                result = pending.undone[seq]
+                state = "rolled back" if result in ROLLED_BACK_RESULTS else f"rollback {result}"
+                detail = f"by a rollback that did not finish ({result})"
             elif seq not in pending.done:
                 state, detail = "interrupted", "apply died around this write: rollback will check it"
             elif stale and action["path"].startswith(RUNTIME_PREFIXES):
                 state, detail = "reset by reboot", ""
             else:
-                state, detail = self._step_state(action)
+                state, detail = self._step_state(action, pending.rollback_started)
             rows.append({"item": intent["item"], "path": action["path"], "state": state, "detail": detail})
         return {
             "pending": True, "state_dir": str(self.state.path), "journal": str(pending.path),
@@ -395,9 +448,10 @@ class Engine:
             "started_at": pending.begin.get("started_at"),
             "apply_finished": pending.finished, "end_status": (pending.end or {}).get("status"),
             "boot": "earlier boot" if stale else "this boot", "boot_id": pending.boot_id, "steps": rows,
+            "rollback_started": pending.rollback_started, "journal_damage": pending.damage,
         }
 
-    def _step_state(self, action: dict) -> tuple[str, str]:
+    def _step_state(self, action: dict, rollback_started: bool = False) -> tuple[str, str]:
         if action["op"] == "pm_qos":
             alive = find_holders(action["token"])
             return ("applied", f"holder pid {alive[0]}") if alive else ("drifted", "holder not running")
@@ -408,11 +462,18 @@ class Engine:
         if current == compare_key(decode(action.get("target")), fmt):
             return "applied", ""
         if current == compare_key(decode(action.get("original")), fmt):
+            if rollback_started:  # restored by the agent's own rollback, killed before it said so
+                return "rolled back", "back to the original (by a rollback that did not finish)"
             return "drifted", "reverted to the original by someone else"
         return "drifted", f"now {current!r}"
 
 
 def errno_name(number: int | None) -> str:
-    import errno
-
     return errno.errorcode.get(number or 0, str(number))
+
+
+def _append_if_possible(writer: JournalWriter, record: dict) -> None:
+    try:
+        writer.append(record)
+    except JournalWriteFailed:
+        pass  # the rollback that follows works from the records already on disk

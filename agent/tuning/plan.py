@@ -11,6 +11,9 @@ import os
 import stat
 import struct
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from core.errors import BadInput
 
 from core.host import Host, format_cpu_list, parse_cpu_list
 from agent.tuning import sysctld
@@ -66,9 +69,13 @@ class PlanItem:
     actions: list[Action] = field(default_factory=list)
     best_effort: bool = False  # a refused write is reported, not a reason to roll back
     sysctl_key: str = ""  # for --persist
+    unknown: bool = False  # the kernel has no such setting: a typo, unless the item is optional
+    optional: bool = False
 
     @property
     def status(self) -> str:
+        if self.unknown and not self.optional:
+            return "unknown"
         if self.compliant is None:
             return "n/a"
         if self.compliant:
@@ -84,6 +91,11 @@ class Plan:
     @property
     def drifted(self) -> list[PlanItem]:
         return [item for item in self.items if item.compliant is False]
+
+    @property
+    def unknown(self) -> list[PlanItem]:
+        """Settings this kernel does not have and the profile did not mark `optional = true`."""
+        return [item for item in self.items if item.unknown and not item.optional]
 
     @property
     def applicable(self) -> list[PlanItem]:
@@ -210,15 +222,23 @@ class Planner:
         kwargs.setdefault("why", spec.why)
         kwargs.setdefault("risk", spec.risk)
         kwargs.setdefault("reboot_required", False)
+        kwargs.setdefault("optional", bool(spec.fields.get("optional", False)))
         return PlanItem(**kwargs)
 
     def _write_item(self, spec: ItemSpec, name: str, kind: str, path: str, target: str, fmt: str,
                     source: str, target_bytes: bytes | None = None, **extra) -> PlanItem:
         raw = read_raw(self.host, path)
         if raw is None:
-            why_missing = "not present on this kernel" if not self.host.path(path).exists() else "unreadable"
+            present = self.host.path(path).exists()
+            unknown = kind == "sysctl" and not present
+            if unknown:
+                why_missing = ("optional, not on this kernel" if spec.fields.get("optional") else
+                               "unknown sysctl: this kernel has no such setting (misspelled? mark the item "
+                               "`optional = true` if it exists only on some kernels)")
+            else:
+                why_missing = "not present on this kernel" if not present else "unreadable"
             return self._item(spec, item=name, kind=kind, target=target, current=None, compliant=None,
-                              source=source, note=f"{path}: {why_missing}", **extra)
+                              source=source, note=f"{path}: {why_missing}", unknown=unknown, **extra)
         target_key = compare_key(target.encode(), "cpulist" if fmt == "cpumask" else fmt)
         compliant = compare_key(raw, fmt) == target_key
         if target_bytes is None:
@@ -262,13 +282,36 @@ class Planner:
         if parameter and parameter in self.cmdline:
             source = f"kernel cmdline ({parameter}={self.cmdline[parameter]})"
         if not any(char in pattern for char in "*?["):
+            self._refuse_outside_kernel_filesystems(spec, pattern)
             return [self._sysfs_item(spec, f"sysfs:{spec.key}", pattern, target, fmt, source)]
         root = self.host.path("/")
         paths = sorted("/" + str(p.relative_to(root)) for p in root.glob(pattern.lstrip("/")))
+        for path in paths:
+            self._refuse_outside_kernel_filesystems(spec, path)
         if not paths:
             return [self._item(spec, item=f"sysfs:{spec.key}", kind="sysfs", target=target, current=None,
                                compliant=None, source="none", note=f"nothing matches {pattern}")]
         return [self._sysfs_item(spec, f"sysfs:{spec.key}:{path}", path, target, fmt, source) for path in paths]
+
+    def _refuse_outside_kernel_filesystems(self, spec: ItemSpec, path: str) -> None:
+        """A sysfs item names a kernel knob; through a symlink (/proc/self/root/etc/passwd,
+        /sys/... -> a file elsewhere) it could name any file, so the real path must stay inside
+        /proc/sys, /sys or a cgroup filesystem of this host's root."""
+        resolved = Path(os.path.realpath(self.host.path(path)))
+        root = Path(os.path.realpath(self.host.path("/")))
+        allowed = [root / "proc/sys", root / "sys", *self._cgroup_mounts(root)]
+        if not any(resolved == base or base in resolved.parents for base in allowed):
+            shown = "/" + str(resolved.relative_to(root)) if root in resolved.parents else str(resolved)
+            raise BadInput(f"{spec.file}:{spec.line}: sysfs.{spec.key}.path: {path} resolves to {shown}, "
+                           "outside /proc/sys, /sys and the cgroup filesystems: refused")
+
+    def _cgroup_mounts(self, root: Path) -> list[Path]:
+        mounts = []
+        for line in self.host.read_optional("/proc/self/mounts").splitlines():
+            fields = line.split()
+            if len(fields) >= 3 and fields[2] in ("cgroup", "cgroup2"):
+                mounts.append(root / fields[1].lstrip("/"))
+        return mounts
 
     def _sysfs_item(self, spec, name, path, target, fmt, source) -> PlanItem:
         item = self._write_item(spec, name, "sysfs", path, target, fmt, source)

@@ -22,8 +22,9 @@ SYSTEM_DIR = "/etc/guardian-agent/profiles"
 RISKS = ("low", "medium", "high")
 MAX_INCLUDE_DEPTH = 8
 
-# Allowed keys per section. `why` and `risk` are common to every item.
-COMMON_KEYS = {"why", "risk"}
+# Allowed keys per section. `why`, `risk` and `optional` (the setting may be absent on some
+# kernels: not a typo) are common to every item.
+COMMON_KEYS = {"why", "risk", "optional"}
 SECTION_KEYS: dict[str, set[str]] = {
     "sysctl": {"value"} | COMMON_KEYS,
     "sysfs": {"path", "value", "format"} | COMMON_KEYS,
@@ -195,6 +196,8 @@ def _quote(part: str) -> str:
 def _check_common(source: _Source, table: list[str], fields: dict) -> None:
     if "why" in fields and not isinstance(fields["why"], str):
         raise source.error(table, "why", "expected a one-line string")
+    if "optional" in fields and not isinstance(fields["optional"], bool):
+        raise source.error(table, "optional", f"expected true or false, got {fields['optional']!r}")
     if "risk" in fields and fields["risk"] not in RISKS:
         raise source.error(table, "risk", f"expected one of {', '.join(RISKS)}, not {fields['risk']!r}")
 
