@@ -159,7 +159,7 @@ def audit(obj: Context, duration_s, out_dir, probe_list, pids, process_names, un
         pids = tuple(dict.fromkeys([*pids, *(target.pid for target in resolved)]))
     names = parse_probe_list(probe_list)
     probe_classes = select_probes(names, REGISTRY)
-    from agent.tuning.profiles import parse_variables
+    from probes.kernel_tuning.profiles import parse_variables
 
     variables = parse_variables(profile_vars)
     run_id = new_run_id(host.hostname())

@@ -61,7 +61,7 @@ class KernelProbe(ProbeBase):
     default_enabled = True
 
     def _load(self):
-        from agent.tuning.profiles import load_profile
+        from probes.kernel_tuning.profiles import load_profile
 
         profile = self.config.option("profile")
         if not profile:
@@ -77,7 +77,7 @@ class KernelProbe(ProbeBase):
         self._load()
 
     def collect(self, window) -> dict[str, pa.Table]:
-        from agent.tuning.plan import build_plan
+        from probes.kernel_tuning.plan import build_plan
 
         plan = build_plan(self.host, self._load())
         return {"kernel": rows_to_table(kernel_rows(plan), self.schema),

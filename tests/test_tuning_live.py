@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from core.host import Host
-from agent.tuning.plan import build_plan
-from agent.tuning.profiles import load_profile
+from probes.kernel_tuning.plan import build_plan
+from probes.kernel_tuning.profiles import load_profile
 from tests.conftest import PROJECT_ROOT, run_agent
 
 pytestmark = pytest.mark.live

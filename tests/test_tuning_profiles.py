@@ -9,9 +9,9 @@ import pytest
 
 from core.errors import BadInput
 from core.host import Host
-from agent.tuning import sysctld
-from agent.tuning.plan import compare_key, format_mask, parse_cmdline, parse_mask, selected_word
-from agent.tuning.profiles import available_profiles, load_profile
+from probes.kernel_tuning import sysctld
+from probes.kernel_tuning.plan import compare_key, format_mask, parse_cmdline, parse_mask, selected_word
+from probes.kernel_tuning.profiles import available_profiles, load_profile
 
 FAKE = Path(__file__).resolve().parent / "fixtures" / "proc_fake"
 

@@ -44,8 +44,8 @@ def _engine(host, state_dir):
 
 
 def _plan(profile, profile_dir, profile_vars, host):
-    from agent.tuning.plan import build_plan
-    from agent.tuning.profiles import load_profile, parse_variables
+    from probes.kernel_tuning.plan import build_plan
+    from probes.kernel_tuning.profiles import load_profile, parse_variables
 
     loaded = load_profile(profile, profile_dir, parse_variables(profile_vars), host)
     return build_plan(host, loaded)

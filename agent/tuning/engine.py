@@ -24,9 +24,9 @@ from pathlib import Path
 from core.errors import BadInput, WorkFailed
 from core.host import Host
 from core.journal import JournalWriteFailed, JournalWriter
-from agent.tuning import sysctld
+from probes.kernel_tuning import sysctld
 from agent.tuning.journal import JournalState, StateDir, decode, encode, new_journal_id, now_iso
-from agent.tuning.plan import Action, Plan, compare_key, read_raw, selected_word
+from probes.kernel_tuning.plan import Action, Plan, compare_key, read_raw, selected_word
 
 # Fault injection for the crash-safety tests: signal ourselves at a named point of apply
 # ("created": the journal file exists, no record yet; "begin", "intent:N", "write:N", "done:N")

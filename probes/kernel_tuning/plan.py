@@ -16,8 +16,8 @@ from pathlib import Path
 from core.errors import BadInput
 
 from core.host import Host, format_cpu_list, parse_cpu_list
-from agent.tuning import sysctld
-from agent.tuning.profiles import ItemSpec, Profile, _cpulist_part
+from probes.kernel_tuning import sysctld
+from probes.kernel_tuning.profiles import ItemSpec, Profile, _cpulist_part
 
 DMA_LATENCY_DEVICE = "/dev/cpu_dma_latency"
 # Kernel cmdline parameters that set a sysfs default at boot, to name the source of a value.
