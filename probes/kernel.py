@@ -63,13 +63,13 @@ class KernelProbe(ProbeBase):
     def _load(self):
         from probes.kernel_tuning.profiles import load_profile
 
-        profile = self.config.option("profile")
+        profile = self.option("profile")
         if not profile:
             raise Unavailable("needs --profile NAME (a tuning profile to audit the kernel against, "
                               "e.g. trading-latency)")
         try:
-            return load_profile(profile, self.config.option("profile_dir"),
-                                dict(self.config.option("profile_vars", {})), self.host)
+            return load_profile(profile, self.option("profile_dir"),
+                                dict(self.option("profile_vars") or {}), self.host)
         except BadInput as error:
             raise Unavailable(f"profile {profile}: {error}") from None
 
