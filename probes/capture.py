@@ -30,6 +30,7 @@ import pyarrow as pa
 
 from core.errors import Unavailable, WorkFailed
 from probes.base import ProbeBase, Window, finding, findings_table, require_root, rows_to_table
+from probes.pcap_analysis import FLOWS_SCHEMA, TURNS_SCHEMA, analyse_capture, flows_findings, flows_headlines
 
 # 14 Ethernet + 4 VLAN + 40 IPv6 + 60 TCP (with options) + 10 payload bytes
 HEADERS_SNAPLEN_BYTES = 128
@@ -162,14 +163,12 @@ class CaptureProbe(ProbeBase):
     name = "capture"
     schema = CAPTURE_SCHEMA
     description = "Headers-only packet capture on --iface (tcpdump), flows and request→response turns"
+    extra_schemas = {"flows": FLOWS_SCHEMA, "turns": TURNS_SCHEMA}
     extras = ("capture.pcap",)
     finish_grace_s = 60.0
 
     def __init__(self, config=None):
         super().__init__(config)
-        from probes.pcap_analysis import FLOWS_SCHEMA, TURNS_SCHEMA
-
-        self.extra_schemas = {"flows": FLOWS_SCHEMA, "turns": TURNS_SCHEMA}
         self.process: subprocess.Popen | None = None
         self.status_reason = ""
         self.ring_dir: Path | None = None
@@ -234,7 +233,6 @@ class CaptureProbe(ProbeBase):
             self.process.kill()
 
     def collect(self, window: Window) -> dict[str, pa.Table]:
-        from probes.pcap_analysis import analyse_capture, flows_findings
         from probes.pcap_reader import CaptureReader
 
         try:
@@ -274,8 +272,6 @@ class CaptureProbe(ProbeBase):
 
     @staticmethod
     def headlines(tables: dict[str, pa.Table]) -> list[str]:
-        from probes.pcap_analysis import flows_headlines
-
         lines = flows_headlines(tables)
         capture = tables.get("capture")
         if capture is not None and capture.num_rows:
