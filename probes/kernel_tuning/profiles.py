@@ -9,12 +9,12 @@ the text for the table header and key itself.
 from __future__ import annotations
 
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from core.errors import BadInput
+from core.toml_config import TomlDocument, parse_toml_text, read_toml_text
 from core.host import Host, format_cpu_list, parse_cpu_list
 
 BUILTIN_DIR = Path(__file__).resolve().parent.parent.parent / "kernel_profiles"
@@ -172,25 +172,13 @@ class _Source:
 
     def __init__(self, path: Path):
         self.path = path
-        try:
-            self.text = path.read_text()
-        except OSError as error:
-            raise BadInput(f"profile file {path}: {error.strerror}") from None
-        except UnicodeDecodeError:
-            raise BadInput(f"profile file {path}: not UTF-8 text") from None
-        try:
-            self.data = tomllib.loads(self.text)
-        except tomllib.TOMLDecodeError as error:
-            raise BadInput(f"{path}: TOML syntax error: {error}") from None
+        self.text = read_toml_text(path, f"profile file {path}")
+        self.data = parse_toml_text(self.text, str(path))
 
     def error(self, table: list[str], key: str | None, message: str) -> BadInput:
-        line = locate(self.text, table, key)
-        dotted = ".".join(_quote(part) for part in table + ([key] if key else []))
-        return BadInput(f"{self.path}:{line}: {dotted}: {message}")
-
-
-def _quote(part: str) -> str:
-    return f'"{part}"' if "." in part or not part else part
+        """core/toml_config's wording, with the line number tomllib cannot give."""
+        document = TomlDocument(f"{self.path}:{locate(self.text, table, key)}")
+        return document.error(tuple(table) + ((key,) if key else ()), message)
 
 
 def _check_common(source: _Source, table: list[str], fields: dict) -> None:
@@ -199,13 +187,13 @@ def _check_common(source: _Source, table: list[str], fields: dict) -> None:
     if "optional" in fields and not isinstance(fields["optional"], bool):
         raise source.error(table, "optional", f"expected true or false, got {fields['optional']!r}")
     if "risk" in fields and fields["risk"] not in RISKS:
-        raise source.error(table, "risk", f"expected one of {', '.join(RISKS)}, not {fields['risk']!r}")
+        raise source.error(table, "risk", f"expected one of {', '.join(RISKS)}, got {fields['risk']!r}")
 
 
 def _check_scalar(source: _Source, table: list[str], fields: dict, key: str, required: bool = True) -> None:
     if key not in fields:
         if required:
-            raise source.error(table, None, f"missing required key {key!r}")
+            raise source.error(table, key, "missing required key")
         return
     value = fields[key]
     if isinstance(value, bool) or not isinstance(value, (str, int)):
@@ -216,7 +204,7 @@ def _parse_items(source: _Source) -> tuple[list[ItemSpec], dict, dict, dict]:
     data = source.data
     for top in data:
         if top not in TOP_LEVEL:
-            raise source.error([], top, f"unknown section (known: {', '.join(sorted(TOP_LEVEL))})")
+            raise source.error([], top, f"unknown key (known: {', '.join(sorted(TOP_LEVEL))})")
     header = data.get("profile", {})
     if not isinstance(header, dict):
         raise source.error([], "profile", "expected a table")
