@@ -247,7 +247,7 @@ def test_pm_qos_holder_outlives_kill_9_and_rollback_releases_it(tmp_path):
         assert "PM QoS holder stopped" in rolled.stdout
         assert dma_latency_us() == before
     finally:
-        from agent.tuning.engine import stop_holders
+        from agent.tuning.actions import stop_holders
 
         if (state / "journal.jsonl").exists():
             stop_holders("guardian-qos-")
