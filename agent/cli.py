@@ -1,8 +1,8 @@
 """guardian-agent command line.
 
-Exit codes: 0 done; 1 the work failed (or the gate failed); 2 bad input or usage;
-3 drift found (`tune plan`). Bad input gets one clear line on stderr, never a traceback;
-`-v` shows details. This is the only module that calls sys.exit.
+Exit codes (core/errors.py): 0 done; 1 the work failed (or the gate failed); 2 bad input or
+usage; 3 drift found (`tune plan`); 130 interrupted (Ctrl-C, SIGTERM). Bad input gets one
+clear line on stderr, never a traceback; `-v` shows details. This is the only module that calls sys.exit.
 """
 
 from __future__ import annotations
@@ -17,10 +17,9 @@ from pathlib import Path
 import click
 
 from agent import __version__
-from core.errors import BadInput, GuardianError
+from core.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, BadInput, GuardianError
 from probes.options import PROBE_OPTIONS, ProbeOption, validated_options
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_DRIFT = 0, 1, 2, 3
 
 # Other command modules, each exposing `commands` (a list of click commands/groups).
 # Explicit and ordered, like the probe registry: easy to read, no magic.
@@ -85,7 +84,8 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 
     \b
     Exit codes: 0 done, 1 the work failed (or the gate failed),
-                2 bad input or usage, 3 drift found (tune plan).
+                2 bad input or usage, 3 drift found (tune plan),
+                130 interrupted (Ctrl-C or SIGTERM before the command finished).
     """
     ctx.obj = Context(verbose)
 
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
         raise
     except click.exceptions.Abort:
         echo_error("aborted")
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
     except click.exceptions.Exit as done:
         sys.exit(done.exit_code)
     except click.ClickException as error:
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
         echo_error("interrupted")
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
     except BrokenPipeError:
         sys.exit(EXIT_OK)
     except Exception as error:  # a bug: still one line unless -v

@@ -7,9 +7,7 @@ from pathlib import Path
 
 import click
 
-from core.errors import BadInput
-
-EXIT_DRIFT = 3
+from core.errors import EXIT_DRIFT, BadInput
 
 
 def _common(function):

@@ -147,7 +147,8 @@ def selected_word(text: str) -> str:
 
 
 def compare_key(raw: bytes | None, fmt: str) -> str | None:
-    """The comparable form of a value; whitespace never matters (issue: compare ignoring it)."""
+    """The comparable form of a value; whitespace never matters (the kernel
+    prints "0-3\n" for what was written as "0-3", and tabs in some sysfs files)."""
     if raw is None:
         return None
     if fmt == "int32":
