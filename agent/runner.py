@@ -55,7 +55,8 @@ def select_probes(names: list[str] | None, registry: tuple[type[ProbeBase], ...]
     return [by_name[n] for n in dict.fromkeys(names)]
 
 
-def check_probes(probe_classes: list[type[ProbeBase]], config: ProbeConfig) -> tuple[list[ProbeBase], list[ProbeOutcome]]:
+def check_probes(probe_classes: list[type[ProbeBase]],
+                 config: ProbeConfig) -> tuple[list[ProbeBase], list[ProbeOutcome]]:
     """A new instance of each class, checked; a broken check never stops the audit."""
     ready, outcomes = [], []
     for probe_class in probe_classes:
@@ -74,7 +75,8 @@ def check_probes(probe_classes: list[type[ProbeBase]], config: ProbeConfig) -> t
     return ready, outcomes
 
 
-def prepare_probes(probes: list[ProbeBase], timeout_s: float = PREPARE_TIMEOUT_S) -> tuple[list[ProbeBase], list[ProbeOutcome]]:
+def prepare_probes(probes: list[ProbeBase],
+                   timeout_s: float = PREPARE_TIMEOUT_S) -> tuple[list[ProbeBase], list[ProbeOutcome]]:
     """prepare() (compile/attach) side by side before the window, so the window is exact."""
     ready, outcomes = [], []
     results: dict[str, BaseException | None] = {}

@@ -152,7 +152,8 @@ class TomlTable:
         value = self._value(key, MISSING if required else {})
         return TomlTable(value, self.document, self.path_of(key), known)
 
-    def named_tables(self, key: str | None = None, known: Iterable[str] | None = None) -> Iterator[tuple[str, "TomlTable"]]:
+    def named_tables(self, key: str | None = None,
+                     known: Iterable[str] | None = None) -> Iterator[tuple[str, "TomlTable"]]:
         """The tables of a table of named tables ([metrics."a"], [sysctl."vm.x"])."""
         container = self if key is None else self.table(key)
         for name, value in container.data.items():

@@ -2,8 +2,8 @@
 
 Every kind of change (write, mkdir, pm_qos) is a class in agent/tuning/actions.py; the engine
 dispatches through its registry. Apply validates everything first (the plan is complete before
-the first write), then for every step: read the original, journal it (fsync), write, journal `done`. Any refused write rolls back
-what was already done. Rollback walks the journal in reverse and, per step, compares the value
+the first write), then for every step: read the original, journal it (fsync), write, journal
+`done`. Any refused write rolls back what was already done. Rollback walks the journal in reverse and, per step, compares the value
 now on the host (ignoring whitespace) with the original and the target:
     == original  nothing to do (never written, or already restored)
     == target    write back the exact original bytes

@@ -8,18 +8,25 @@ topology) carry none and say what to do instead.
 from __future__ import annotations
 
 import os
+import re
 import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
 
 from core.errors import BadInput
 
 from core.host import Host, format_cpu_list, parse_cpu_list
 from probes.kernel_tuning import sysctld
-from probes.kernel_tuning.profiles import ItemSpec, Profile, _cpulist_part
+
+if TYPE_CHECKING:  # profiles.py imports SECTIONS from here; the types are for annotations only
+    from probes.kernel_tuning.profiles import ItemSpec, Profile
 
 DMA_LATENCY_DEVICE = "/dev/cpu_dma_latency"
+SYSFS_FORMATS = ("text", "selection", "cpumask", "cpulist")
+CMDLINE_FORMATS = ("text", "cpulist", "flag")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]+$")
 # Kernel cmdline parameters that set a sysfs default at boot, to name the source of a value.
 SYSFS_BOOT_PARAMETERS = {
     "/sys/kernel/mm/transparent_hugepage/enabled": "transparent_hugepage",
@@ -186,6 +193,13 @@ def parse_cmdline(text: str) -> dict[str, str | None]:
     return params
 
 
+def cpulist_part(value: str) -> str:
+    """isolcpus accepts leading flags: "managed_irq,domain,2-3" -> "2-3"."""
+    parts = [p for p in value.split(",") if p and (p[0].isdigit())]
+    return ",".join(parts)
+
+
+
 def _cmdline_matches(current: str | None, target: str, fmt: str) -> bool:
     if fmt == "flag":
         return True
@@ -194,7 +208,7 @@ def _cmdline_matches(current: str | None, target: str, fmt: str) -> bool:
     if fmt == "cpulist":
         def split(value: str) -> tuple[set[str], list[int]]:
             flags = {p for p in value.split(",") if p and not p[0].isdigit()}
-            return flags, parse_cpu_list(_cpulist_part(value))
+            return flags, parse_cpu_list(cpulist_part(value))
         try:
             return split(current) == split(target)
         except ValueError:
@@ -215,18 +229,18 @@ class Planner:
     def build(self) -> Plan:
         items: list[PlanItem] = []
         for spec in self.profile.items:
-            items.extend(getattr(self, f"_{spec.section}")(spec))
+            items.extend(SECTIONS[spec.section].plan(self, spec))
         items.extend(self._topology())
         return Plan(self.profile, items)
 
-    def _item(self, spec: ItemSpec, **kwargs) -> PlanItem:
+    def plan_item(self, spec: ItemSpec, **kwargs) -> PlanItem:
         kwargs.setdefault("why", spec.why)
         kwargs.setdefault("risk", spec.risk)
         kwargs.setdefault("reboot_required", False)
         kwargs.setdefault("optional", bool(spec.fields.get("optional", False)))
         return PlanItem(**kwargs)
 
-    def _write_item(self, spec: ItemSpec, name: str, kind: str, path: str, target: str, fmt: str,
+    def write_item(self, spec: ItemSpec, name: str, kind: str, path: str, target: str, fmt: str,
                     source: str, target_bytes: bytes | None = None, **extra) -> PlanItem:
         raw = read_raw(self.host, path)
         if raw is None:
@@ -238,32 +252,18 @@ class Planner:
                                "`optional = true` if it exists only on some kernels)")
             else:
                 why_missing = "not present on this kernel" if not present else "unreadable"
-            return self._item(spec, item=name, kind=kind, target=target, current=None, compliant=None,
+            return self.plan_item(spec, item=name, kind=kind, target=target, current=None, compliant=None,
                               source=source, note=f"{path}: {why_missing}", unknown=unknown, **extra)
         target_key = compare_key(target.encode(), "cpulist" if fmt == "cpumask" else fmt)
         compliant = compare_key(raw, fmt) == target_key
         if target_bytes is None:
             target_bytes = (format_mask(parse_cpu_list(target)) if fmt == "cpumask" else target).encode() + b"\n"
         action = Action("write", path, target_bytes, fmt)
-        return self._item(spec, item=name, kind=kind, target=target_key if fmt != "text" else target,
+        return self.plan_item(spec, item=name, kind=kind, target=target_key if fmt != "text" else target,
                           current=display(raw, fmt), compliant=compliant, source=source,
                           actions=[action], **extra)
 
-    def _sysctl(self, spec: ItemSpec) -> list[PlanItem]:
-        target = " ".join(str(spec.fields["value"]).split())
-        names = [spec.key]
-        if "*" in spec.key:
-            base = self.host.path("/proc/sys")
-            pattern = spec.key.replace(".", "/")
-            names = sorted(str(p.relative_to(base)).replace("/", ".") for p in base.glob(pattern)) or [spec.key]
-        items = []
-        for name in names:
-            path = "/proc/sys/" + name.replace(".", "/")
-            items.append(self._write_item(spec, name, "sysctl", path, target, "text",
-                                          self._sysctl_source(name, path), sysctl_key=name))
-        return items
-
-    def _sysctl_source(self, name: str, path: str) -> str:
+    def sysctl_source(self, name: str, path: str) -> str:
         row = sysctld.last_assignment(self.assignments, name)
         current = compare_key(read_raw(self.host, path), "text")
         if f"sysctl.{name}" in self.cmdline:
@@ -274,27 +274,7 @@ class Planner:
             return f"runtime (boot value {row.value} from {row.where})"
         return row.where
 
-    def _sysfs(self, spec: ItemSpec) -> list[PlanItem]:
-        pattern = str(spec.fields["path"])
-        fmt = spec.fields.get("format", "text")
-        target = str(spec.fields["value"])
-        parameter = SYSFS_BOOT_PARAMETERS.get(pattern)
-        source = "kernel default or runtime"
-        if parameter and parameter in self.cmdline:
-            source = f"kernel cmdline ({parameter}={self.cmdline[parameter]})"
-        if not any(char in pattern for char in "*?["):
-            self._refuse_outside_kernel_filesystems(spec, pattern)
-            return [self._sysfs_item(spec, f"sysfs:{spec.key}", pattern, target, fmt, source)]
-        root = self.host.path("/")
-        paths = sorted("/" + str(p.relative_to(root)) for p in root.glob(pattern.lstrip("/")))
-        for path in paths:
-            self._refuse_outside_kernel_filesystems(spec, path)
-        if not paths:
-            return [self._item(spec, item=f"sysfs:{spec.key}", kind="sysfs", target=target, current=None,
-                               compliant=None, source="none", note=f"nothing matches {pattern}")]
-        return [self._sysfs_item(spec, f"sysfs:{spec.key}:{path}", path, target, fmt, source) for path in paths]
-
-    def _refuse_outside_kernel_filesystems(self, spec: ItemSpec, path: str) -> None:
+    def refuse_outside_kernel_filesystems(self, spec: ItemSpec, path: str) -> None:
         """A sysfs item names a kernel knob; through a symlink (/proc/self/root/etc/passwd,
         /sys/... -> a file elsewhere) it could name any file, so the real path must stay inside
         /proc/sys, /sys or a cgroup filesystem of this host's root."""
@@ -314,8 +294,8 @@ class Planner:
                 mounts.append(root / fields[1].lstrip("/"))
         return mounts
 
-    def _sysfs_item(self, spec, name, path, target, fmt, source) -> PlanItem:
-        item = self._write_item(spec, name, "sysfs", path, target, fmt, source)
+    def sysfs_item(self, spec, name, path, target, fmt, source) -> PlanItem:
+        item = self.write_item(spec, name, "sysfs", path, target, fmt, source)
         if fmt == "selection" and item.compliant is False:
             offered = [word.strip("[]") for word in (read_raw(self.host, path) or b"").decode().split()]
             if len(offered) > 1 and target not in offered:
@@ -324,58 +304,13 @@ class Planner:
                 item.note = f"{target} not offered here ({' '.join(offered)})"
         return item
 
-    def _cpus(self, value, default: list[int]) -> list[int]:
+    def chosen_cpus(self, value, default: list[int]) -> list[int]:
         if value is None or str(value) == "all":
             return default
         return [cpu for cpu in parse_cpu_list(str(value)) if cpu in self.online]
 
-    def _cpu_governor(self, spec: ItemSpec) -> list[PlanItem]:
-        target = str(spec.fields["value"])
-        items = []
-        source = "cpufreq driver default"
-        if "cpufreq.default_governor" in self.cmdline:
-            source = f"kernel cmdline (cpufreq.default_governor={self.cmdline['cpufreq.default_governor']})"
-        for cpu in self._cpus(spec.fields.get("cpus"), self.online):
-            base = f"/sys/devices/system/cpu/cpu{cpu}/cpufreq"
-            if not self.host.exists(f"{base}/scaling_governor"):
-                continue
-            available = self.host.read_optional(f"{base}/scaling_available_governors").split()
-            item = self._write_item(spec, f"governor:cpu{cpu}", "governor", f"{base}/scaling_governor",
-                                    target, "text", source)
-            if available and target not in available and item.compliant is False:
-                item.compliant, item.actions = None, []
-                item.note = f"governor {target} not offered by this cpufreq driver ({' '.join(available)})"
-            items.append(item)
-        if not items:
-            items.append(self._item(spec, item="governor", kind="governor", target=target, current=None,
-                                    compliant=None, source="none",
-                                    note="no cpufreq on this host (a VM, or the cpufreq driver is not loaded)"))
-        return items
-
-    def _irq_affinity(self, spec: ItemSpec) -> list[PlanItem]:
-        cpus = self._cpus(spec.fields["cpus"], self.online)
-        target = format_cpu_list(cpus)
-        source = f"kernel cmdline (irqaffinity={self.cmdline['irqaffinity']})" if "irqaffinity" in self.cmdline \
-            else "kernel default (all CPUs) or runtime"
-        note = "irqbalance is running and will move IRQs back: stop and disable it" if self._irqbalance() else ""
-        items = [self._mask_subset_item(spec, "irq:default_smp_affinity", "/proc/irq/default_smp_affinity",
-                                        cpus, "cpumask", source, note)]
-        irq_root = self.host.path("/proc/irq")
-        numbers = sorted(int(p.name) for p in irq_root.iterdir() if p.name.isdigit()) if irq_root.is_dir() else []
-        for number in numbers:
-            path = f"/proc/irq/{number}/smp_affinity_list"
-            if not self.host.exists(path):
-                continue
-            item = self._mask_subset_item(spec, f"irq:{number}", path, cpus, "cpulist", source, note)
-            # Per-CPU and managed IRQs refuse new affinity (EIO): report, do not roll back for it.
-            item.best_effort = True
-            items.append(item)
-        for item in items:
-            item.target = target
-        return items
-
-    def _mask_subset_item(self, spec, name, path, cpus, fmt, source, note) -> PlanItem:
-        item = self._write_item(spec, name, "irq", path, format_cpu_list(cpus), fmt, source)
+    def mask_subset_item(self, spec, name, path, cpus, fmt, source, note) -> PlanItem:
+        item = self.write_item(spec, name, "irq", path, format_cpu_list(cpus), fmt, source)
         if item.current is not None:
             current = parse_cpu_list(compare_key(read_raw(self.host, path), fmt) or "")
             # Affinity inside the housekeeping set is compliant even if narrower.
@@ -385,7 +320,7 @@ class Planner:
         item.note = item.note or note
         return item
 
-    def _irqbalance(self) -> bool:
+    def irqbalance_running(self) -> bool:
         proc = self.host.path("/proc")
         try:
             entries = [p for p in proc.iterdir() if p.name.isdigit()]
@@ -399,65 +334,7 @@ class Planner:
                 continue
         return False
 
-    def _cmdline(self, spec: ItemSpec) -> list[PlanItem]:
-        fmt = spec.fields.get("format", "text")
-        value = str(spec.fields.get("value", ""))
-        target = spec.key if fmt == "flag" else f"{spec.key}={value}"
-        present = spec.key in self.cmdline
-        current_value = self.cmdline.get(spec.key)
-        compliant = present and _cmdline_matches(current_value, value, fmt)
-        current = None if not present else (spec.key if current_value is None else f"{spec.key}={current_value}")
-        note = "" if compliant else (f"add `{target}` to GRUB_CMDLINE_LINUX in /etc/default/grub, "
-                                     "run update-grub, reboot")
-        return [self._item(spec, item=f"cmdline:{spec.key}", kind="cmdline", target=target, current=current,
-                           compliant=compliant, reboot_required=True, source="kernel cmdline (/proc/cmdline)",
-                           note=note)]
-
-    def _pm_qos(self, spec: ItemSpec) -> list[PlanItem]:
-        value_us = int(spec.fields["value_us"])
-        path = self.host.path(DMA_LATENCY_DEVICE)
-        target = f"<= {value_us} us"
-        try:
-            is_device = stat.S_ISCHR(os.stat(path).st_mode)
-        except OSError:
-            is_device = False
-        if not is_device:
-            return [self._item(spec, item="pm_qos:cpu_dma_latency", kind="pm_qos", target=target, current=None,
-                               compliant=None, source="none", note=f"{DMA_LATENCY_DEVICE}: no such device")]
-        raw = read_raw(self.host, DMA_LATENCY_DEVICE)
-        current = int(compare_key(raw, "int32") or 2_000_000_000)
-        compliant = current <= value_us
-        item = self._item(spec, item="pm_qos:cpu_dma_latency", kind="pm_qos", target=target,
-                          current=f"{current} us", compliant=compliant,
-                          source="PM QoS requests held open by processes (2000000000 = no limit)",
-                          note="" if compliant else "held by a guardian-agent holder process until rollback")
-        if not compliant:
-            item.actions = [Action("pm_qos", DMA_LATENCY_DEVICE, value_us=value_us, compare="int32")]
-        return [item]
-
-    def _cpuset(self, spec: ItemSpec) -> list[PlanItem]:
-        cpus = format_cpu_list(self._cpus(spec.fields["cpus"], self.online))
-        mems = str(spec.fields.get("mems") or self.host.read_optional("/sys/devices/system/node/online") or "0")
-        mount = self._cpuset_mount()
-        name = f"cpuset:{spec.key}"
-        if mount is None:
-            return [self._item(spec, item=name, kind="cpuset", target=cpus, current=None, compliant=None,
-                               source="none", note="no cpuset cgroup controller mounted")]
-        directory = f"{mount}/{spec.key}"
-        actions = []
-        current = None
-        if not self.host.path(directory).is_dir():
-            actions.append(Action("mkdir", directory))
-        else:
-            current = compare_key(read_raw(self.host, f"{directory}/cpuset.cpus"), "cpulist")
-        if current != compare_key(cpus.encode(), "cpulist"):
-            actions.append(Action("write", f"{directory}/cpuset.mems", mems.encode() + b"\n", "cpulist"))
-            actions.append(Action("write", f"{directory}/cpuset.cpus", cpus.encode() + b"\n", "cpulist"))
-        return [self._item(spec, item=name, kind="cpuset", target=cpus, current=current,
-                           compliant=not actions, source=directory, actions=actions,
-                           note="move housekeeping services into it (systemd: AllowedCPUs=, or cgexec)")]
-
-    def _cpuset_mount(self) -> str | None:
+    def cpuset_mount(self) -> str | None:
         if self.host.exists("/sys/fs/cgroup/cpuset/cpuset.cpus"):
             return "/sys/fs/cgroup/cpuset"
         if "cpuset" in self.host.read_optional("/sys/fs/cgroup/cgroup.controllers").split():
@@ -499,6 +376,270 @@ class Planner:
                               note="" if len(housekeeping) >= minimum else
                               "too few housekeeping cores: kernel threads, IRQs and services will crowd them"))
         return items
+
+
+# ---------------------------------------------------------------- section kinds
+
+def check_scalar(source, table: list[str], fields: dict, key: str, required: bool = True) -> None:
+    """`source` is the profile file being read (profiles._Source): its error() names file:line."""
+    if key not in fields:
+        if required:
+            raise source.error(table, key, "missing required key")
+        return
+    value = fields[key]
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise source.error(table, key, f"expected a string or an integer, got {type(value).__name__}")
+
+
+class Section:
+    """One kind of profile section: the keys an item may have, how it is validated when the
+    profile is read (profiles.py), and how it becomes plan items on a host (Planner). A new kind
+    of tuning is one subclass here, registered in SECTIONS, plus an action kind in
+    agent/tuning/actions.py if it changes the host in a new way."""
+
+    name: ClassVar[str] = ""
+    keys: ClassVar[frozenset[str]] = frozenset()
+    single_item: ClassVar[bool] = False  # [cpu_governor] rather than [sysctl."vm.x"]
+
+    def validate(self, source, key: str, table: list[str], fields: dict) -> None:
+        return None
+
+    def plan(self, planner: "Planner", spec: ItemSpec) -> list[PlanItem]:
+        raise NotImplementedError
+
+
+class SysctlSection(Section):
+    """A /proc/sys value by dotted name (globs allowed: net.ipv4.conf.*.rp_filter)."""
+
+    name = "sysctl"
+    keys = frozenset({"value"})
+
+    def validate(self, source, key, table, fields):
+        if not re.match(r"^[a-z0-9_]+(\.[A-Za-z0-9_*-]+)+$", key):
+            raise source.error([self.name], key, "not a sysctl name (expected dotted, like vm.swappiness)")
+        check_scalar(source, table, fields, "value")
+
+    def plan(self, planner, spec):
+        target = " ".join(str(spec.fields["value"]).split())
+        names = [spec.key]
+        if "*" in spec.key:
+            base = planner.host.path("/proc/sys")
+            pattern = spec.key.replace(".", "/")
+            names = sorted(str(p.relative_to(base)).replace("/", ".") for p in base.glob(pattern)) or [spec.key]
+        items = []
+        for name in names:
+            path = "/proc/sys/" + name.replace(".", "/")
+            items.append(planner.write_item(spec, name, "sysctl", path, target, "text",
+                                          planner.sysctl_source(name, path), sysctl_key=name))
+        return items
+
+
+class SysfsSection(Section):
+    """A /sys (or /proc) file by path, compared as text, selection, cpumask or cpulist."""
+
+    name = "sysfs"
+    keys = frozenset({"path", "value", "format"})
+
+    def validate(self, source, key, table, fields):
+        check_scalar(source, table, fields, "path")
+        path = str(fields["path"])
+        if not (path.startswith("/sys/") or path.startswith("/proc/")) or ".." in path:
+            raise source.error(table, "path", "must be an absolute path under /sys or /proc")
+        check_scalar(source, table, fields, "value")
+        if fields.get("format", "text") not in SYSFS_FORMATS:
+            raise source.error(table, "format", f"expected one of {', '.join(SYSFS_FORMATS)}")
+
+    def plan(self, planner, spec):
+        pattern = str(spec.fields["path"])
+        fmt = spec.fields.get("format", "text")
+        target = str(spec.fields["value"])
+        parameter = SYSFS_BOOT_PARAMETERS.get(pattern)
+        source = "kernel default or runtime"
+        if parameter and parameter in planner.cmdline:
+            source = f"kernel cmdline ({parameter}={planner.cmdline[parameter]})"
+        if not any(char in pattern for char in "*?["):
+            planner.refuse_outside_kernel_filesystems(spec, pattern)
+            return [planner.sysfs_item(spec, f"sysfs:{spec.key}", pattern, target, fmt, source)]
+        root = planner.host.path("/")
+        paths = sorted("/" + str(p.relative_to(root)) for p in root.glob(pattern.lstrip("/")))
+        for path in paths:
+            planner.refuse_outside_kernel_filesystems(spec, path)
+        if not paths:
+            return [planner.plan_item(spec, item=f"sysfs:{spec.key}", kind="sysfs", target=target, current=None,
+                               compliant=None, source="none", note=f"nothing matches {pattern}")]
+        return [planner.sysfs_item(spec, f"sysfs:{spec.key}:{path}", path, target, fmt, source) for path in paths]
+
+
+class CpuGovernorSection(Section):
+    """The cpufreq governor of the chosen CPUs (one item)."""
+
+    name = "cpu_governor"
+    keys = frozenset({"value", "cpus"})
+    single_item = True
+
+    def validate(self, source, key, table, fields):
+        check_scalar(source, table, fields, "value")
+        check_scalar(source, table, fields, "cpus", required=False)
+
+    def plan(self, planner, spec):
+        target = str(spec.fields["value"])
+        items = []
+        source = "cpufreq driver default"
+        if "cpufreq.default_governor" in planner.cmdline:
+            source = f"kernel cmdline (cpufreq.default_governor={planner.cmdline['cpufreq.default_governor']})"
+        for cpu in planner.chosen_cpus(spec.fields.get("cpus"), planner.online):
+            base = f"/sys/devices/system/cpu/cpu{cpu}/cpufreq"
+            if not planner.host.exists(f"{base}/scaling_governor"):
+                continue
+            available = planner.host.read_optional(f"{base}/scaling_available_governors").split()
+            item = planner.write_item(spec, f"governor:cpu{cpu}", "governor", f"{base}/scaling_governor",
+                                    target, "text", source)
+            if available and target not in available and item.compliant is False:
+                item.compliant, item.actions = None, []
+                item.note = f"governor {target} not offered by this cpufreq driver ({' '.join(available)})"
+            items.append(item)
+        if not items:
+            items.append(planner.plan_item(spec, item="governor", kind="governor", target=target, current=None,
+                                    compliant=None, source="none",
+                                    note="no cpufreq on this host (a VM, or the cpufreq driver is not loaded)"))
+        return items
+
+
+class IrqAffinitySection(Section):
+    """Every IRQ's affinity (and the default) inside the housekeeping CPUs (one item)."""
+
+    name = "irq_affinity"
+    keys = frozenset({"cpus"})
+    single_item = True
+
+    def validate(self, source, key, table, fields):
+        check_scalar(source, table, fields, "cpus")
+
+    def plan(self, planner, spec):
+        cpus = planner.chosen_cpus(spec.fields["cpus"], planner.online)
+        target = format_cpu_list(cpus)
+        source = f"kernel cmdline (irqaffinity={planner.cmdline['irqaffinity']})" if "irqaffinity" in planner.cmdline \
+            else "kernel default (all CPUs) or runtime"
+        note = ("irqbalance is running and will move IRQs back: stop and disable it"
+                if planner.irqbalance_running() else "")
+        items = [planner.mask_subset_item(spec, "irq:default_smp_affinity", "/proc/irq/default_smp_affinity",
+                                        cpus, "cpumask", source, note)]
+        irq_root = planner.host.path("/proc/irq")
+        numbers = sorted(int(p.name) for p in irq_root.iterdir() if p.name.isdigit()) if irq_root.is_dir() else []
+        for number in numbers:
+            path = f"/proc/irq/{number}/smp_affinity_list"
+            if not planner.host.exists(path):
+                continue
+            item = planner.mask_subset_item(spec, f"irq:{number}", path, cpus, "cpulist", source, note)
+            # Per-CPU and managed IRQs refuse new affinity (EIO): report, do not roll back for it.
+            item.best_effort = True
+            items.append(item)
+        for item in items:
+            item.target = target
+        return items
+
+
+class CmdlineSection(Section):
+    """A boot parameter, audited against /proc/cmdline: reboot-required, never written."""
+
+    name = "cmdline"
+    keys = frozenset({"value", "format"})
+
+    def validate(self, source, key, table, fields):
+        fmt = fields.get("format", "text")
+        if fmt not in CMDLINE_FORMATS:
+            raise source.error(table, "format", f"expected one of {', '.join(CMDLINE_FORMATS)}")
+        check_scalar(source, table, fields, "value", required=fmt != "flag")
+
+    def plan(self, planner, spec):
+        fmt = spec.fields.get("format", "text")
+        value = str(spec.fields.get("value", ""))
+        target = spec.key if fmt == "flag" else f"{spec.key}={value}"
+        present = spec.key in planner.cmdline
+        current_value = planner.cmdline.get(spec.key)
+        compliant = present and _cmdline_matches(current_value, value, fmt)
+        current = None if not present else (spec.key if current_value is None else f"{spec.key}={current_value}")
+        note = "" if compliant else (f"add `{target}` to GRUB_CMDLINE_LINUX in /etc/default/grub, "
+                                     "run update-grub, reboot")
+        return [planner.plan_item(spec, item=f"cmdline:{spec.key}", kind="cmdline", target=target, current=current,
+                           compliant=compliant, reboot_required=True, source="kernel cmdline (/proc/cmdline)",
+                           note=note)]
+
+
+class PmQosSection(Section):
+    """A /dev/cpu_dma_latency request, held by a child process until rollback."""
+
+    name = "pm_qos"
+    keys = frozenset({"value_us"})
+
+    def validate(self, source, key, table, fields):
+        if key != "cpu_dma_latency":
+            raise source.error([self.name], key, "only cpu_dma_latency is supported")
+        value = fields.get("value_us")
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 2_000_000_000:
+            raise source.error(table, "value_us", "expected an integer number of microseconds (0 = poll)")
+
+    def plan(self, planner, spec):
+        value_us = int(spec.fields["value_us"])
+        path = planner.host.path(DMA_LATENCY_DEVICE)
+        target = f"<= {value_us} us"
+        try:
+            is_device = stat.S_ISCHR(os.stat(path).st_mode)
+        except OSError:
+            is_device = False
+        if not is_device:
+            return [planner.plan_item(spec, item="pm_qos:cpu_dma_latency", kind="pm_qos", target=target, current=None,
+                               compliant=None, source="none", note=f"{DMA_LATENCY_DEVICE}: no such device")]
+        raw = read_raw(planner.host, DMA_LATENCY_DEVICE)
+        current = int(compare_key(raw, "int32") or 2_000_000_000)
+        compliant = current <= value_us
+        item = planner.plan_item(spec, item="pm_qos:cpu_dma_latency", kind="pm_qos", target=target,
+                          current=f"{current} us", compliant=compliant,
+                          source="PM QoS requests held open by processes (2000000000 = no limit)",
+                          note="" if compliant else "held by a guardian-agent holder process until rollback")
+        if not compliant:
+            item.actions = [Action("pm_qos", DMA_LATENCY_DEVICE, value_us=value_us, compare="int32")]
+        return [item]
+
+
+class CpusetSection(Section):
+    """A cgroup cpuset for housekeeping tasks: the directory and its cpus/mems."""
+
+    name = "cpuset"
+    keys = frozenset({"cpus", "mems"})
+
+    def validate(self, source, key, table, fields):
+        if not NAME_PATTERN.match(key):
+            raise source.error([self.name], key, "cpuset name: use letters, digits, '.', '_' or '-'")
+        check_scalar(source, table, fields, "cpus")
+        check_scalar(source, table, fields, "mems", required=False)
+
+    def plan(self, planner, spec):
+        cpus = format_cpu_list(planner.chosen_cpus(spec.fields["cpus"], planner.online))
+        mems = str(spec.fields.get("mems") or planner.host.read_optional("/sys/devices/system/node/online") or "0")
+        mount = planner.cpuset_mount()
+        name = f"cpuset:{spec.key}"
+        if mount is None:
+            return [planner.plan_item(spec, item=name, kind="cpuset", target=cpus, current=None, compliant=None,
+                               source="none", note="no cpuset cgroup controller mounted")]
+        directory = f"{mount}/{spec.key}"
+        actions = []
+        current = None
+        if not planner.host.path(directory).is_dir():
+            actions.append(Action("mkdir", directory))
+        else:
+            current = compare_key(read_raw(planner.host, f"{directory}/cpuset.cpus"), "cpulist")
+        if current != compare_key(cpus.encode(), "cpulist"):
+            actions.append(Action("write", f"{directory}/cpuset.mems", mems.encode() + b"\n", "cpulist"))
+            actions.append(Action("write", f"{directory}/cpuset.cpus", cpus.encode() + b"\n", "cpulist"))
+        return [planner.plan_item(spec, item=name, kind="cpuset", target=cpus, current=current,
+                           compliant=not actions, source=directory, actions=actions,
+                           note="move housekeeping services into it (systemd: AllowedCPUs=, or cgexec)")]
+
+
+SECTIONS: dict[str, Section] = {section.name: section for section in (
+    SysctlSection(), SysfsSection(), CpuGovernorSection(), IrqAffinitySection(), CmdlineSection(),
+    PmQosSection(), CpusetSection())}
 
 
 def build_plan(host: Host, profile: Profile) -> Plan:

@@ -16,35 +16,22 @@ from typing import Any
 from core.errors import BadInput
 from core.toml_config import TomlDocument, parse_toml_text, read_toml_text
 from core.host import Host, format_cpu_list, parse_cpu_list
+from probes.kernel_tuning.plan import NAME_PATTERN, SECTIONS, cpulist_part
 
 BUILTIN_DIR = Path(__file__).resolve().parent.parent.parent / "kernel_profiles"
 SYSTEM_DIR = "/etc/guardian-agent/profiles"
 RISKS = ("low", "medium", "high")
 MAX_INCLUDE_DEPTH = 8
 
-# Allowed keys per section. `why`, `risk` and `optional` (the setting may be absent on some
-# kernels: not a typo) are common to every item.
+# Keys common to every item: `optional` says the setting may be absent on some kernels (not a
+# typo). Each section's own keys, validation and planning are its class in plan.py (SECTIONS).
 COMMON_KEYS = {"why", "risk", "optional"}
-SECTION_KEYS: dict[str, set[str]] = {
-    "sysctl": {"value"} | COMMON_KEYS,
-    "sysfs": {"path", "value", "format"} | COMMON_KEYS,
-    "cpu_governor": {"value", "cpus"} | COMMON_KEYS,
-    "irq_affinity": {"cpus"} | COMMON_KEYS,
-    "cmdline": {"value", "format"} | COMMON_KEYS,
-    "pm_qos": {"value_us"} | COMMON_KEYS,
-    "cpuset": {"cpus", "mems"} | COMMON_KEYS,
-}
-# Sections holding exactly one item (not a table of named items).
-SINGLE_ITEM_SECTIONS = {"cpu_governor", "irq_affinity"}
 TOPOLOGY_KEYS = {"smt_siblings_isolated", "min_housekeeping_cores", "why"}
 VARIABLE_KEYS = {"type", "description", "default", "default_complement_of", "required"}
 VARIABLE_TYPES = ("cpulist", "int", "text")
 PROFILE_KEYS = {"description", "include"}
-SYSFS_FORMATS = ("text", "selection", "cpumask", "cpulist")
-CMDLINE_FORMATS = ("text", "cpulist", "flag")
-TOP_LEVEL = {"profile", "variables", "topology"} | set(SECTION_KEYS)
+TOP_LEVEL = {"profile", "variables", "topology"} | set(SECTIONS)
 VARIABLE_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
 @dataclass
@@ -190,16 +177,6 @@ def _check_common(source: _Source, table: list[str], fields: dict) -> None:
         raise source.error(table, "risk", f"expected one of {', '.join(RISKS)}, got {fields['risk']!r}")
 
 
-def _check_scalar(source: _Source, table: list[str], fields: dict, key: str, required: bool = True) -> None:
-    if key not in fields:
-        if required:
-            raise source.error(table, key, "missing required key")
-        return
-    value = fields[key]
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise source.error(table, key, f"expected a string or an integer, got {type(value).__name__}")
-
-
 def _parse_items(source: _Source) -> tuple[list[ItemSpec], dict, dict, dict]:
     data = source.data
     for top in data:
@@ -239,13 +216,14 @@ def _parse_items(source: _Source) -> tuple[list[ItemSpec], dict, dict, dict]:
         raise source.error(["topology"], "min_housekeeping_cores", "expected a non-negative integer")
 
     items: list[ItemSpec] = []
-    for section, allowed in SECTION_KEYS.items():
+    for section, kind in SECTIONS.items():
+        allowed = kind.keys | COMMON_KEYS
         if section not in data:
             continue
         body = data[section]
         if not isinstance(body, dict):
             raise source.error([], section, "expected a table")
-        entries = [("", body)] if section in SINGLE_ITEM_SECTIONS else list(body.items())
+        entries = [("", body)] if kind.single_item else list(body.items())
         for key, fields in entries:
             table = [section] + ([key] if key else [])
             if not isinstance(fields, dict):
@@ -255,46 +233,10 @@ def _parse_items(source: _Source) -> tuple[list[ItemSpec], dict, dict, dict]:
                     raise source.error(table, field_name,
                                        f"unknown key (known: {', '.join(sorted(allowed))})")
             _check_common(source, table, fields)
-            _validate_item(source, section, key, table, fields)
+            kind.validate(source, key, table, fields)
             items.append(ItemSpec(section, key or section, dict(fields), source.path,
                                   locate(source.text, table)))
     return items, variables, topology, {"include": include, "description": header.get("description", "")}
-
-
-def _validate_item(source: _Source, section: str, key: str, table: list[str], fields: dict) -> None:
-    if section == "sysctl":
-        if not re.match(r"^[a-z0-9_]+(\.[A-Za-z0-9_*-]+)+$", key):
-            raise source.error([section], key, "not a sysctl name (expected dotted, like vm.swappiness)")
-        _check_scalar(source, table, fields, "value")
-    elif section == "sysfs":
-        _check_scalar(source, table, fields, "path")
-        path = str(fields["path"])
-        if not (path.startswith("/sys/") or path.startswith("/proc/")) or ".." in path:
-            raise source.error(table, "path", "must be an absolute path under /sys or /proc")
-        _check_scalar(source, table, fields, "value")
-        if fields.get("format", "text") not in SYSFS_FORMATS:
-            raise source.error(table, "format", f"expected one of {', '.join(SYSFS_FORMATS)}")
-    elif section == "cpu_governor":
-        _check_scalar(source, table, fields, "value")
-        _check_scalar(source, table, fields, "cpus", required=False)
-    elif section == "irq_affinity":
-        _check_scalar(source, table, fields, "cpus")
-    elif section == "cmdline":
-        fmt = fields.get("format", "text")
-        if fmt not in CMDLINE_FORMATS:
-            raise source.error(table, "format", f"expected one of {', '.join(CMDLINE_FORMATS)}")
-        _check_scalar(source, table, fields, "value", required=fmt != "flag")
-    elif section == "pm_qos":
-        if key != "cpu_dma_latency":
-            raise source.error([section], key, "only cpu_dma_latency is supported")
-        value = fields.get("value_us")
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 2_000_000_000:
-            raise source.error(table, "value_us", "expected an integer number of microseconds (0 = poll)")
-    elif section == "cpuset":
-        if not NAME_PATTERN.match(key):
-            raise source.error([section], key, "cpuset name: use letters, digits, '.', '_' or '-'")
-        _check_scalar(source, table, fields, "cpus")
-        _check_scalar(source, table, fields, "mems", required=False)
 
 
 def load_profile(name: str, profile_dir: Path | None = None, variables: dict[str, str] | None = None,
@@ -400,7 +342,7 @@ def _check_variable(name: str, spec: dict, value: str, where: str) -> str:
 
 def _substitute(item: ItemSpec, values: dict[str, str], chain: list[_Source]) -> ItemSpec:
     source = next(s for s in chain if s.path == item.file)
-    table = [item.section] + ([] if item.section in SINGLE_ITEM_SECTIONS else [item.key])
+    table = [item.section] + ([] if SECTIONS[item.section].single_item else [item.key])
     fields = {}
     for key, value in item.fields.items():
         if isinstance(value, str):
@@ -418,13 +360,7 @@ def _substitute(item: ItemSpec, values: dict[str, str], chain: list[_Source]) ->
                 raise source.error(table, key, f"{fields[key]!r} is not a CPU list (like 2-3,6)") from None
     if item.section == "cmdline" and fields.get("format") == "cpulist":
         try:
-            parse_cpu_list(_cpulist_part(str(fields["value"])))
+            parse_cpu_list(cpulist_part(str(fields["value"])))
         except ValueError:
             raise source.error(table, "value", f"{fields['value']!r} does not end in a CPU list") from None
     return ItemSpec(item.section, item.key, fields, item.file, item.line)
-
-
-def _cpulist_part(value: str) -> str:
-    """isolcpus accepts leading flags: "managed_irq,domain,2-3" -> "2-3"."""
-    parts = [p for p in value.split(",") if p and (p[0].isdigit())]
-    return ",".join(parts)
