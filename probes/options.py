@@ -98,7 +98,7 @@ class ProbeOption:
 
 
 PROBE_OPTIONS: tuple[ProbeOption, ...] = (
-    ProbeOption("interval_s", "number", 1.0, "Host counter sampling interval in seconds.", ("host",),
+    ProbeOption("interval_s", "number", 1.0, "Host counter sampling interval in seconds (default 1).", ("host",),
                 flag="--interval", positive=True),
     ProbeOption("profile", "string", None, "Tuning profile to audit the kernel against (adds the `kernel` table).",
                 ("kernel",)),
@@ -109,8 +109,8 @@ PROBE_OPTIONS: tuple[ProbeOption, ...] = (
     ProbeOption("capture_filter", "string", None, "BPF capture filter (capture probe).", ("capture",)),
     ProbeOption("capture_payload", "boolean", False, "Capture full payloads (default: headers only).",
                 ("capture",)),
-    # 256 MiB and 2 M packets: a minute of a busy 1 GbE order-entry link fits; beyond that the
-    # capture stops (and says so) instead of filling the disk of a trading host.
+    # The caps bound what a capture may cost a trading host (disk for the ring, memory and time
+    # for the analysis); past them the capture stops and says so.
     ProbeOption("capture_max_bytes", "integer", 256 << 20, "Stop capturing after this many bytes "
                 "(capture probe; default 256 MiB).", ("capture",), positive=True),
     ProbeOption("capture_max_packets", "integer", 2_000_000, "Analyse at most this many packets "
