@@ -149,4 +149,25 @@ def query(config_path, dataset_root, output_format, sql):
     return 0
 
 
-commands = [collect, daemon, query]
+@click.command()
+@config_option
+@dataset_option
+@click.option("--older-than", "older_than_days", type=click.FloatRange(min=0, max=3650), default=1.0,
+              show_default=True, help="Only partitions whose date is at least this many days old.")
+def compact(config_path, dataset_root, older_than_days):
+    """Rewrite each table × date × host partition's run files into one sorted zstd Parquet file.
+
+    Atomic for readers (no rows missing or doubled at any moment) and crash-safe: a compaction
+    killed mid-way is finished or undone by the next `compact`. Local datasets only.
+    """
+    from agent.fleet.compact import compact as compact_dataset
+
+    config = _load(config_path, dataset_root, None)
+    report = compact_dataset(config.dataset.root, older_than_days)
+    if report.recovered:
+        _say(f"finished {report.recovered} partition(s) an earlier compaction left half done")
+    click.echo(f"compacted {report.partitions} partition(s): {report.files_before} files -> "
+               f"{report.files_after}, {report.rows:,} rows")
+
+
+commands = [collect, daemon, query, compact]

@@ -32,7 +32,8 @@ def local_tables(root: Path) -> list[str]:
     names = []
     for child in sorted(root.iterdir()):
         match = TABLE_DIR.match(child.name)
-        if match and child.is_dir() and any(child.rglob("*.parquet")):
+        # An explicit depth, not rglob: rglob does not follow the symlinks `compact` swaps in.
+        if match and child.is_dir() and any(child.glob("*/*/*.parquet")):
             names.append(match.group(1))
     return names
 
@@ -50,26 +51,48 @@ def s3_filesystem(endpoint_url: str | None, region: str | None):
     return fs.S3FileSystem(**kwargs)
 
 
-def open_dataset_connection(root: str, endpoint_url: str | None = None, region: str | None = None):
-    """A DuckDB connection with one view per table of the dataset at ROOT; returns (conn, names)."""
+def local_source_sql(base: Path, name: str) -> str:
+    """The read_parquet expression for one local dataset table (its partition keys as columns)."""
+    pattern = str(base / f"table={name}" / "*" / "*" / "*.parquet")
+    return (f'(SELECT * EXCLUDE ("table") FROM read_parquet({sql_string(pattern)}, '
+            f"hive_partitioning = true, union_by_name = true))")
+
+
+def new_connection():
     import duckdb
 
     connection = duckdb.connect(":memory:")
+    # DuckDB draws a progress bar on stdout for long scans, which would corrupt csv/json output.
+    connection.execute("SET enable_progress_bar = false")
+    return connection
+
+
+def open_dataset_connection(root: str, endpoint_url: str | None = None, region: str | None = None,
+                            wanted: set[str] | None = None):
+    """A DuckDB connection with one view per table of the dataset at ROOT; returns (conn, names).
+
+    `wanted` limits the views to the tables a query names: binding a view globs and reads the
+    footer of every file of its table, the whole cost of `SELECT 1` on a large dataset.
+    """
+    connection = new_connection()
     if "://" not in root:
-        base = Path(root)
-        if not base.exists():
-            raise BadInput(f"--dataset {root}: no such directory")
+        base = local_root(root)
         names = local_tables(base)
         for name in names:
-            pattern = str(base / f"table={name}" / "*" / "*" / "*.parquet")
-            connection.execute(
-                f'CREATE VIEW "{name}" AS SELECT * EXCLUDE ("table") FROM read_parquet('
-                f"{sql_string(pattern)}, hive_partitioning = true, union_by_name = true)")
+            if wanted is None or name in wanted:
+                connection.execute(f'CREATE VIEW "{name}" AS SELECT * FROM {local_source_sql(base, name)}')
         return connection, names
-    return _open_s3(connection, root, endpoint_url, region)
+    return _open_s3(connection, root, endpoint_url, region, wanted)
 
 
-def _open_s3(connection, root: str, endpoint_url: str | None, region: str | None):
+def local_root(root: str) -> Path:
+    base = Path(root)
+    if not base.exists():
+        raise BadInput(f"--dataset {root}: no such directory")
+    return base
+
+
+def _open_s3(connection, root: str, endpoint_url: str | None, region: str | None, wanted: set[str] | None):
     import pyarrow as pa
     import pyarrow.dataset as ds
     from pyarrow import fs
@@ -89,6 +112,9 @@ def _open_s3(connection, root: str, endpoint_url: str | None, region: str | None
         match = TABLE_DIR.match(child.base_name)
         if child.type != fs.FileType.Directory or not match:
             continue
+        if wanted is not None and match.group(1) not in wanted:
+            names.append(match.group(1))
+            continue
         dataset = ds.dataset(child.path, filesystem=filesystem, format="parquet", partitioning=partitioning)
         fragments = list(dataset.get_fragments())
         if not fragments:
@@ -106,11 +132,31 @@ def _open_s3(connection, root: str, endpoint_url: str | None, region: str | None
 
 
 def run_query(root: str, sql: str, endpoint_url: str | None = None, region: str | None = None):
-    """Returns (column names, rows)."""
+    """Returns (column names, rows).
+
+    A local SELECT is rewritten so each dataset table it names reads its files directly (see
+    query_rewrite): DuckDB then plans it exactly as a hand-written read_parquet, with partition
+    pruning on date and host; a view costs a second glob and footer read of every file at bind.
+    Anything else (EXPLAIN, DESCRIBE, SUMMARIZE, S3 datasets) gets views for the tables it names.
+    """
     import duckdb
 
-    connection, names = open_dataset_connection(root, endpoint_url, region)
+    from agent.fleet.query_rewrite import referenced_names, rewrite_select
+
+    connection, names = None, []
     try:
+        if "://" not in root:
+            base = local_root(root)
+            names = local_tables(base)
+            connection = new_connection()
+            rewritten = rewrite_select(connection, sql, {n: local_source_sql(base, n) for n in names})
+            if rewritten is None:
+                connection.close()
+                connection, names = open_dataset_connection(root, wanted=referenced_names(sql, names))
+            else:
+                sql = rewritten
+        else:
+            connection, names = open_dataset_connection(root, endpoint_url, region, referenced_names(sql))
         cursor = connection.execute(sql)
         if cursor.description is None:
             return [], []
@@ -121,7 +167,8 @@ def run_query(root: str, sql: str, endpoint_url: str | None = None, region: str 
         hint = f" (tables: {', '.join(names) or 'none yet'})" if "does not exist" in message else ""
         raise BadInput(f"query: {message}{hint}") from None
     finally:
-        connection.close()
+        if connection is not None:
+            connection.close()
 
 
 def _plain(value):
