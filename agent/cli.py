@@ -135,6 +135,7 @@ def audit(obj: Context, duration_s, out_dir, probe_list, pids, process_names, un
     Prints each probe's status and the findings, most severe first. Exit 0 when the bundle is
     complete (Ctrl-C ends the window early and still writes it).
     """
+    from core.children import clean_stale_temp_dirs
     from core.host import Host
     from agent.runner import AuditRun, select_probes
     from agent.summary import render_summary
@@ -146,6 +147,7 @@ def audit(obj: Context, duration_s, out_dir, probe_list, pids, process_names, un
         raise BadInput(f"--duration must be positive, not {duration_s:g}")
     if interval_s <= 0:
         raise BadInput(f"--interval must be positive, not {interval_s:g}")
+    clean_stale_temp_dirs()  # left by an audit that was SIGKILLed (its children died with it)
     host = Host.real()
     for pid in pids:
         if pid <= 0 or not host.pid_exists(pid):

@@ -22,12 +22,12 @@ import shutil
 import signal
 import struct
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import pyarrow as pa
 
+from core import children
 from core.errors import Unavailable, WorkFailed
 from probes.base import ProbeBase, Window, finding, findings_table, require_root, rows_to_table
 
@@ -195,9 +195,9 @@ class CaptureProbe(ProbeBase):
 
     def prepare(self) -> None:
         tcpdump = shutil.which("tcpdump")
-        listing = subprocess.run([tcpdump, "-J", "-i", self.iface], capture_output=True, text=True, timeout=10)
+        listing = children.run([tcpdump, "-J", "-i", self.iface], capture_output=True, text=True, timeout=10)
         self.timestamp_type = pick_timestamp_type(listing.stdout + listing.stderr)
-        self.ring_dir = Path(tempfile.mkdtemp(prefix="guardian-capture-"))
+        self.ring_dir = children.private_temp_dir("capture")
         max_bytes = int(self.config.option("capture_max_bytes", DEFAULT_MAX_BYTES))
         file_megabytes = max(1, max_bytes // RING_FILES // 1_000_000)
         command = tcpdump_command(tcpdump, self.iface, self.config.option("capture_filter"),
@@ -205,8 +205,8 @@ class CaptureProbe(ProbeBase):
                                   self.timestamp_type)
         self.stderr_path = self.ring_dir / "tcpdump.stderr"
         self.stderr_file = open(self.stderr_path, "w+")
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=self.stderr_file,
-                                        start_new_session=True)
+        self.process = children.spawn(command, stdout=subprocess.DEVNULL, stderr=self.stderr_file,
+                                      start_new_session=True)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             text = self.stderr_path.read_text()

@@ -25,6 +25,7 @@ from typing import ClassVar
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from core.children import spawn
 from core.errors import Unavailable
 from core.host import Host, format_cpu_list, parse_cpu_list
 from agent.tuning.jitter_loop import THRESHOLD_NS
@@ -180,7 +181,7 @@ class JitterProbe(ProbeBase):
         softirqs_before = self.host.read_optional("/proc/softirqs")
         root = str(Path(__file__).resolve().parent.parent)
         env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        children = [subprocess.Popen(
+        children = [spawn(
             [sys.executable, "-m", "agent.tuning.jitter_loop", "--cpu", str(cpu), "--duration-ns", str(duration_ns),
              "--threshold-ns", str(self.threshold_ns)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) for cpu in self.cpus]
