@@ -17,6 +17,7 @@ from pathlib import Path
 import click
 
 from agent import __version__
+from agent.option_types import INTERVAL_SECONDS, WINDOW_SECONDS, Seconds  # noqa: F401 - re-exported
 from core.errors import BadInput, GuardianError
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_DRIFT = 0, 1, 2, 3
@@ -99,7 +100,7 @@ def parse_probe_list(text: str | None) -> list[str] | None:
 
 
 @cli.command()
-@click.option("--duration", "duration_s", type=float, default=10.0, show_default=True,
+@click.option("--duration", "duration_s", type=WINDOW_SECONDS, default=10.0, show_default=True,
               help="Window length in seconds.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path),
               help="Bundle directory (created; refused if not empty). Default ./guardian-reports/<run_id>/.")
@@ -108,7 +109,7 @@ def parse_probe_list(text: str | None) -> list[str] | None:
 @click.option("--pid", "pids", type=int, multiple=True, help="Target process (repeatable).")
 @click.option("--process", "process_names", multiple=True, help="Target processes by name (repeatable).")
 @click.option("--unit", "units", multiple=True, help="Target a systemd unit's processes (repeatable).")
-@click.option("--interval", "interval_s", type=float, default=1.0, show_default=True,
+@click.option("--interval", "interval_s", type=INTERVAL_SECONDS, default=1.0, show_default=True,
               help="Host counter sampling interval in seconds.")
 @click.option("--profile", help="Tuning profile to audit the kernel against (adds the `kernel` table).")
 @click.option("--profile-dir", type=click.Path(path_type=Path), help="Extra directory searched for profiles.")
