@@ -1,7 +1,7 @@
 """guardian-agent command line.
 
 Exit codes: 0 done; 1 the work failed (or the gate failed); 2 bad input or usage;
-3 drift found (`tune plan`). Bad input gets one clear line on stderr, never a traceback;
+3 drift found (`tune plan`); 4 the gate is inconclusive or marginal. Bad input gets one clear line on stderr, never a traceback;
 `-v` shows details. This is the only module that calls sys.exit.
 """
 
@@ -20,7 +20,7 @@ from agent import __version__
 from agent.option_types import INTERVAL_SECONDS, WINDOW_SECONDS, Seconds  # noqa: F401 - re-exported
 from core.errors import BadInput, GuardianError
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_DRIFT = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_DRIFT, EXIT_INCONCLUSIVE = 0, 1, 2, 3, 4
 
 # Other command modules, each exposing `commands` (a list of click commands/groups).
 # Explicit and ordered, like the probe registry: easy to read, no magic.
@@ -85,7 +85,8 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 
     \b
     Exit codes: 0 done, 1 the work failed (or the gate failed),
-                2 bad input or usage, 3 drift found (tune plan).
+                2 bad input or usage, 3 drift found (tune plan),
+                4 the gate is inconclusive or marginal (gate).
     """
     ctx.obj = Context(verbose)
 
