@@ -3,14 +3,15 @@ under --out is one line and leaves no Parquet file without a manifest."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import run_agent
+from tests.harden_helpers import mounted_tmpfs
 
 
 @pytest.fixture(scope="module")
@@ -60,18 +61,9 @@ def test_bundle_reader_raises_bad_input(bundle, tmp_path):
 @pytest.fixture
 def tiny_tmpfs(tmp_path):
     """A real tmpfs of a few pages, mounted for this test and unmounted after."""
-    if os.geteuid() != 0:
-        pytest.skip("LIVE TEST SKIPPED: mounting a tmpfs needs root")
-    mount_point = tmp_path / f"full-{os.getpid()}"
-    mount_point.mkdir()
-
-    def mount(size_bytes: int) -> Path:
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes},mode=0755", "tmpfs", str(mount_point)],
-                       check=True, capture_output=True)
-        return mount_point
-
-    yield mount
-    subprocess.run(["umount", str(mount_point)], capture_output=True)
+    with contextlib.ExitStack() as stack:
+        yield lambda size_bytes: stack.enter_context(
+            mounted_tmpfs(tmp_path / f"full-{os.getpid()}", f"size={size_bytes},mode=0755"))
 
 
 @pytest.mark.live

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 
 import numpy as np
 import pytest
 
+from tests.harden_helpers import mounted_tmpfs
 from tests.test_gate import turns, write_bundle
 
 
@@ -26,14 +26,8 @@ def pair(tmp_path):
 @pytest.fixture
 def read_only_dir(tmp_path):
     """A real read-only filesystem (root ignores mode bits, so chmod would prove nothing)."""
-    if os.geteuid() != 0:
-        pytest.skip("LIVE TEST SKIPPED: mounting a read-only tmpfs needs root")
-    mount_point = tmp_path / f"ro-{os.getpid()}"
-    mount_point.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mount_point)], check=True,
-                   capture_output=True)
-    yield mount_point
-    subprocess.run(["umount", str(mount_point)], capture_output=True)
+    with mounted_tmpfs(tmp_path / f"ro-{os.getpid()}", "ro,size=64k") as mount_point:
+        yield mount_point
 
 
 @pytest.mark.live
