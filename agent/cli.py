@@ -135,12 +135,14 @@ def audit(obj: Context, duration_s, out_dir, probe_list, pids, process_names, un
     """Run probes side by side over one window and write a report bundle.
 
     Prints each probe's status and the findings, most severe first. Exit 0 when the bundle is
-    complete (Ctrl-C ends the window early and still writes it).
+    complete (Ctrl-C ends the window early and still writes it); 1 when no probe could collect
+    anything (the bundle records why); 2 when an option given to a probe is wrong (--profile,
+    --iface, --capture-filter, --jitter-cpus, a refused --pg-dsn login), before the window.
     """
     from core.children import clean_stale_temp_dirs
     from core.host import Host
     from agent.runner import AuditRun, select_probes
-    from agent.summary import render_summary
+    from agent.summary import nothing_collected, render_summary
     from probes import REGISTRY
     from probes.base import ProbeConfig
     from reports.bundle import BundleWriter, new_run_id, validate_out_dir
@@ -193,10 +195,14 @@ def audit(obj: Context, duration_s, out_dir, probe_list, pids, process_names, un
         previous[signum] = signal.signal(signum, on_signal)
     try:
         result = run.run()
+    except BadInput:
+        writer.discard()  # refused before the window: leave --out as it was
+        raise
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     click.echo(render_summary(result, writer.out_dir, verbose=obj.verbose))
+    return EXIT_FAILED if nothing_collected(result) else EXIT_OK
 
 
 @cli.command(name="probes")

@@ -17,7 +17,7 @@ from typing import Callable
 
 import pyarrow as pa
 
-from core.errors import GuardianError, Unavailable
+from core.errors import BadInput, GuardianError, Unavailable
 from probes.base import FINDINGS_SCHEMA, ProbeConfig, Window
 from reports.bundle import BundleWriter, ProbeRecord
 
@@ -84,6 +84,8 @@ class AuditRun:
             except Unavailable as error:
                 outcomes.append(ProbeOutcome(probe_class.name, "unavailable", str(error)))
                 continue
+            except BadInput:
+                raise  # an option the user gave this probe is wrong: stop before the window
             except Exception as error:  # a broken check must not stop the audit
                 outcomes.append(
                     ProbeOutcome(
@@ -116,6 +118,17 @@ class AuditRun:
         deadline = time.monotonic() + 120
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+        refused = [error for error in results.values() if isinstance(error, BadInput)]
+        if refused:
+            # Bad input found while preparing (a refused PostgreSQL login): nothing is collected,
+            # so let go of what the other probes attached or started.
+            for probe in probes:
+                if results.get(probe.name, refused[0]) is None:
+                    try:
+                        getattr(probe, "abandon", lambda: None)()
+                    except Exception:
+                        pass
+            raise refused[0]
         for probe in probes:
             if probe.name not in results:
                 outcomes.append(ProbeOutcome(probe.name, "failed", "prepare timed out after 120 s"))

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from core.children import spawn
-from core.errors import Unavailable
+from core.errors import BadInput, Unavailable
 from core.host import Host, format_cpu_list, parse_cpu_list
 from agent.tuning.jitter_loop import THRESHOLD_NS
 from probes.base import ProbeBase, finding, findings_table, rows_to_table
@@ -119,10 +119,11 @@ def choose_cpus(requested: str | None, isolated: list[int], online: list[int]) -
         try:
             cpus = parse_cpu_list(str(requested))
         except ValueError:
-            raise Unavailable(f"--jitter-cpus {requested!r}: not a CPU list (like 2-3)") from None
+            raise BadInput(f"--jitter-cpus {requested!r}: not a CPU list (like 2-3)") from None
         offline = sorted(set(cpus) - set(online))
         if offline or not cpus:
-            raise Unavailable(f"--jitter-cpus {requested}: CPUs {format_cpu_list(offline) or 'none'} "
+            # The user named these CPUs: a typo is bad input, not a probe that cannot run here.
+            raise BadInput(f"--jitter-cpus {requested}: CPUs {format_cpu_list(offline) or 'none'} "
                               f"are not online (online: {format_cpu_list(online)})")
         return cpus
     if isolated:
