@@ -41,6 +41,8 @@ def render_summary(result, out_dir: Path, verbose: bool = False) -> str:
         tables = ", ".join(f"{name}={table.num_rows}" for name, table in outcome.tables.items()
                            if name != "findings")
         detail = outcome.reason if outcome.status != "ok" else tables
+        if outcome.status == "ok" and outcome.reason:
+            detail = f"{tables}  ({outcome.reason})" if tables else outcome.reason  # a filter, a loss
         lines.append(f"  {outcome.name:<{width}}  {outcome.status:<11}  {detail}")
         if verbose and outcome.detail:
             lines.extend("      " + text for text in outcome.detail.rstrip().splitlines())

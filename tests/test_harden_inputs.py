@@ -110,3 +110,33 @@ def test_wrong_postgres_password_is_exit_2_before_the_window(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "--pg-dsn: authentication failed" in lines[0], result.stderr
     assert wrong not in result.stdout + result.stderr and not out.exists()
+
+
+# --- --pid/--process filter the tcp probe too: its status says so -----------------------------
+
+def test_pid_filter_note_names_the_pids():
+    from probes.tcp import pid_filter_note
+
+    assert pid_filter_note([7, 3, 7]) == "only connections of pid 3, 7 (--pid/--process/--unit filter this probe too)"
+    assert "and 2 more" in pid_filter_note(range(10))
+
+
+@pytest.mark.live
+def test_tcp_status_says_it_was_filtered(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    target = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        out = tmp_path / "out"
+        result = run_agent("audit", "--probes", "tcp", "--pid", str(target.pid), "--duration", "0.5",
+                           "--out", str(out), timeout=90)
+    finally:
+        target.kill()
+        target.wait()
+    assert result.returncode == 0, result.stderr
+    record = next(p for p in json.loads((out / "manifest.json").read_text())["probes"] if p["name"] == "tcp")
+    assert record["status"] == "ok", record
+    assert f"only connections of pid {target.pid}" in record["reason"]
+    assert f"only connections of pid {target.pid}" in result.stdout
