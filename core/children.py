@@ -70,17 +70,18 @@ class _Spawner:
     """One daemon thread that forks every child, for the life of the process (see above)."""
 
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Fresh state; also run in a forked child (the daemon's window), where the spawner
+        thread does not exist and the lock may have been copied while held."""
         self._requests: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._owner_pid = 0
 
     def _ensure_thread(self) -> None:
         with self._lock:
-            # After os.fork() (a test, a daemonising caller) the thread does not exist in the child.
-            if self._thread is None or not self._thread.is_alive() or self._owner_pid != os.getpid():
-                self._requests = queue.Queue()
-                self._owner_pid = os.getpid()
+            if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._serve, name="guardian-spawner", daemon=True)
                 self._thread.start()
 
@@ -105,6 +106,7 @@ class _Spawner:
 
 
 _SPAWNER = _Spawner()
+os.register_at_fork(after_in_child=_SPAWNER.reset)
 
 
 def spawn(command: list[str] | str, **popen_kwargs: Any) -> subprocess.Popen:

@@ -172,3 +172,17 @@ def test_sigkill_of_audit_takes_tcpdump_and_py_spy_along(tmp_path):
                 os.kill(pid, signal.SIGKILL)
         target.kill()
         target.wait()
+
+
+def test_spawn_works_in_a_forked_child():
+    """The daemon forks a child per window; the spawner must start afresh there."""
+    children.run(["true"], timeout=10)  # the parent's spawner thread exists now
+    pid = os.fork()
+    if pid == 0:
+        try:
+            result = children.run(["sh", "-c", "echo $PPID"], capture_output=True, text=True, timeout=10)
+            os._exit(0 if int(result.stdout) == os.getpid() else 3)
+        except BaseException:
+            os._exit(4)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
