@@ -137,17 +137,19 @@ def test_sigkill_of_audit_takes_tcpdump_and_py_spy_along(tmp_path):
          "--pid", str(target.pid), "--duration", "60", "--out", str(tmp_path / "bundle")],
         cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
+        # The stacks temp dir appears when the window's sampler starts (prepare's `py-spy dump`
+        # comes and goes before it).
         deadline = time.monotonic() + 45
+        temp_dirs: list[Path] = []
         while time.monotonic() < deadline:
-            spawned = descendants(audit.pid)
-            if {"tcpdump", "py-spy"} <= set(spawned.values()):
+            temp_dirs = own_temp_dirs(audit.pid)
+            if {p.name.split("-")[1] for p in temp_dirs} == {"capture", "stacks"}:
                 break
             time.sleep(0.1)
-        assert {"tcpdump", "py-spy"} <= set(spawned.values()), f"children seen: {spawned}"
-        temp_dirs = own_temp_dirs(audit.pid)
         assert {p.name.split("-")[1] for p in temp_dirs} == {"capture", "stacks"}, temp_dirs
         time.sleep(1.0)  # mid-window: the prepare threads that started tcpdump have returned
-        assert all(alive(pid) for pid in spawned), "a child died before the agent did"
+        spawned = descendants(audit.pid)
+        assert {"tcpdump", "py-spy"} <= set(spawned.values()), f"children seen: {spawned}"
 
         audit.send_signal(signal.SIGKILL)
         audit.wait()
