@@ -43,7 +43,10 @@ case "$tool" in
         if [ "$2" = -s ]; then
           # The exact-release headers package, as Debian's cloud kernels make it: pulls an image.
           [ "$FAKE_EXACT_HEADERS" = pulls-image ] && echo "Inst linux-image-$FAKE_RELEASE (1 Debian:12)"
-          echo "Inst linux-headers-$FAKE_RELEASE (1 Debian:12)"
+          # As long as a real resolution (more than a pipe buffer): a reader that stops at the
+          # first match makes this writer die of SIGPIPE, as apt-get does.
+          for i in $(seq 3000); do echo "Inst linux-headers-$FAKE_RELEASE-dependency-$i (1 Debian:12)"; done
+          [ "$FAKE_EXACT_HEADERS" = sim-fails ] && exit 100
         fi ;;
       download) for package in "${@:2}"; do
                   [ "$package" = -q ] || cp "$FAKE_DEBS/$package.deb" "./${package}_1_amd64.deb"; done ;;
@@ -116,7 +119,7 @@ def run_headers_script(fake: dict) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=60)
 
 
-@pytest.mark.parametrize("exact_headers", ["pulls-image", "none"])
+@pytest.mark.parametrize("exact_headers", ["pulls-image", "none", "sim-fails"])
 def test_headers_are_unpacked_never_installed_and_bcc_finds_them(fake_host, exact_headers):
     fake_host["env"]["FAKE_EXACT_HEADERS"] = exact_headers
     result = run_headers_script(fake_host)
