@@ -196,12 +196,13 @@ class CaptureProbe(ProbeBase):
         # refused before the window rather than found as an empty capture after it.
         if self.config.host.is_real and not Path(f"/sys/class/net/{self.iface}").exists() and self.iface != "any":
             raise BadInput(f"--iface {self.iface}: no such interface (see `ip link`)")
-        if self.config.option("capture_filter") and self.config.host.is_real:
+        # options.get, not option(): works with both the old ProbeConfig.option and arch's ProbeBase.option.
+        if self.config.options.get("capture_filter") and self.config.host.is_real:
             self._compile_filter(shutil.which("tcpdump"))
 
     def _compile_filter(self, tcpdump: str) -> None:
         """`tcpdump -d` compiles the filter for the interface's link type and exits."""
-        capture_filter = self.config.option("capture_filter")
+        capture_filter = self.config.options["capture_filter"]
         try:
             result = children.run([tcpdump, "-d", "-i", self.iface, "-s", str(self.snaplen_bytes), capture_filter],
                                   capture_output=True, text=True, timeout=10)
