@@ -18,6 +18,11 @@ Deliberate exceptions, which must outlive the agent and do not use this module: 
 the tuning journal's) and the rollout watchdog (agent/rollout: its job is to roll back after the
 driver died).
 
+Cost (benchmarks/bench_children.py, 2-core shared VM, 2026-12-01): starting `true` takes ~4 ms
+median through spawn() vs ~1.1 ms for a plain Popen (preexec_fn forces fork instead of vfork) and
+~2 ms for `setpriv --pdeathsig KILL`; a few children per audit, so it is noise. A SIGKILLed
+parent's child is gone ~1.4 ms later (max 6 ms over 30 rounds).
+
 Temporary directories: `private_temp_dir(kind)` names each one after its owner (pid and process
 start time, so a recycled pid is not mistaken for the owner); `clean_stale_temp_dirs()` removes
 those whose owner is gone, at the next start.
