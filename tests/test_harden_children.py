@@ -188,3 +188,34 @@ def test_spawn_works_in_a_forked_child():
             os._exit(4)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_bare_fork_armed_with_die_with_parent_dies_with_it(tmp_path):
+    """The daemon's per-window child is a bare os.fork(): it must not outlive a SIGKILLed daemon."""
+    script = tmp_path / "daemon_like.py"
+    script.write_text(
+        "import os, sys, time\n"
+        f"sys.path.insert(0, {str(PROJECT_ROOT)!r})\n"
+        "from core.children import die_with_parent\n"
+        "parent = os.getpid()\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    die_with_parent(parent)\n"
+        "    time.sleep(60)\n"
+        "    os._exit(0)\n"
+        "print(pid, flush=True)\n"
+        "time.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        window_pid = int(parent.stdout.readline())
+        time.sleep(0.2)
+        assert alive(window_pid)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 2
+        while alive(window_pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not alive(window_pid), "the forked window outlived its daemon"
+    finally:
+        parent.kill()
+        parent.wait()
