@@ -1,8 +1,9 @@
 """guardian-agent command line.
 
 Exit codes (core/errors.py): 0 done; 1 the work failed (or the gate failed); 2 bad input or
-usage; 3 drift found (`tune plan`); 130 interrupted (Ctrl-C, SIGTERM). Bad input gets one
-clear line on stderr, never a traceback; `-v` shows details. This is the only module that calls sys.exit.
+usage; 3 drift found (`tune plan`); 4 the gate is inconclusive or marginal; 130 interrupted
+(Ctrl-C, SIGTERM). Bad input gets one clear line on stderr, never a traceback; `-v` shows
+details. This is the only module that calls sys.exit.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import click
 
 from agent import __version__
+from agent.option_types import INTERVAL_SECONDS, WINDOW_SECONDS, Seconds  # noqa: F401 - re-exported
 from core.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, BadInput, GuardianError
 from probes.options import PROBE_OPTIONS, ProbeOption, validated_options
 
@@ -85,6 +87,7 @@ def cli(ctx: click.Context, verbose: bool) -> None:
     \b
     Exit codes: 0 done, 1 the work failed (or the gate failed),
                 2 bad input or usage, 3 drift found (tune plan),
+                4 the gate is inconclusive or marginal (gate),
                 130 interrupted (Ctrl-C or SIGTERM before the command finished).
     """
     ctx.obj = Context(verbose)
@@ -123,7 +126,7 @@ def probe_option_flags(function):
 
 
 @cli.command()
-@click.option("--duration", "duration_s", type=float, default=10.0, show_default=True,
+@click.option("--duration", "duration_s", type=WINDOW_SECONDS, default=10.0, show_default=True,
               help="Window length in seconds.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path),
               help="Bundle directory (created; refused if not empty). Default ./guardian-reports/<run_id>/.")
@@ -138,13 +141,16 @@ def audit(obj: Context, duration_s, out_dir, probe_list, pids, process_names, un
     """Run probes side by side over one window and write a report bundle.
 
     Prints each probe's status and the findings, most severe first. Exit 0 when the bundle is
-    complete (Ctrl-C ends the window early and still writes it). Probe options (--interval ...
-    --peer-role) can also be set in config.toml's [probe_options] under their names (interval_s,
-    peer_roles ...) for `collect` and the daemon.
+    complete (Ctrl-C ends the window early and still writes it); 1 when no probe could collect
+    anything (the bundle records why); 2 when an option given to a probe is wrong (--profile,
+    --iface, --capture-filter, --jitter-cpus, a refused --pg-dsn login), before the window.
+    Probe options (--interval ... --peer-role) can also be set in config.toml's [probe_options]
+    under their names (interval_s, peer_roles ...) for `collect` and the daemon.
     """
+    from core.children import clean_stale_temp_dirs
     from core.host import Host
     from agent.runner import AuditRun, select_probes
-    from agent.summary import render_summary
+    from agent.summary import nothing_collected, render_summary
     from probes import REGISTRY
     from probes.base import ProbeConfig
     from reports.bundle import BundleWriter, new_run_id, validate_out_dir
@@ -152,6 +158,7 @@ def audit(obj: Context, duration_s, out_dir, probe_list, pids, process_names, un
     if duration_s <= 0:
         raise BadInput(f"--duration must be positive, not {duration_s:g}")
     options = validated_options(option_values)
+    clean_stale_temp_dirs()  # left by an audit that was SIGKILLed (its children died with it)
     host = Host.real()
     for pid in pids:
         if pid <= 0 or not host.pid_exists(pid):
@@ -184,10 +191,14 @@ def audit(obj: Context, duration_s, out_dir, probe_list, pids, process_names, un
         previous[signum] = signal.signal(signum, on_signal)
     try:
         result = run.run()
+    except BadInput:
+        writer.discard()  # refused before the window: leave --out as it was
+        raise
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     click.echo(render_summary(result, writer.out_dir, verbose=obj.verbose))
+    return EXIT_FAILED if nothing_collected(result) else EXIT_OK
 
 
 @cli.command(name="probes")

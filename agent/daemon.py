@@ -302,8 +302,12 @@ class Daemon:
         threads.
         """
         read_end, write_end = os.pipe()
+        daemon_pid = os.getpid()
         pid = os.fork()
         if pid == 0:  # the child: run the window, stage it, report statuses, exit
+            from core.children import die_with_parent
+
+            die_with_parent(daemon_pid)  # a SIGKILLed daemon takes its window (and probes) along
             os.close(read_end)
             code = 1
             try:

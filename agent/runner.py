@@ -67,6 +67,8 @@ def check_probes(probe_classes: list[type[ProbeBase]],
         except Unavailable as error:
             outcomes.append(ProbeOutcome(probe_class.name, "unavailable", str(error)))
             continue
+        except BadInput:
+            raise  # an option the user gave this probe is wrong: stop before the window
         except Exception as error:
             outcomes.append(ProbeOutcome(probe_class.name, "failed", f"check failed: {type(error).__name__}: {error}",
                                          seconds=time.monotonic() - started, detail=traceback.format_exc()))
@@ -94,6 +96,17 @@ def prepare_probes(probes: list[ProbeBase],
     deadline = time.monotonic() + timeout_s
     for thread in threads:
         thread.join(max(0.0, deadline - time.monotonic()))
+    refused = [error for error in results.values() if isinstance(error, BadInput)]
+    if refused:
+        # Bad input found while preparing (a refused PostgreSQL login): nothing is collected,
+        # so let go of what the other probes attached or started.
+        for probe in probes:
+            if results.get(probe.name, refused[0]) is None:
+                try:
+                    probe.abandon()
+                except Exception:
+                    pass  # best effort: the audit is stopping with the user's error anyway
+        raise refused[0]
     for probe in probes:
         if probe.name not in results:
             outcomes.append(ProbeOutcome(probe.name, "failed", f"prepare timed out after {timeout_s:g} s"))

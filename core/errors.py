@@ -6,6 +6,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1         # the work failed, or the gate failed
 EXIT_BAD_INPUT = 2      # bad input or usage: nothing was written or changed
 EXIT_DRIFT = 3          # drift found (tune plan/status; rollback kept values changed by others)
+EXIT_INCONCLUSIVE = 4   # the gate could not decide (inconclusive or marginal)
 EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM before the command finished (128 + SIGINT)
 
 

@@ -106,7 +106,7 @@ Maintainer: guardian-agent maintainers <root@localhost>
 Section: admin
 Priority: optional
 Installed-Size: $installed_kb
-Depends: python3 (>= $PY_MINOR), python3 (<< $PY_NEXT), python3-bpfcc
+Depends: python3 (>= $PY_MINOR), python3 (<< $PY_NEXT), python3-bpfcc, init-system-helpers (>= 1.50)
 Recommends: bpfcc-tools, tcpdump
 Description: host-level performance audit agent for latency-critical Linux hosts
  eBPF syscall and TCP timings, Python stacks, packet captures, host counters and
@@ -114,49 +114,88 @@ Description: host-level performance audit agent for latency-critical Linux hosts
  fleet dataset (local or S3), with a daemon, a collection timer and SQL queries.
 EOF
 
-cat > "$STAGE/DEBIAN/postinst" <<'EOF'
-#!/bin/sh
-set -e
-if [ "$1" = configure ]; then
-    install -d -m 0755 /etc/guardian-agent
-    [ -e /etc/guardian-agent/config.toml ] || \
-        install -m 0644 /opt/guardian-agent/share/config.example.toml /etc/guardian-agent/config.toml
-    install -d -m 0750 /var/lib/guardian-agent
-    if [ -d /run/systemd/system ]; then
-        systemctl daemon-reload || true
-        systemctl enable guardian-agent.service guardian-agent-collect.timer || true
-        systemctl restart guardian-agent.service || true
-        systemctl start guardian-agent-collect.timer || true
-    fi
-fi
+# Maintainer scripts do what debhelper's dh_installsystemd generates, by hand (no debian/ dir):
+# deb-systemd-helper keeps a state file per unit, so a unit the admin disabled stays disabled
+# across upgrades and reinstalls, and deb-systemd-invoke starts or restarts only enabled units.
+# Both come from init-system-helpers (Priority: required on Debian 12) and work without a
+# running systemd (they manage the enable symlinks themselves).
+ENABLED_UNITS="guardian-agent.service guardian-agent-collect.timer"
+# A pending tuning journal (agent/tuning/journal.py) is the only record of the host's original
+# kernel values, and this package holds the only tool that restores them.
+JOURNAL=/var/lib/guardian-agent/journal/journal.jsonl
+maintainer_script() {  # NAME: a header with the build-time values, then the body from stdin
+    printf '#!/bin/sh\nset -e\nUNITS="%s"\nJOURNAL="%s"\n' "$ENABLED_UNITS" "$JOURNAL" > "$STAGE/DEBIAN/$1"
+    cat >> "$STAGE/DEBIAN/$1"
+}
+
+maintainer_script postinst <<'EOF'
+case "$1" in
+    configure|abort-upgrade|abort-deconfigure|abort-remove)
+        if [ "$1" = configure ]; then
+            install -d -m 0755 /etc/guardian-agent
+            [ -e /etc/guardian-agent/config.toml ] || \
+                install -m 0644 /opt/guardian-agent/share/config.example.toml /etc/guardian-agent/config.toml
+            install -d -m 0750 /var/lib/guardian-agent
+        fi
+        for unit in $UNITS; do
+            # Removes only a mask deb-systemd-helper itself made at removal time.
+            deb-systemd-helper unmask "$unit" >/dev/null || true
+            # was-enabled is true on a first install; false once the admin disabled the unit.
+            if deb-systemd-helper --quiet was-enabled "$unit"; then
+                deb-systemd-helper enable "$unit" >/dev/null || true
+            else
+                deb-systemd-helper update-state "$unit" >/dev/null || true
+            fi
+        done
+        if [ -d /run/systemd/system ]; then
+            systemctl --system daemon-reload >/dev/null || true
+            action=start
+            [ -n "$2" ] && action=restart
+            # deb-systemd-invoke does nothing for a disabled unit.
+            for unit in $UNITS; do deb-systemd-invoke $action "$unit" >/dev/null || true; done
+        fi
+        ;;
+esac
 exit 0
 EOF
-cat > "$STAGE/DEBIAN/prerm" <<'EOF'
-#!/bin/sh
-set -e
+maintainer_script prerm <<'EOF'
+if [ "$1" = remove ] && [ -s "$JOURNAL" ] && [ "${GUARDIAN_AGENT_ALLOW_REMOVE:-}" != 1 ]; then
+    # Refused: removing the package removes the only tool that can restore the original values.
+    echo "guardian-agent: refusing to remove: a tuning journal is pending ($JOURNAL);" \
+         "run 'guardian-agent tune rollback' first, or set GUARDIAN_AGENT_ALLOW_REMOVE=1 to remove" \
+         "anyway (the journal is kept)" >&2
+    exit 1
+fi
 if [ "$1" = remove ] && [ -d /run/systemd/system ]; then
-    systemctl disable --now guardian-agent.service guardian-agent-collect.timer || true
+    for unit in $UNITS guardian-agent-collect.service; do deb-systemd-invoke stop "$unit" >/dev/null || true; done
 fi
 exit 0
 EOF
-cat > "$STAGE/DEBIAN/postrm" <<'EOF'
-#!/bin/sh
-set -e
+maintainer_script postrm <<'EOF'
 case "$1" in
     remove|purge)
         # Bytecode written after install (none normally: the venv ships compiled).
         rm -rf /opt/guardian-agent
-        [ -d /run/systemd/system ] && systemctl daemon-reload || true
+        [ -d /run/systemd/system ] && systemctl --system daemon-reload >/dev/null || true
         ;;
 esac
+if [ -x /usr/bin/deb-systemd-helper ]; then
+    for unit in $UNITS; do
+        case "$1" in
+            remove) deb-systemd-helper mask "$unit" >/dev/null || true ;;
+            purge) deb-systemd-helper purge "$unit" >/dev/null || true
+                   deb-systemd-helper unmask "$unit" >/dev/null || true ;;
+        esac
+    done
+fi
 if [ "$1" = purge ]; then
     # Purge removes only what the package itself made. A pending tuning journal is the only
     # record of the host's original kernel values, the dataset is the user's data, and the
     # kernel headers belong to `make setup`: all three stay.
     rm -rf /etc/guardian-agent /var/lib/guardian-agent/spool
-    if [ -n "$(ls -A /var/lib/guardian-agent/journal 2>/dev/null)" ]; then
-        echo "guardian-agent: kept /var/lib/guardian-agent/journal: a tuning journal is pending;" \
-             "restore with 'guardian-agent tune rollback' (reinstall the package) before deleting it" >&2
+    if [ -s "$JOURNAL" ]; then
+        echo "guardian-agent: WARNING: kept $JOURNAL: a tuning journal is pending and the host still" \
+             "runs with tuned values; reinstall the package and run 'guardian-agent tune rollback'" >&2
     fi
 fi
 exit 0

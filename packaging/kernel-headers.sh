@@ -26,7 +26,12 @@ if [ -e "$borrowed/build/include" ]; then
 fi
 [ -n "$(apt-cache search --names-only '^linux-headers-' 2>/dev/null | head -1)" ] || apt-get update -q >/dev/null
 if apt-cache show "linux-headers-$release" >/dev/null 2>&1; then
-    if apt-get install -s --no-install-recommends "linux-headers-$release" 2>/dev/null | grep -q '^Inst linux-image'; then
+    # The simulation is read whole before it is searched: `apt-get -s | grep -q` under pipefail
+    # lets grep's early exit SIGPIPE apt-get, the pipeline then "fails", and the headers package
+    # that pulls a kernel image was installed. A simulation that fails is no licence either.
+    if ! simulation=$(apt-get install -s --no-install-recommends "linux-headers-$release" 2>/dev/null); then
+        say "apt cannot simulate installing linux-headers-$release: unpacking instead"
+    elif grep -q '^Inst linux-image' <<<"$simulation"; then
         say "linux-headers-$release would pull a kernel image: unpacking instead"
     else
         apt-get install -y -q --no-install-recommends "linux-headers-$release"

@@ -22,13 +22,13 @@ import shutil
 import signal
 import struct
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import pyarrow as pa
 
-from core.errors import Unavailable, WorkFailed
+from core import children
+from core.errors import BadInput, Unavailable, WorkFailed
 from probes.base import ProbeBase, Window, finding, findings_table, require_root, rows_to_table
 from probes.pcap_analysis import FLOWS_SCHEMA, TURNS_SCHEMA, analyse_capture, flows_findings, flows_headlines
 
@@ -172,6 +172,8 @@ class CaptureProbe(ProbeBase):
         self.process: subprocess.Popen | None = None
         self.status_reason = ""
         self.ring_dir: Path | None = None
+        # collect() merges the ring and removes ring_dir itself; abandon() before it does.
+        self.process_is_collecting = False
         self.timestamp_type: str | None = None
 
     @property
@@ -188,14 +190,31 @@ class CaptureProbe(ProbeBase):
         if shutil.which("tcpdump") is None:
             raise Unavailable("tcpdump not installed: apt-get install tcpdump (or run `make setup`)")
         require_root("packet capture needs CAP_NET_RAW")
+        # --iface and --capture-filter are the user's words: a typo in either is bad input,
+        # refused before the window rather than found as an empty capture after it.
         if self.config.host.is_real and not Path(f"/sys/class/net/{self.iface}").exists() and self.iface != "any":
-            raise Unavailable(f"interface {self.iface!r} does not exist (see `ip link`)")
+            raise BadInput(f"--iface {self.iface}: no such interface (see `ip link`)")
+        # options.get, not option(): works with both the old ProbeConfig.option and arch's ProbeBase.option.
+        if self.config.options.get("capture_filter") and self.config.host.is_real:
+            self._compile_filter(shutil.which("tcpdump"))
+
+    def _compile_filter(self, tcpdump: str) -> None:
+        """`tcpdump -d` compiles the filter for the interface's link type and exits."""
+        capture_filter = self.config.options["capture_filter"]
+        try:
+            result = children.run([tcpdump, "-d", "-i", self.iface, "-s", str(self.snaplen_bytes), capture_filter],
+                                  capture_output=True, text=True, timeout=10)
+        except subprocess.TimeoutExpired:
+            raise Unavailable("tcpdump -d did not compile --capture-filter within 10 s") from None
+        if result.returncode != 0:
+            reason = [line.removeprefix("tcpdump: ") for line in result.stderr.splitlines() if line.strip()]
+            raise BadInput(f"--capture-filter {capture_filter!r}: {reason[-1] if reason else 'tcpdump refused it'}")
 
     def prepare(self) -> None:
         tcpdump = shutil.which("tcpdump")
-        listing = subprocess.run([tcpdump, "-J", "-i", self.iface], capture_output=True, text=True, timeout=10)
+        listing = children.run([tcpdump, "-J", "-i", self.iface], capture_output=True, text=True, timeout=10)
         self.timestamp_type = pick_timestamp_type(listing.stdout + listing.stderr)
-        self.ring_dir = Path(tempfile.mkdtemp(prefix="guardian-capture-"))
+        self.ring_dir = children.private_temp_dir("capture")
         max_bytes = int(self.option("capture_max_bytes"))
         file_megabytes = max(1, max_bytes // RING_FILES // 1_000_000)
         command = tcpdump_command(tcpdump, self.iface, self.option("capture_filter"),
@@ -203,8 +222,8 @@ class CaptureProbe(ProbeBase):
                                   self.timestamp_type)
         self.stderr_path = self.ring_dir / "tcpdump.stderr"
         self.stderr_file = open(self.stderr_path, "w+")
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=self.stderr_file,
-                                        start_new_session=True)
+        self.process = children.spawn(command, stdout=subprocess.DEVNULL, stderr=self.stderr_file,
+                                      start_new_session=True)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             text = self.stderr_path.read_text()
@@ -231,10 +250,14 @@ class CaptureProbe(ProbeBase):
     def abandon(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
+            self.process.wait()
+        if self.ring_dir is not None and not self.process_is_collecting:
+            shutil.rmtree(self.ring_dir, ignore_errors=True)
 
     def collect(self, window: Window) -> dict[str, pa.Table]:
         from probes.pcap_reader import CaptureReader
 
+        self.process_is_collecting = True
         try:
             while not window.wait(0.5):
                 if self.process.poll() is not None:

@@ -25,7 +25,8 @@ from typing import ClassVar
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from core.errors import Unavailable
+from core.children import spawn
+from core.errors import BadInput, Unavailable
 from core.host import Host, format_cpu_list, parse_cpu_list
 from probes.base import ProbeBase, finding, findings_table, rows_to_table
 
@@ -117,10 +118,11 @@ def choose_cpus(requested: str | None, isolated: list[int], online: list[int]) -
         try:
             cpus = parse_cpu_list(str(requested))
         except ValueError:
-            raise Unavailable(f"--jitter-cpus {requested!r}: not a CPU list (like 2-3)") from None
+            raise BadInput(f"--jitter-cpus {requested!r}: not a CPU list (like 2-3)") from None
         offline = sorted(set(cpus) - set(online))
         if offline or not cpus:
-            raise Unavailable(f"--jitter-cpus {requested}: CPUs {format_cpu_list(offline) or 'none'} "
+            # The user named these CPUs: a typo is bad input, not a probe that cannot run here.
+            raise BadInput(f"--jitter-cpus {requested}: CPUs {format_cpu_list(offline) or 'none'} "
                               f"are not online (online: {format_cpu_list(online)})")
         return cpus
     if isolated:
@@ -179,7 +181,7 @@ class JitterProbe(ProbeBase):
         softirqs_before = self.host.read_optional("/proc/softirqs")
         root = str(Path(__file__).resolve().parent.parent)
         env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        children = [subprocess.Popen(
+        children = [spawn(
             [sys.executable, "-m", "probes.jitter_loop", "--cpu", str(cpu), "--duration-ns", str(duration_ns),
              "--threshold-ns", str(self.threshold_ns)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) for cpu in self.cpus]

@@ -71,7 +71,8 @@ class KernelProbe(ProbeBase):
             return load_profile(profile, self.option("profile_dir"),
                                 dict(self.option("profile_vars") or {}), self.host)
         except BadInput as error:
-            raise Unavailable(f"profile {profile}: {error}") from None
+            # --profile was asked for by name: an unknown or broken profile is the user's input.
+            raise BadInput(f"--profile {profile}: {error}") from None
 
     def check(self) -> None:
         self._load()

@@ -24,7 +24,7 @@ from urllib.parse import unquote, urlsplit
 
 import pyarrow as pa
 
-from core.errors import Unavailable
+from core.errors import BadInput, Unavailable
 from probes.base import ProbeBase, Window, finding, findings_table, rows_to_table
 
 CONNECT_TIMEOUT_S = 5.0
@@ -428,11 +428,13 @@ class PostgresProbe(ProbeBase):
             try:
                 return await asyncpg.connect(self._dsn, timeout=CONNECT_TIMEOUT_S,
                                              server_settings={"application_name": "guardian-agent"})
+            # A refused login or an unknown database is the DSN the user gave (bad input, before the
+            # window); a server that is down is a probe that cannot run now (unavailable).
             except (asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError) as error:
-                raise Unavailable(f"authentication failed at {dsn_target(self._dsn)}: "
-                                  f"{scrub(str(error), self._dsn)}") from None
+                raise BadInput(f"--pg-dsn: authentication failed at {dsn_target(self._dsn)}: "
+                               f"{scrub(str(error), self._dsn)}") from None
             except asyncpg.InvalidCatalogNameError as error:
-                raise Unavailable(f"{scrub(str(error), self._dsn)} (check the database in --pg-dsn)") from None
+                raise BadInput(f"--pg-dsn: {scrub(str(error), self._dsn)} (check the database in --pg-dsn)") from None
             except (OSError, asyncio.TimeoutError) as error:
                 why = "connection refused" if isinstance(error, ConnectionRefusedError) else \
                     ("timed out" if isinstance(error, asyncio.TimeoutError) else scrub(str(error), self._dsn))

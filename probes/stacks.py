@@ -26,7 +26,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import ClassVar, Iterable
 
 import pyarrow as pa
 
+from core import children
 from core.errors import BadInput, Unavailable
 from core.host import Host
 from probes.base import ProbeBase, ProbeConfig, Window, finding, findings_table, rows_to_table
@@ -321,7 +321,7 @@ def pyspy_version() -> str:
     if not binary:
         return "not installed"
     try:
-        return subprocess.run([binary, "--version"], capture_output=True, text=True,
+        return children.run([binary, "--version"], capture_output=True, text=True,
                               timeout=5).stdout.strip() or "py-spy"
     except (OSError, subprocess.TimeoutExpired):
         return "py-spy"
@@ -428,7 +428,7 @@ class StacksProbe(ProbeBase):
         self._samplers: list[_Sampler] = []
         # Targets left out (unreadable, exited, no sampler for them), named in the status reason.
         self._skipped: list[str] = []
-        self._workdir: tempfile.TemporaryDirectory | None = None
+        self._workdir: Path | None = None
 
     # -- check / prepare ---------------------------------------------------------------------
 
@@ -474,7 +474,7 @@ class StacksProbe(ProbeBase):
         binary = find_py_spy()
         for pid in list(self.python_pids):
             try:
-                result = subprocess.run([binary, "dump", "--nonblocking", "--pid", str(pid)],
+                result = children.run([binary, "dump", "--nonblocking", "--pid", str(pid)],
                                         capture_output=True, text=True, timeout=20)
             except subprocess.TimeoutExpired:
                 continue  # a slow dump is not a failure to read; record will tell
@@ -494,13 +494,13 @@ class StacksProbe(ProbeBase):
 
     def _start(self, sampler: _Sampler) -> None:
         assert self._workdir is not None
-        sampler.stderr_path = Path(self._workdir.name) / f"{sampler.output.name}.stderr"
+        sampler.stderr_path = self._workdir / f"{sampler.output.name}.stderr"
         with open(sampler.stderr_path, "w") as stderr:
             # A new session: the sampler must not get the audit's terminal Ctrl-C before we stop it
             # and let it write out what it has. py-spy reports progress (sample and error counts,
             # "process exited") on stdout and errors on stderr: keep both.
-            sampler.process = subprocess.Popen(sampler.command, stdout=stderr, stderr=subprocess.STDOUT,
-                                               stdin=subprocess.DEVNULL, start_new_session=True)
+            sampler.process = children.spawn(sampler.command, stdout=stderr, stderr=subprocess.STDOUT,
+                                             stdin=subprocess.DEVNULL, start_new_session=True)
 
     def _stop_all(self) -> None:
         """SIGINT every sampler at once (each flushes what it has), then wait on one shared
@@ -530,12 +530,12 @@ class StacksProbe(ProbeBase):
                 sampler.process.kill()
 
     def collect(self, window: Window) -> dict[str, pa.Table]:
-        self._workdir = tempfile.TemporaryDirectory(prefix="guardian-stacks-")
+        self._workdir = children.private_temp_dir("stacks")
         try:
-            return self._collect(window, Path(self._workdir.name))
+            return self._collect(window, self._workdir)
         finally:
             self.abandon()
-            self._workdir.cleanup()
+            shutil.rmtree(self._workdir, ignore_errors=True)
 
     def _collect(self, window: Window, workdir: Path) -> dict[str, pa.Table]:
         binary = find_py_spy()
@@ -642,7 +642,7 @@ class StacksProbe(ProbeBase):
             if not sampler.output.exists() or sampler.output.stat().st_size == 0:
                 return [], perf_failure_reason(sampler.stderr, sampler.pids), [], True
             try:
-                script = subprocess.run([find_perf(), "script", "-i", str(sampler.output),
+                script = children.run([find_perf(), "script", "-i", str(sampler.output),
                                          "-F", "comm,pid,tid,ip,sym,dso"],
                                         capture_output=True, text=True, timeout=30, errors="replace")
             except subprocess.TimeoutExpired:

@@ -14,6 +14,7 @@ import subprocess
 from dataclasses import dataclass
 from typing import Iterable
 
+from core import children
 from core.errors import BadInput
 from core.host import Host
 
@@ -93,8 +94,8 @@ def _unit_cgroup(host: Host, unit: str) -> str | None:
     """The unit's cgroup path: systemd's answer when it runs, else the usual cgroup v2 places."""
     if host.is_real:
         try:
-            result = subprocess.run(["systemctl", "show", "--property=ControlGroup", "--value", unit],
-                                    capture_output=True, text=True, timeout=5)
+            result = children.run(["systemctl", "show", "--property=ControlGroup", "--value", unit],
+                                  capture_output=True, text=True, timeout=5)
             cgroup = result.stdout.strip()
             if result.returncode == 0 and cgroup:
                 return cgroup

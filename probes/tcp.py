@@ -153,6 +153,13 @@ def format_address(family: int, raw: bytes) -> str:
     return str(address.ipv4_mapped) if address.ipv4_mapped else str(address)
 
 
+def pid_filter_note(pids: Iterable[int]) -> str:
+    """--pid/--process narrow this probe too; the status says so instead of a silently short table."""
+    shown = sorted(set(pids))
+    listed = ", ".join(map(str, shown[:8])) + (f" and {len(shown) - 8} more" if len(shown) > 8 else "")
+    return f"only connections of pid {listed} (--pid/--process/--unit filter this probe too)"
+
+
 def tcp_rows(records: Iterable[dict], now_monotonic_ns: int, wall_offset_ns: int,
              owners: dict[tuple, tuple[int, str]] | None = None,
              listeners: dict[int, tuple[int, str]] | None = None,
@@ -450,9 +457,10 @@ class TcpProbe(LoadedProgram, ProbeBase):
         rows = tcp_rows(closed + open_records, now_ns, wall_offset_ns, owners, listeners,
                         parse_roles(self._role_items()), self.config.pids)
         findings = tcp_findings(rows, lost[0], lost[1])
-        self.status_reason = ""
+        notes = [pid_filter_note(self.config.pids)] if self.config.pids else []
         if lost[0] or lost[1]:
-            self.status_reason = f"{lost[0]} connections untracked, {lost[1]} closed connections lost"
+            notes.append(f"{lost[0]} connections untracked, {lost[1]} closed connections lost")
+        self.status_reason = "; ".join(notes)
         return {"tcp": rows_to_table(rows, SCHEMA), "findings": findings_table(findings)}
 
     @staticmethod

@@ -10,9 +10,11 @@ says where it came from.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
+import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -24,7 +26,7 @@ import pyarrow.parquet as pq
 
 from core import __version__
 from core.atomic import atomic_path, write_json_atomic
-from core.errors import BadInput
+from core.errors import BadInput, WorkFailed
 from core.host import Host, format_cpu_list
 
 BUNDLE_FORMAT = 1
@@ -115,6 +117,8 @@ class BundleWriter:
         self.out_dir = validate_out_dir(Path(out_dir))
         self.host = host or Host.real()
         self.run_id = run_id or new_run_id(self.host.hostname())
+        self.created_out_dir = not self.out_dir.exists()
+        self.failure: WorkFailed | None = None
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as error:
@@ -134,13 +138,45 @@ class BundleWriter:
             raise ValueError(f"table name {name!r} must be alphanumeric/underscore")
         if name in self.tables_written:
             raise ValueError(f"table {name!r} written twice in one bundle")
-        write_parquet_atomic(
-            table,
-            self.path(f"{name}.parquet"),
-            {"run_id": self.run_id, "probe": probe, "table": name, "agent_version": __version__},
-        )
+        with self._abort_on_os_error(f"{name}.parquet"):
+            write_parquet_atomic(
+                table,
+                self.path(f"{name}.parquet"),
+                {"run_id": self.run_id, "probe": probe, "table": name, "agent_version": __version__},
+            )
         self.tables_written[name] = table.num_rows
         return table.num_rows
+
+    @contextlib.contextmanager
+    def _abort_on_os_error(self, what: str):
+        """A write that fails (disk full, quota, I/O error) ends the bundle: everything this run
+        put under --out is removed, since Parquet files without a manifest look like data
+        nobody can trust, and every later write raises the same one-line error."""
+        if self.failure is not None:
+            raise self.failure
+        try:
+            yield
+        except OSError as error:
+            self.discard()
+            self.failure = WorkFailed(
+                f"--out {self.out_dir}: {error.strerror or error} while writing {what}; "
+                "removed the incomplete bundle")
+            raise self.failure from None
+
+    def discard(self) -> None:
+        """Remove what this run wrote: --out was absent or empty when it started, so all of it."""
+        if not self.out_dir.is_dir():
+            return
+        for entry in self.out_dir.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+        if self.created_out_dir:
+            try:
+                self.out_dir.rmdir()
+            except OSError:
+                pass
 
     def add_probe(self, record: ProbeRecord) -> None:
         self.probes.append(record)
@@ -164,7 +200,8 @@ class BundleWriter:
         }
         if extra:
             manifest.update(extra)
-        write_json_atomic(manifest, self.path(MANIFEST_NAME))
+        with self._abort_on_os_error(MANIFEST_NAME):
+            write_json_atomic(manifest, self.path(MANIFEST_NAME))
         self.finished = True
         return manifest
 
@@ -200,7 +237,12 @@ class Bundle:
         file = self.path / f"{name}.parquet"
         if not file.exists():
             raise KeyError(name)
-        return pq.read_table(file)
+        try:
+            return pq.read_table(file)
+        except (pa.ArrowException, OSError) as error:
+            # A truncated or bit-flipped file (a copy cut short, a bad disk) is the input's fault.
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise BadInput(f"{file}: not a readable Parquet file ({reason})") from None
 
     def probe(self, name: str) -> dict[str, Any] | None:
         for record in self.manifest.get("probes", []):

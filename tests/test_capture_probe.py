@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from core.errors import Unavailable
+from core.errors import BadInput, Unavailable
 from probes.base import ProbeConfig
 from probes.capture import (HEADERS_SNAPLEN_BYTES, CaptureProbe, merge_ring, pick_timestamp_type,
                             tcpdump_command, tcpdump_counters)
@@ -82,7 +82,7 @@ def test_merge_of_an_empty_ring_is_a_valid_empty_capture(tmp_path):
 def test_check_names_what_is_missing():
     with pytest.raises(Unavailable, match="--iface"):
         CaptureProbe(ProbeConfig(options={})).check()
-    with pytest.raises(Unavailable, match="does not exist"):
+    with pytest.raises(BadInput, match="no such interface"):
         CaptureProbe(ProbeConfig(options={"iface": "no-such-if0"})).check()
 
 

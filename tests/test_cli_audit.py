@@ -16,12 +16,12 @@ from reports.bundle import Bundle
 from tests.conftest import PROJECT_ROOT, run_agent, syscall_load
 
 BAD_INPUTS = [
-    (["audit", "--duration", "0"], "--duration must be positive"),
-    (["audit", "--duration", "-3"], "--duration must be positive"),
+    (["audit", "--duration", "0"], "'--duration': '0': give more than 0"),
+    (["audit", "--duration", "-3"], "'--duration': '-3': give more than 0"),
     (["audit", "--pid", "999999999"], "--pid 999999999: no such process"),
     (["audit", "--probes", "host,warp_drive"], "unknown probe warp_drive"),
     (["audit", "--process", "no-such-process-xyz"], "--process no-such-process-xyz: no running process"),
-    (["audit", "--duration", "abc"], "'abc' is not a valid float"),
+    (["audit", "--duration", "abc"], "'abc' is not a number of seconds"),
     (["audit", "--no-such-flag"], "No such option '--no-such-flag'"),
 ]
 

@@ -104,7 +104,7 @@ def test_error_rate_increase_fails_the_gate():
 
 def test_tiny_samples_make_the_gate_inconclusive_with_samples_needed():
     verdict = judge(latency_metrics([1e6, 1.1e6, 0.9e6], [1e6, 1.2e6]), GateSettings())
-    assert verdict.verdict == "inconclusive" and verdict.exit_code == 2
+    assert verdict.verdict == "inconclusive" and verdict.exit_code == 4
     assert verdict.samples_needed >= 20 and "per side needed" in verdict.reason
 
 
@@ -207,7 +207,7 @@ def test_cli_exit_codes_json_and_decision_record(bundles, tmp_path, agent_cli):
 
     undecided = agent_cli("gate", "--baseline", str(bundles["base"]), "--candidate", str(bundles["tiny"]),
                           "--record", str(record), "--json")
-    assert undecided.returncode == 2
+    assert undecided.returncode == 4
     assert json.loads(undecided.stdout)["samples_needed"] >= 20
 
     decisions = ds.dataset(record, format="parquet").to_table()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from core.errors import Unavailable
+from core.errors import BadInput, Unavailable
 from core.host import Host
 from probes.base import ProbeConfig, Window
 from probes.jitter import (JitterProbe, choose_cpus, interrupt_rows, jitter_findings, jitter_rows,
@@ -64,7 +64,7 @@ def test_cpu_choice_is_never_a_guess():
         choose_cpus(None, isolated=[], online=[0, 1])
     assert choose_cpus(None, isolated=[2, 3], online=[0, 1, 2, 3]) == [2, 3]
     assert choose_cpus("1", isolated=[2, 3], online=[0, 1, 2, 3]) == [1]
-    with pytest.raises(Unavailable, match="not online"):
+    with pytest.raises(BadInput, match="not online"):
         choose_cpus("7", isolated=[], online=[0, 1])
     assert JitterProbe.default_enabled == bool(Host.real().isolated_cpus())
 

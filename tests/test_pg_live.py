@@ -141,11 +141,13 @@ def test_probe_unavailable_reasons_never_leak_password(pg):
     refused = f"postgresql://{AUDITOR_ROLE}:{AUDITOR_PASSWORD}@127.0.0.1:{free_loopback_port()}/postgres"
     pg.psql("DROP DATABASE IF EXISTS plain; CREATE DATABASE plain")
     missing = pg.dsn(AUDITOR_ROLE, database="plain", password=AUDITOR_PASSWORD)
-    for dsn, reason in ((wrong, "authentication failed"), (refused, "connection refused"),
-                        (missing, "pg_stat_statements is not installed")):
+    from core.errors import BadInput
+
+    for dsn, reason, error in ((wrong, "authentication failed", BadInput), (refused, "connection refused", Unavailable),
+                               (missing, "pg_stat_statements is not installed", Unavailable)):
         probe = _probe({"pg_dsn": dsn})
         probe.check()
-        with pytest.raises(Unavailable) as caught:
+        with pytest.raises(error) as caught:
             probe.prepare()
         assert reason in str(caught.value)
         assert AUDITOR_PASSWORD not in str(caught.value)
@@ -176,7 +178,9 @@ def test_audit_with_dsn_file_end_to_end(pg, tmp_path, agent_cli):
     bad = tmp_path / "bad"
     bad_dsn = f"postgresql://{AUDITOR_ROLE}:{AUDITOR_PASSWORD}@127.0.0.1:{free_loopback_port()}/postgres"
     result = agent_cli("audit", "--probes", "postgres", "--duration", "1", "--pg-dsn", bad_dsn, "--out", str(bad))
-    assert result.returncode == 0, result.stderr
+    # The only probe asked for could not run: the bundle says why, and the exit is not "all clear".
+    assert result.returncode == 1, result.stderr
+    assert "NOTHING MEASURED" in result.stdout
     record = Bundle(bad).probe("postgres")
     assert record["status"] == "unavailable" and "connection refused" in record["reason"]
     everything = b"".join(p.read_bytes() for p in bad.iterdir()) + result.stdout.encode() + result.stderr.encode()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from agent.option_types import WINDOW_SECONDS
 from core.errors import BadInput
 
 
@@ -53,7 +54,7 @@ spool_option = click.option("--spool", "spool_dir", type=click.Path(path_type=Pa
 
 @click.command()
 @config_option
-@click.option("--duration", "duration_s", type=float, help="Window length in seconds (default: config, 30).")
+@click.option("--duration", "duration_s", type=WINDOW_SECONDS, help="Window length in seconds (default: config, 30).")
 @dataset_option
 @spool_option
 @click.option("--upload-only", is_flag=True, help="Do not audit: only publish the runs waiting in the spool.")
@@ -93,7 +94,7 @@ def collect(obj, config_path, duration_s, dataset_root, spool_dir, upload_only, 
 @config_option
 @dataset_option
 @spool_option
-@click.option("--window", "window_s", type=float, help="Window length in seconds (default: config, 300).")
+@click.option("--window", "window_s", type=WINDOW_SECONDS, help="Window length in seconds (default: config, 300).")
 @click.option("--max-windows", type=int, hidden=True, help="Stop after N windows (tests, benchmarks).")
 def daemon(config_path, dataset_root, spool_dir, window_s, max_windows):
     """Keep the cheap probes (host, syscalls, tcp) running in rolling windows.

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from core.errors import BadInput
+from core.errors import BadInput, GuardianError
 
 DEFAULT_RECORD_DIR = Path("guardian-reports") / "gate-decisions"
 
@@ -47,12 +47,14 @@ def gate(baseline_path: Path | None, candidate_path: Path | None, rollout_path: 
     """Judge CANDIDATE against BASELINE, metric by metric, on raw samples.
 
     \b
-    Exit codes: 0 pass, 1 fail, 2 inconclusive or marginal (collect more samples
-    and run again; the samples needed are reported), 2 also for bad input.
+    Exit codes: 0 pass, 1 fail, 4 inconclusive or marginal (collect more samples
+    and run again; the samples needed are reported), 2 bad input.
+    A verdict that cannot be appended to --record keeps its exit code; the
+    record error is a separate line on stderr.
     """
     from agent.gate.config import load_settings
     from agent.gate.kpi import bundle_metrics
-    from agent.gate.record import append_decision, decision_rows, validate_record_dir
+    from agent.gate.record import decision_rows, validate_record_dir
     from agent.gate.verdict import judge
     from reports.bundle import Bundle
 
@@ -84,10 +86,8 @@ def gate(baseline_path: Path | None, candidate_path: Path | None, rollout_path: 
         raise BadInput(f"{baseline_name} and {candidate_name} hold no table the gate can judge "
                        "(turns, syscalls, pg_queries, host, tcp, flows)")
     verdict = judge(metrics, settings)
-    if not no_record:
-        append_decision(record_dir, decision_rows(
-            verdict, settings, context=context, baseline=baseline_name, candidate=candidate_name,
-            baseline_run_id=baseline_run_id, candidate_run_id=candidate_run_id))
+    rows = decision_rows(verdict, settings, context=context, baseline=baseline_name, candidate=candidate_name,
+                         baseline_run_id=baseline_run_id, candidate_run_id=candidate_run_id)
     if as_json:
         payload = verdict.as_dict()
         payload.update({"baseline": baseline_name, "candidate": candidate_name,
@@ -95,7 +95,22 @@ def gate(baseline_path: Path | None, candidate_path: Path | None, rollout_path: 
         click.echo(json.dumps(payload, indent=2))
     else:
         click.echo(render_text(verdict))
+    if not no_record:
+        record_decision(record_dir, rows)
     return verdict.exit_code
+
+
+def record_decision(record_dir: Path, rows: list[dict]) -> None:
+    """Append to the decision record; a failure is its own line, never the verdict's exit code
+    (a read-only or full record directory must not turn a pass into a fail)."""
+    from agent.gate.record import append_decision
+
+    try:
+        append_decision(record_dir, rows)
+    except (OSError, GuardianError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        click.echo(f"guardian-agent: --record {record_dir}: decision not recorded ({reason}); "
+                   "the verdict above stands", err=True)
 
 
 commands = [gate]

@@ -4,6 +4,13 @@ A local ROOT is read by DuckDB's own Parquet reader (hive partitioning, union_by
 written by different agent versions with extra columns still line up). An s3:// ROOT is read
 through pyarrow's S3 filesystem and handed to DuckDB as Arrow datasets: DuckDB's httpfs
 extension is downloaded at run time, which a locked-down trading host cannot do.
+
+`query` runs the user's SQL as root, so once the views exist the connection is locked down:
+only SELECT statements (and EXPLAIN of one) run; DuckDB's file access is limited to the dataset
+directory (enable_external_access=false with allowed_directories, DuckDB >= 1.1), extensions are
+never installed or loaded, and lock_configuration=true stops the SQL from undoing any of it.
+Without this, `read_csv('/etc/shadow')`, `COPY ... TO`, `ATTACH`, `EXPORT DATABASE` and `INSTALL`
+all worked.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ from pathlib import Path
 from core.errors import BadInput
 
 FORMATS = ("table", "csv", "json")
+READ_ONLY_STATEMENTS = ("SELECT",)
+EXPLAIN_PREFIX = re.compile(r"^\s*EXPLAIN(\s+ANALYZE)?\b", re.IGNORECASE)
 TABLE_DIR = re.compile(r"^table=([A-Za-z0-9_]+)$")
 
 
@@ -81,8 +90,44 @@ def open_dataset_connection(root: str, endpoint_url: str | None = None, region: 
         for name in names:
             if wanted is None or name in wanted:
                 connection.execute(f'CREATE VIEW "{name}" AS SELECT * FROM {local_source_sql(base, name)}')
+        lock_down(connection, base)
         return connection, names
-    return _open_s3(connection, root, endpoint_url, region, wanted)
+    connection, names = _open_s3(connection, root, endpoint_url, region, wanted)
+    lock_down(connection, None)  # the Arrow datasets are read by pyarrow, not by DuckDB's file system
+    return connection, names
+
+
+def lock_down(connection, readable_dir: Path | None) -> None:
+    """After the views are made: no file outside the dataset, no extension, no setting changes."""
+    allowed = [str(readable_dir.resolve()).rstrip("/") + "/"] if readable_dir is not None else []
+    connection.execute(f"SET allowed_directories = [{', '.join(sql_string(d) for d in allowed)}]")
+    for setting in ("enable_external_access", "autoinstall_known_extensions", "autoload_known_extensions",
+                    "allow_community_extensions", "allow_unsigned_extensions"):
+        try:
+            connection.execute(f"SET {setting} = false")
+        except Exception as error:  # noqa: BLE001 - a setting this DuckDB lacks
+            if "unrecognized configuration" not in str(error).lower():
+                raise
+    connection.execute("SET lock_configuration = true")
+
+
+def check_read_only(sql: str) -> None:
+    """Refuse anything but SELECT (DuckDB's own parser names each statement's type)."""
+    import duckdb
+
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error as error:
+        raise BadInput(f"query: {str(error).splitlines()[0]}") from None
+    if not statements:
+        raise BadInput("query: give an SQL statement")
+    for statement in statements:
+        kind = str(statement.type).rsplit(".", 1)[-1]
+        if kind == "EXPLAIN":
+            check_read_only(EXPLAIN_PREFIX.sub("", statement.query, count=1))
+            continue
+        if kind not in READ_ONLY_STATEMENTS:
+            raise BadInput(f"query: only SELECT statements can run (read-only access to the dataset), not {kind}")
 
 
 def local_root(root: str) -> Path:
@@ -143,6 +188,7 @@ def run_query(root: str, sql: str, endpoint_url: str | None = None, region: str 
 
     from agent.fleet.query_rewrite import referenced_names, rewrite_select
 
+    check_read_only(sql)
     connection, names = None, []
     try:
         if "://" not in root:
@@ -154,6 +200,7 @@ def run_query(root: str, sql: str, endpoint_url: str | None = None, region: str 
                 connection.close()
                 connection, names = open_dataset_connection(root, wanted=referenced_names(sql, names))
             else:
+                lock_down(connection, base)  # the rewritten files are read under the same lock
                 sql = rewritten
         else:
             connection, names = open_dataset_connection(root, endpoint_url, region, referenced_names(sql))

@@ -26,9 +26,12 @@ import numpy as np
 from agent.gate.config import GateSettings, MetricSettings
 from agent.gate.kpi import MetricData
 from agent.gate.statistics import TestResult, proportion_test, shift_test, tail_test
+from core.errors import EXIT_INCONCLUSIVE
 
 CLASSES = ("pass", "marginal", "fail", "inconclusive", "skipped")
-VERDICT_EXIT_CODES = {"pass": 0, "fail": 1, "inconclusive": 2, "marginal": 2}
+# Inconclusive/marginal have their own code: sharing 2 with bad input made a typo in a CI job's
+# flags look like "collect more samples" (agent/cli.py documents the codes).
+VERDICT_EXIT_CODES = {"pass": 0, "fail": 1, "inconclusive": EXIT_INCONCLUSIVE, "marginal": EXIT_INCONCLUSIVE}
 
 
 @dataclass

@@ -108,7 +108,9 @@ class CommandAdapter(TrafficAdapter):
                    for part in shlex.split(self.settings.set_weights)]
         started = time.monotonic()
         try:
-            result = subprocess.run(command, capture_output=True, text=True, timeout=self.settings.timeout_s)
+            from core.children import run
+
+            result = run(command, capture_output=True, text=True, timeout=self.settings.timeout_s)
         except subprocess.TimeoutExpired:
             raise WorkFailed(f"traffic command timed out after {self.settings.timeout_s:g} s") from None
         except OSError as error:

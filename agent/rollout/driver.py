@@ -90,8 +90,10 @@ def judge_samples(blue: list[Sample], green: list[Sample], plan: Plan) -> GateVe
 
 def run_hook(command: str, timeout_s: float, stop: threading.Event) -> tuple[int, str]:
     """Run one hook (shell syntax allowed: these are the operator's own commands). Interruptible."""
-    process = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, start_new_session=True)
+    from core.children import spawn
+
+    process = spawn(command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                    text=True, start_new_session=True)
     deadline = time.monotonic() + timeout_s
     output = []
     reader = threading.Thread(target=lambda: output.append(process.stdout.read()), daemon=True)
