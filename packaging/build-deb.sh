@@ -68,7 +68,8 @@ find "$STAGE$PREFIX/venv/bin" -maxdepth 1 -type f -name 'activate*' -delete
 mkdir -p "$STAGE/usr/bin" "$STAGE/lib/systemd/system" "$STAGE$PREFIX/share/doc" "$STAGE/DEBIAN"
 ln -s "$PREFIX/venv/bin/guardian-agent" "$STAGE/usr/bin/guardian-agent"
 install -m 0644 packaging/systemd/guardian-agent.service packaging/systemd/guardian-agent-collect.service \
-    packaging/systemd/guardian-agent-collect.timer "$STAGE/lib/systemd/system/"
+    packaging/systemd/guardian-agent-collect.timer packaging/systemd/guardian-agent-compact.service \
+    packaging/systemd/guardian-agent-compact.timer "$STAGE/lib/systemd/system/"
 [ -f docs/fleet.md ] && install -m 0644 docs/fleet.md "$STAGE$PREFIX/share/doc/fleet.md"
 cat > "$STAGE$PREFIX/share/config.example.toml" <<'EOF'
 # /etc/guardian-agent/config.toml — see /opt/guardian-agent/share/doc/fleet.md

@@ -11,7 +11,8 @@ import pytest
 
 from tests.conftest import PROJECT_ROOT
 
-UNITS = ("guardian-agent.service", "guardian-agent-collect.service", "guardian-agent-collect.timer")
+UNITS = ("guardian-agent.service", "guardian-agent-collect.service", "guardian-agent-collect.timer",
+         "guardian-agent-compact.service", "guardian-agent-compact.timer")  # compact: shipped, not enabled
 UNIT_DIR = Path("/lib/systemd/system")
 
 
