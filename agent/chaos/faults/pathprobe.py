@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import os
 import select
 import socket
 import struct
@@ -32,6 +33,7 @@ class Sample:
     status: int = 0
     injected: bool = False
     error: str = ""
+    connection: int = -1           # which connection of many_round_trips carried it
 
 
 @dataclass
@@ -46,11 +48,22 @@ class Endpoint:
 
 def new_socket(endpoint: Endpoint, mark: int | None, timeout_s: float) -> socket.socket:
     sock = socket.socket(endpoint.family, socket.SOCK_STREAM)
+    spread_loopback_source(sock, endpoint)
     if mark is not None:
         sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.settimeout(timeout_s)
     return sock
+
+
+def spread_loopback_source(sock: socket.socket, endpoint: Endpoint) -> None:
+    """A random 127/8 source address for a loopback target. Thousands of probe connections per
+    second from 127.0.0.1 reuse client ports whose tuples conntrack still tracks (CLOSE and
+    TIME_WAIT entries); the redirect then cannot translate the new SYN and it is refused (0.3-5%
+    of connections, measured). Spread over 127/8 the tuples do not repeat."""
+    if endpoint.family == socket.AF_INET and endpoint.host.startswith("127."):
+        octets = os.urandom(3)
+        sock.bind((f"127.{octets[0]}.{octets[1]}.{max(1, octets[2])}", 0))
 
 
 def round_trip(endpoint: Endpoint, mark: int | None = None, timeout_s: float = 5.0,
@@ -136,8 +149,8 @@ def many_round_trips(endpoint: Endpoint, count: int, parallel: int = 8, mark: in
     deadline = time.monotonic() + timeout_s * max(1, requests_per_connection)
     while (waiting or active) and time.monotonic() < deadline:
         while waiting and len(active) < parallel:
-            waiting.pop()
-            exchange = _Exchange(endpoint, mark, timeout_s, min(requests_per_connection, count - len(samples)
+            index = waiting.pop()
+            exchange = _Exchange(endpoint, mark, timeout_s, index, min(requests_per_connection, count - len(samples)
                                                                 - sum(e.left for e in active.values())))
             if exchange.left <= 0:
                 continue
@@ -162,8 +175,8 @@ def many_round_trips(endpoint: Endpoint, count: int, parallel: int = 8, mark: in
 class _Exchange:
     """One keep-alive connection of many_round_trips."""
 
-    def __init__(self, endpoint: Endpoint, mark: int | None, timeout_s: float, requests: int):
-        self.endpoint, self.left, self.buffer = endpoint, requests, b""
+    def __init__(self, endpoint: Endpoint, mark: int | None, timeout_s: float, index: int, requests: int):
+        self.endpoint, self.left, self.buffer, self.index = endpoint, requests, b"", index
         self.pg_negotiated = False
         self.sock: socket.socket | None = None
         self.failure = Sample(None)
@@ -206,13 +219,14 @@ class _Exchange:
                 self.pg_negotiated, self.buffer = True, b""
                 self.send()
                 return False
-            samples.append(Sample((self.first_byte_ns - self.started_ns) / 1e6))
+            samples.append(Sample((self.first_byte_ns - self.started_ns) / 1e6, connection=self.index))
             return True
         answer = parse_http_answer(self.buffer)
         if answer is None:
             return False
         status, injected, used = answer
-        samples.append(Sample((self.first_byte_ns - self.started_ns) / 1e6, status=status, injected=injected))
+        samples.append(Sample((self.first_byte_ns - self.started_ns) / 1e6, status=status, injected=injected,
+                              connection=self.index))
         self.buffer = self.buffer[used:]
         self.left -= 1
         if self.left <= 0:
@@ -249,7 +263,7 @@ def median_ms(samples: list[Sample]) -> float | None:
     return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
 
 
-def connect_share(endpoint: Endpoint, count: int, batch: int = 100, wait_s: float = 0.15,
+def connect_share(endpoint: Endpoint, count: int, batch: int = 500, wait_s: float = 0.15,
                   mark: int | None = None) -> float:
     """Share of TCP connects that complete within wait_s (a dropped SYN is retransmitted after
     the kernel's 1 s initial RTO, so within 0.15 s it counts as lost). Non-blocking, in batches."""
@@ -258,6 +272,7 @@ def connect_share(endpoint: Endpoint, count: int, batch: int = 100, wait_s: floa
         socks = []
         for _ in range(min(batch, count - first)):
             sock = socket.socket(endpoint.family, socket.SOCK_STREAM)
+            spread_loopback_source(sock, endpoint)
             if mark is not None:
                 sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
             sock.setblocking(False)
@@ -288,8 +303,8 @@ def _count_connected(socks: list[socket.socket], wait_s: float) -> int:
 
 def reset_share(endpoint: Endpoint, count: int, batch: int = 25, wait_s: float = 0.15,
                 mark: int | None = None) -> tuple[float, int]:
-    """Share of connections reset after their first data packet: connect, send one PSH segment,
-    then watch for ECONNRESET. Returns (share reset, connections that connected)."""
+    """Share of connections reset at connect or at their first request: connect, send one
+    request, then watch for ECONNRESET. Returns (share reset, connections that connected)."""
     resets = connected = 0
     for first in range(0, count, batch):
         socks = []
@@ -297,11 +312,21 @@ def reset_share(endpoint: Endpoint, count: int, batch: int = 25, wait_s: float =
             sock = new_socket(endpoint, mark, 1.0)
             try:
                 sock.connect((endpoint.host, endpoint.port))
+            except ConnectionResetError:  # accepted, then reset before connect() returned
+                connected += 1
+                resets += 1
+                sock.close()
+                continue
             except OSError:
                 sock.close()
                 continue
             connected += 1
-            sock.sendall(http_request(endpoint, close=False))
+            try:
+                sock.sendall(http_request(endpoint, close=False))
+            except ConnectionResetError:  # reset at connect, before the request left
+                resets += 1
+                sock.close()
+                continue
             sock.setblocking(False)
             socks.append(sock)
         deadline = time.monotonic() + wait_s

@@ -234,10 +234,13 @@ class CpuInjector(StressInjector):
         total = max(1, total_after - total_before)
         busy_pct = 100 * (busy_after - busy_before) / total
         stress_pct = 100 * (stress_after - stress_before) / total
-        expected = self.spec["load_pct"] * (1 if "cgroup" in self.spec else 1)
+        expected = self.spec["load_pct"]
         return {"metric": "cpu_busy_pct", "expected": expected, "measured": round(busy_pct, 1),
                 "stress_pct": round(stress_pct, 1), "cpus": format_cpu_list(cpus),
-                "bit": bool(workers) and is_alive(self.identity) and stress_pct >= expected * 0.5}
+                # The workers got half their load, or the CPUs are as busy as asked anyway (a
+                # host already loaded by others leaves the workers less: the pressure is there).
+                "bit": bool(workers) and is_alive(self.identity) and (stress_pct >= expected * 0.5
+                                                                      or busy_pct >= expected)}
 
 
 class MemoryInjector(StressInjector):

@@ -23,7 +23,7 @@ from pathlib import Path
 from core.errors import BadInput, Unavailable, WorkFailed
 from core.host import Host
 
-from .base import Injector, OBJECT_PREFIX, is_alive, is_same_process, run_id, text
+from .base import Injector, OBJECT_PREFIX, is_alive, is_same_process, process_identity, run_id, text
 from .targets import (PROCESS_KEYS, cgroup_v1_mount, cgroup_v2_mount, describe_process, pid_from_file,
                       pids_named, process_cgroup, process_target_key, resolve_cgroup, resolve_process,
                       systemd_is_init, unit_main_pid, unit_unavailable_reason)
@@ -345,8 +345,12 @@ class KillInjector(ProcessInjector):
         except (BadInput, Unavailable, OSError, ValueError):
             return None
         for pid in candidates:
-            if self.host.pid_exists(pid) and not (pid == self.target["pid"] and is_same_process(self.target)):
-                return pid
+            identity = process_identity(pid)
+            # A live process that is not the killed one (same pid with other start ticks: reuse).
+            if identity["start_ticks"] is not None and identity["start_ticks"] != self.target["start_ticks"] \
+                    or (identity["start_ticks"] is not None and pid != self.target["pid"]):
+                if is_alive(identity):
+                    return pid
         return None
 
     def remove(self) -> None:

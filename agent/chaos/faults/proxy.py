@@ -18,6 +18,11 @@ proxy on the same keep-alive connection without reaching upstream. Requests with
 switch that connection to plain relaying. Clients that pipeline requests could see an injected
 answer overtake an upstream one: HTTP/1.1 clients in practice do not pipeline.
 
+Resets are rolled per connection at accept (`--reset-on connect`) or per chunk the client sends
+(`--reset-on request`: a request written in one send); a rolled one is reset on BOTH sides
+(SO_LINGER 0 then close), so the dependency does not keep a half-open connection, which an nft
+`reject with tcp reset` (it answers only the sender) would leave behind in the server.
+
 Runs as `python -m agent.chaos.faults.proxy ...`; prints `READY <port> <nft_pid>` when serving.
 """
 
@@ -29,6 +34,7 @@ import math
 import random
 import selectors
 import socket
+import struct
 import sys
 import time
 
@@ -52,8 +58,24 @@ class Relay:
         self.passthrough = settings.http_error_pct <= 0
         self.discarding = False
 
+    def rolled_reset(self, moment: str) -> bool:
+        settings = self.settings
+        return settings.reset_pct > 0 and settings.reset_on == moment and random.random() * 100.0 < settings.reset_pct
+
+    def reset_both(self) -> None:
+        for transport in (self.client, self.upstream):
+            if transport is not None and not transport.is_closing():
+                sock = transport.get_extra_info("socket")
+                if sock is not None:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                transport.abort()
+        self.pending_up.clear()
+
     # client -> upstream
     def from_client(self, data: bytes) -> None:
+        if self.rolled_reset("request"):
+            self.reset_both()
+            return
         if self.passthrough:
             self.to_upstream(data)
             return
@@ -146,6 +168,9 @@ class ClientSide(asyncio.Protocol):
 
     def connection_made(self, transport):
         self.relay.client = transport
+        if self.relay.rolled_reset("connect"):
+            self.relay.reset_both()
+            return
         asyncio.ensure_future(self.connect_upstream())
 
     async def connect_upstream(self):
@@ -163,6 +188,9 @@ class ClientSide(asyncio.Protocol):
                 relay.client.abort()  # upstream refused: the client sees what it would have seen
             return
         relay.upstream = transport
+        if relay.client is None:  # reset (or gone) while connecting
+            transport.abort()
+            return
         for data in relay.pending_up:
             transport.write(data)
         relay.pending_up.clear()
@@ -240,6 +268,8 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--jitter-ms", type=float, default=0.0)
     parser.add_argument("--http-error-pct", type=float, default=0.0)
     parser.add_argument("--http-status", type=int, default=503)
+    parser.add_argument("--reset-pct", type=float, default=0.0)
+    parser.add_argument("--reset-on", choices=("request", "connect"), default="request")
     parser.add_argument("--nft-table", default="")
     parser.add_argument("--nft-body", default="", help="rules; {port} becomes the proxy's port")
     settings = parser.parse_args(argv)
