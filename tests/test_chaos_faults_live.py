@@ -444,3 +444,67 @@ def test_undo_record_alone_removes_a_live_owned_fault(http_target):
     finally:
         holder.kill()
         holder.wait()
+
+
+# SIGKILL at named points of apply(): right as it starts, 20/60 ms into it (a proxy is starting,
+# nft is being fed), and once it returned. Residue is searched by the holder's pid, which every
+# name the injectors create carries (tables, proxy argv, stress-ng environment).
+STEPPER = r"""
+import json, sys
+from agent.chaos.faults import injector_for
+spec = json.loads(sys.argv[1])
+cls = injector_for(spec["kind"])
+injector = cls(cls.validate(spec, "fault"))
+injector.check()
+print("applying", flush=True)
+injector.apply()
+print("applied", flush=True)
+sys.stdin.read()
+"""
+
+
+def residue_of(pid: int) -> list[str]:
+    found = []
+    ruleset = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
+    found += [line for line in ruleset.splitlines() if f"_{pid}_" in line]
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = Path(entry.path, "cmdline").read_bytes()
+            environment = Path(entry.path, "environ").read_bytes()
+            state = Path(entry.path, "stat").read_bytes().rsplit(b")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state == b"Z":
+            continue
+        if f"_{pid}_".encode() in argv or f"_{pid}\0".encode() in environment + b"\0" and \
+                b"GUARDIAN_CHAOS_FAULT=" in environment:
+            found.append(f"process {entry.name}: {argv[:80]!r}")
+    return found
+
+
+@pytest.mark.parametrize("kind, kill_after_s", [("latency", 0.0), ("latency", 0.02), ("latency", 0.06),
+                                                ("http_error", None), ("loss", 0.0), ("memory", 0.02)])
+def test_sigkill_during_apply_leaves_nothing(http_target, kind, kill_after_s):
+    specs = {"latency": {"delay_ms": 50}, "http_error": {"share_pct": 50}, "loss": {"share_pct": 50},
+             "memory": {"size_bytes": 256 << 20}}
+    spec = {"kind": kind, "duration_s": 30, **specs[kind]}
+    if kind != "memory":
+        spec["target"] = http_target
+    env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))
+    holder = subprocess.Popen([sys.executable, "-c", STEPPER, json.dumps(spec)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=env)
+    assert holder.stdout.readline().strip() == "applying"
+    if kill_after_s is None:
+        assert holder.stdout.readline().strip() == "applied"
+        assert residue_of(holder.pid)          # the fault is really there before the kill
+    else:
+        time.sleep(kill_after_s)
+    holder.send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    holder.wait()
+    while residue_of(holder.pid) and time.monotonic() - killed_at < 5:
+        time.sleep(0.02)
+    assert time.monotonic() - killed_at <= 2.0, residue_of(holder.pid)
+    assert not residue_of(holder.pid)
