@@ -54,16 +54,21 @@ class OwnedTable:
         self.marker = marker
         self.child: subprocess.Popen | None = None
 
-    def create(self, body: str, timeout_s: float = 2.0) -> dict:
-        """Create `table inet NAME { flags owner; BODY }` in one transaction; returns the child's
-        identity for the journal. Raises WorkFailed with nft's own message if nft refused it."""
+    def start(self) -> None:
+        """Start the holder child ahead of time (nft's own startup then costs apply() nothing)."""
         available, reason = nft_availability()
         if not available:
             raise Unavailable(reason)
-        self.child = spawn_owned([nft_binary(), *(["-I", self.marker] if self.marker else []), "-i"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE)
+        self.child = spawn_owned([nft_binary(), *(["-I", self.marker] if self.marker else []), "-i"],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         for stream in (self.child.stdout, self.child.stderr):
             fcntl.fcntl(stream, fcntl.F_SETFL, fcntl.fcntl(stream, fcntl.F_GETFL) | os.O_NONBLOCK)
+
+    def create(self, body: str, timeout_s: float = 2.0) -> dict:
+        """Create `table inet NAME { flags owner; BODY }` in one transaction; returns the child's
+        identity for the journal. Raises WorkFailed with nft's own message if nft refused it."""
+        if self.child is None:
+            self.start()
         line = f"add table {NFT_FAMILY} {self.name} {{ flags owner; {body} }}"
         # `list table` after the change is the barrier: its output appears only once the
         # transaction before it was answered by the kernel.

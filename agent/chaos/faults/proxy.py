@@ -23,7 +23,11 @@ Resets are rolled per connection at accept (`--reset-on connect`) or per chunk t
 (SO_LINGER 0 then close), so the dependency does not keep a half-open connection, which an nft
 `reject with tcp reset` (it answers only the sender) would leave behind in the server.
 
-Runs as `python -m agent.chaos.faults.proxy ...`; prints `READY <port> <nft_pid>` when serving.
+Runs as `python -m agent.chaos.faults.proxy ...`. With --standby (the injectors' check() starts
+it so) it binds, starts its `nft -i` holder, prints `STANDBY <port>` and waits for a `go` line on
+stdin: Python's startup (0.1-0.2 s on a loaded 2-core host, measured) is then paid before the
+fault is decided, and apply() costs one nft transaction. It prints `READY <port> <nft_pid>` once
+the redirect is live. End of stdin (the agent closed it or died) ends the proxy.
 """
 
 from __future__ import annotations
@@ -270,6 +274,7 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--http-status", type=int, default=503)
     parser.add_argument("--reset-pct", type=float, default=0.0)
     parser.add_argument("--reset-on", choices=("request", "connect"), default="request")
+    parser.add_argument("--standby", action="store_true", help="wait for `go` on stdin before redirecting")
     parser.add_argument("--nft-table", default="")
     parser.add_argument("--nft-body", default="", help="rules; {port} becomes the proxy's port")
     settings = parser.parse_args(argv)
@@ -318,18 +323,32 @@ async def serve(settings: argparse.Namespace) -> None:
     sock = listening_socket(settings.family)
     port = sock.getsockname()[1]
     server = await loop.create_server(lambda: ClientSide(settings, loop), sock=sock, backlog=4096)
-    nft_pid = 0
+    table = None
     if settings.nft_table:
         from agent.chaos.faults.nft import OwnedTable
         table = OwnedTable(settings.nft_table)
+        table.start()
+    if settings.standby:
+        print(f"STANDBY {port}", flush=True)
+        command = await loop.run_in_executor(None, sys.stdin.readline)
+        if command.strip() != "go":
+            return
+    nft_pid = 0
+    if table is not None:
         try:
             nft_pid = table.create(settings.nft_body.replace("{port}", str(port)))["pid"]
         except Exception as error:  # noqa: BLE001 - reported to the agent on stdout, then exit
             print(f"FAILED {' '.join(str(error).split())}", flush=True)
             return
     print(f"READY {port} {nft_pid}", flush=True)
+    if settings.standby:
+        # stdin at EOF: the agent is gone or done with us (PDEATHSIG covers a SIGKILL as well).
+        loop.run_in_executor(None, sys.stdin.read).add_done_callback(lambda _f: server.close())
     async with server:
-        await server.serve_forever()
+        try:
+            await server.serve_forever()
+        except asyncio.CancelledError:
+            pass
 
 
 def main(argv: list[str] | None = None) -> int:
