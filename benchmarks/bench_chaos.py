@@ -27,7 +27,7 @@ import os
 import socket
 import subprocess
 import sys
-import threading
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -129,40 +129,54 @@ def share_accuracy(target: str, endpoint: pathprobe.Endpoint) -> list[dict]:
     return rows
 
 
+# The prober of the activation figure, in its own process (a thread would share the GIL with
+# apply()/remove() and time its own waits): one request per new connection, forever, printing
+# "start end injected" per answer (CLOCK_MONOTONIC is shared by processes).
+PROBER = r"""
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from agent.chaos.faults import pathprobe
+endpoint = pathprobe.Endpoint("127.0.0.1", int(sys.argv[2]))
+while True:
+    started = time.monotonic()
+    sample = pathprobe.round_trip(endpoint, timeout_s=2)[0]
+    print(started, time.monotonic(), int(sample.injected), sample.error or "-", flush=True)
+"""
+
+
 def activation_and_removal(target: str, endpoint: pathprobe.Endpoint, rounds: int) -> list[dict]:
-    """A prober thread sends one request per new connection in a loop and records (start, end,
-    injected). Activation: apply() call -> end of the first injected answer. Removal: remove()
-    call -> end of the first clean answer to a request started after the call."""
+    """Activation: apply() call -> end of the first injected answer. Removal: remove() call ->
+    end of the first clean answer to a request started after the call (HTTP errors at 100%)."""
     rows = []
     for _ in range(rounds):
-        log: list[tuple[float, float, bool]] = []
-        stop = threading.Event()
-
-        def probe() -> None:
-            while not stop.is_set():
-                started = time.monotonic()
-                sample = pathprobe.round_trip(endpoint, timeout_s=2)[0]
-                log.append((started, time.monotonic(), sample.injected))
-
         injector = make({"kind": "http_error", "target": target, "share_pct": 100})
-        prober = threading.Thread(target=probe, daemon=True)
-        prober.start()
-        time.sleep(0.1)
-        apply_at = time.monotonic()
-        injector.apply()
-        applied_s = time.monotonic() - apply_at
-        time.sleep(0.3)
-        remove_at = time.monotonic()
-        injector.remove()
-        removed_s = time.monotonic() - remove_at
-        time.sleep(0.2)
-        stop.set()
-        prober.join()
-        first_injected = min((end for start, end, injected in log if injected and end >= apply_at), default=None)
-        first_clean = min((end for start, end, injected in log if not injected and start >= remove_at), default=None)
+        # The log goes to a file: a pipe (64 KiB) fills in half a second and would stall the prober.
+        with tempfile.TemporaryFile("w+") as log_file:
+            prober = subprocess.Popen([sys.executable, "-c", PROBER, str(ROOT), str(endpoint.port)], stdout=log_file,
+                                      text=True)
+            while log_file.tell() == 0 and os.fstat(log_file.fileno()).st_size == 0:
+                time.sleep(0.01)       # it is up and answering
+            apply_at = time.monotonic()
+            injector.apply()
+            applied_s = time.monotonic() - apply_at
+            time.sleep(0.3)
+            remove_at = time.monotonic()
+            injector.remove()
+            removed_s = time.monotonic() - remove_at
+            time.sleep(0.3)
+            prober.kill()
+            prober.wait()
+            log_file.seek(0)
+            log = [fields for fields in (line.split() for line in log_file.read().splitlines()) if len(fields) == 4]
+        log = [(float(start), float(end), flag == "1", error) for start, end, flag, error in log]
+        first_injected = min((end for start, end, injected, _e in log if injected and end >= apply_at), default=None)
+        first_clean = min((end for start, end, injected, error in log
+                           if not injected and error == "-" and start >= remove_at), default=None)
+        failed_after_removal = sum(1 for start, _end, _i, error in log if start >= remove_at and error != "-")
         rows.append({"apply_call_ms": round(applied_s * 1000, 1), "remove_call_ms": round(removed_s * 1000, 1),
                      "apply_to_first_injected_ms": None if first_injected is None else round((first_injected - apply_at) * 1000, 1),
-                     "remove_to_first_clean_ms": None if first_clean is None else round((first_clean - remove_at) * 1000, 1)})
+                     "remove_to_first_clean_ms": None if first_clean is None else round((first_clean - remove_at) * 1000, 1),
+                     "failed_requests_after_removal": failed_after_removal})
     print(f"activation/removal: {rows}", flush=True)
     return rows
 

@@ -376,6 +376,14 @@ class ProxyInjector(TargetInjector):
         # proxy (connections already inside it end with it).
         if self.nft_identity is not None:
             end_process_group(self.nft_identity)
+        if self.proxy is not None and self.proxy.poll() is None:
+            # SIGTERM first: the proxy resets its relayed connections (clients retry at once, on
+            # the direct path now); SIGKILL after 50 ms whatever happened.
+            self.proxy.terminate()
+            try:
+                self.proxy.wait(timeout=0.05)
+            except subprocess.TimeoutExpired:
+                pass
         if self.proxy_identity is not None:
             end_process_group(self.proxy_identity)
         if self.proxy is not None:

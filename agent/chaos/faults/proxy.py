@@ -165,6 +165,28 @@ class Relay:
             self.upstream.close()
 
 
+LIVE_RELAYS: set[Relay] = set()
+
+
+def reset_everything_and_exit(server, listener: socket.socket) -> None:
+    """SIGTERM (remove()): RST every relayed connection on both sides, then exit. A SIGKILL
+    alone left a client whose request was inside the proxy waiting for its own timeout
+    (measured: 2 s), where a reset tells it at once to retry, now on the direct path."""
+    while True:  # connections still in the accept queue: reset them too
+        try:
+            pending, _address = listener.accept()
+        except OSError:
+            break
+        pending.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        pending.close()
+    server.close()
+    for relay in list(LIVE_RELAYS):
+        relay.reset_both()
+    sys.stdout.flush()
+    import os
+    os._exit(0)
+
+
 class ClientSide(asyncio.Protocol):
     def __init__(self, settings, loop):
         self.relay = Relay(settings, loop)
@@ -172,6 +194,7 @@ class ClientSide(asyncio.Protocol):
 
     def connection_made(self, transport):
         self.relay.client = transport
+        LIVE_RELAYS.add(self.relay)
         if self.relay.rolled_reset("connect"):
             self.relay.reset_both()
             return
@@ -213,6 +236,7 @@ class ClientSide(asyncio.Protocol):
         return True  # half-close: keep delivering the answer
 
     def connection_lost(self, exc):
+        LIVE_RELAYS.discard(self.relay)
         self.relay.client = None
         self.relay.close_all()
 
@@ -323,6 +347,8 @@ async def serve(settings: argparse.Namespace) -> None:
     sock = listening_socket(settings.family)
     port = sock.getsockname()[1]
     server = await loop.create_server(lambda: ClientSide(settings, loop), sock=sock, backlog=4096)
+    import signal
+    loop.add_signal_handler(signal.SIGTERM, reset_everything_and_exit, server, sock)
     table = None
     if settings.nft_table:
         from agent.chaos.faults.nft import OwnedTable
