@@ -87,6 +87,7 @@ class ExpectResult:
 @dataclass
 class Outcome:
     run_id: str
+    title: str
     verdict: str
     reason: str
     checks: list[Check]
@@ -420,7 +421,7 @@ class ChaosRun:
         verdict, reason = verdict_of(checks, self.abort_reason)
         if not checks and self.abort_reason:
             verdict, reason = "aborted", self.abort_reason
-        return Outcome(self.run_id, verdict, reason, checks, recovery_s, self.faults, self.samples(),
+        return Outcome(self.run_id, self.experiment.title, verdict, reason, checks, recovery_s, self.faults, self.samples(),
                        dict(self.phases), self.aborted_by)
 
     def finish(self, outcome: Outcome) -> None:

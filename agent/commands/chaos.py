@@ -43,27 +43,15 @@ def _state_dir(explicit: Path | None, create: bool) -> Path:
 
 
 def _sweep(directory: Path) -> list[dict]:
-    """The sweep at the start of every chaos command: faults of agents that are gone."""
-    from agent.chaos import journal
-    from agent.chaos.sweep import sweep
+    from agent.chaos.session import sweep_leftovers
 
-    if not journal.journal_path(directory).exists():
-        return []
-    removed = sweep(directory, by="sweep")
-    if removed:
-        _progress(f"swept {len(removed)} fault(s) left by an agent that died")
-    return removed
+    return sweep_leftovers(directory, _progress)
 
 
 def _load(experiment_path: Path, config_path: Path | None, environment: str | None):
-    from agent.chaos.experiment import load_experiment
-    from agent.config import load_config
+    from agent.chaos.session import load_for_run
 
-    experiment = load_experiment(experiment_path)
-    config = load_config(config_path)
-    if environment is not None:
-        return experiment, config, environment, "--environment"
-    return experiment, config, config.environment, f"config {config.path or 'defaults'}"
+    return load_for_run(experiment_path, config_path, environment)
 
 
 def _print_checks(checks: list[dict]) -> None:
@@ -94,60 +82,17 @@ def chaos():
 def run_command(experiment_path: Path, out_dir: Path | None, as_json: bool, environment: str | None,
                 config_path: Path | None, state_dir: Path | None, no_publish: bool) -> int:
     """Run one experiment end to end and write its bundle."""
-    from agent.chaos.experiment import check_environment
-    from agent.chaos.report import publish, record_decisions, summary, write_bundle
-    from agent.chaos.runner import ChaosRun, prepare_injectors
-    from agent.chaos import journal
-    from core.host import Host
-    from reports.bundle import new_run_id, validate_out_dir
+    from agent.chaos.report import summary
+    from agent.chaos.session import run_experiment
 
-    experiment, config, host_environment, marker_source = _load(experiment_path, config_path, environment)
-    check_environment(experiment, host_environment, marker_source)
-    if out_dir is not None:
-        validate_out_dir(out_dir)
-    directory = _state_dir(state_dir, create=True)
-    if journal.kill_switch_path(directory).exists():
-        raise BadInput(f"refused: kill switch {journal.kill_switch_path(directory)} is present "
-                       "(remove it to allow chaos runs again)")
-    _sweep(directory)
-    running = journal.read_state(directory).running()
-    if running:
-        raise BadInput(f"refused: chaos run {running[0].run_id} (pid {running[0].start.get('pid')}) is active; "
-                       "one experiment at a time (`chaos status`, `chaos abort`)")
-    host = Host.real()
-    injectors = prepare_injectors(experiment, host)
-
-    run_id = new_run_id(host.hostname())
-    started_at = datetime.now(timezone.utc)
-    run = ChaosRun(experiment, injectors, directory, run_id,
-                   progress=_progress if not as_json else (lambda message: None), host=host)
-    previous = {}
-
-    def on_signal(signum, frame):  # noqa: ARG001 - signal signature
-        run.request_abort(f"{signal.Signals(signum).name} received", "signal")
-
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        previous[signum] = signal.signal(signum, on_signal)
-    try:
-        outcome = run.run()
-        try:
-            outcome.bundle_dir = write_bundle(run, outcome, out_dir or directory / "runs" / run_id, started_at)
-            record_decisions(outcome, experiment, directory)
-            if not no_publish:
-                try:
-                    outcome.published = publish(outcome.bundle_dir, run_id, config)
-                except Exception as error:  # noqa: BLE001 - the bundle is written; the dataset can catch up
-                    outcome.published = f"not published: {error}"
-        finally:
-            run.finish(outcome)
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+    outcome = run_experiment(experiment_path, out_dir=out_dir, environment=environment, config_path=config_path,
+                             state_dir=state_dir, publish_run=not no_publish,
+                             progress=_progress if not as_json else (lambda message: None))
     data = summary(outcome)
     if as_json:
         click.echo(json.dumps(data, indent=2, default=str))
         return outcome.exit_code
-    click.echo(f"chaos {experiment.title!r}: {outcome.verdict} — {outcome.reason}")
+    click.echo(f"chaos {outcome.title!r}: {outcome.verdict} — {outcome.reason}")
     _print_checks(data["checks"])
     if outcome.recovery_s is not None:
         click.echo(f"  recovery: {outcome.recovery_s:.2f} s")
