@@ -1,0 +1,288 @@
+"""The fault proxy: a TCP relay on loopback that adds delay/jitter or answers HTTP errors.
+
+Started by the latency and http_error injectors as a PDEATHSIG child of the agent. The proxy
+itself creates the nft `flags owner` table whose `redirect` rule sends the target's new
+connections to it, through its own PDEATHSIG `nft -i` child. So the chain is agent -> proxy ->
+nft: the agent dying kills the proxy, the proxy dying (crash or kill) kills nft and the kernel
+drops the redirect, and traffic flows direct again: the proxy fails open.
+
+Upstream sockets carry SO_MARK so the redirect rule skips the proxy's own connections.
+
+Delay is added to the upstream -> client direction (the answer), once per chunk, at
+arrival + delay_ms (+ jitter), never earlier than the chunk before it: a request/response round
+trip is delay_ms longer however many are in flight, and byte order is kept.
+
+HTTP errors are rolled per request (not per connection, Toxiproxy's weakness): each request
+head is parsed (Content-Length bodies are skipped with it) and a rolled one is answered by the
+proxy on the same keep-alive connection without reaching upstream. Requests with chunked bodies
+switch that connection to plain relaying. Clients that pipeline requests could see an injected
+answer overtake an upstream one: HTTP/1.1 clients in practice do not pipeline.
+
+Runs as `python -m agent.chaos.faults.proxy ...`; prints `READY <port> <nft_pid>` when serving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import socket
+import sys
+
+SO_MARK = 36  # <linux/socket.h>; not exported by Python's socket module
+HIGH_WATER_BYTES = 256 * 1024
+
+
+class Relay:
+    """One client connection and its upstream connection."""
+
+    def __init__(self, settings: argparse.Namespace, loop: asyncio.AbstractEventLoop):
+        self.settings = settings
+        self.loop = loop
+        self.client: asyncio.Transport | None = None
+        self.upstream: asyncio.Transport | None = None
+        self.pending_up: list[bytes] = []
+        self.up_eof = False
+        self.last_due = 0.0
+        self.head = b""
+        self.body_left = 0
+        self.passthrough = settings.http_error_pct <= 0
+        self.discarding = False
+
+    # client -> upstream
+    def from_client(self, data: bytes) -> None:
+        if self.passthrough:
+            self.to_upstream(data)
+            return
+        while data:
+            if self.body_left:
+                piece, data = data[:self.body_left], data[self.body_left:]
+                self.body_left -= len(piece)
+                if not self.discarding:
+                    self.to_upstream(piece)
+                continue
+            self.head += data
+            data = b""
+            end = self.head.find(b"\r\n\r\n")
+            if end < 0:
+                if len(self.head) > 65536:  # not HTTP as we know it: relay untouched from here on
+                    self.passthrough = True
+                    self.to_upstream(self.head)
+                    self.head = b""
+                return
+            head, data, self.head = self.head[:end + 4], self.head[end + 4:], b""
+            self.request(head, data)
+            if self.passthrough:
+                return
+
+    def request(self, head: bytes, rest: bytes) -> None:
+        lowered = head.lower()
+        if b"transfer-encoding:" in lowered:
+            self.passthrough = True
+            self.to_upstream(head + rest)
+            return
+        self.body_left = content_length(lowered)
+        self.discarding = random.random() * 100.0 < self.settings.http_error_pct
+        if self.discarding:
+            self.answer_error(lowered)
+        else:
+            self.to_upstream(head)
+        if rest:
+            self.from_client(rest)
+
+    def answer_error(self, lowered_head: bytes) -> None:
+        status = self.settings.http_status
+        body = f"guardian-agent chaos: injected {status}\n".encode()
+        close = b"connection: close" in lowered_head or lowered_head.split(b"\r\n", 1)[0].endswith(b"http/1.0")
+        head = (f"HTTP/1.1 {status} {REASONS.get(status, 'Injected')}\r\n"
+                f"Content-Type: text/plain\r\nContent-Length: {len(body)}\r\n"
+                f"X-Guardian-Chaos: injected\r\n"
+                f"Connection: {'close' if close else 'keep-alive'}\r\n\r\n").encode()
+        self.to_client(head + body)
+        if close:
+            self.to_client(None)
+
+    def to_upstream(self, data: bytes) -> None:
+        if self.upstream is None:
+            self.pending_up.append(data)
+        else:
+            self.upstream.write(data)
+
+    # upstream -> client, delayed
+    def to_client(self, data: bytes | None) -> None:
+        """data None = end of stream (close after what is queued)."""
+        delay_s = self.settings.delay_s
+        if delay_s <= 0 and self.settings.jitter_s <= 0:
+            self._deliver(data)
+            return
+        now = self.loop.time()
+        due = now + delay_s
+        if self.settings.jitter_s > 0:
+            due += random.uniform(-self.settings.jitter_s, self.settings.jitter_s)
+        due = max(due, self.last_due, now)
+        self.last_due = due
+        self.loop.call_at(due, self._deliver, data)
+
+    def _deliver(self, data: bytes | None) -> None:
+        if self.client is None or self.client.is_closing():
+            return
+        if data is None:
+            self.client.close()
+        else:
+            self.client.write(data)
+
+    def close_all(self) -> None:
+        if self.upstream is not None and not self.upstream.is_closing():
+            self.upstream.close()
+
+
+class ClientSide(asyncio.Protocol):
+    def __init__(self, settings, loop):
+        self.relay = Relay(settings, loop)
+        self.settings = settings
+
+    def connection_made(self, transport):
+        self.relay.client = transport
+        asyncio.ensure_future(self.connect_upstream())
+
+    async def connect_upstream(self):
+        relay, settings = self.relay, self.settings
+        sock = socket.socket(settings.family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_MARK, settings.mark)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setblocking(False)
+            await relay.loop.sock_connect(sock, (settings.upstream_host, settings.upstream_port))
+            transport, _ = await relay.loop.create_connection(lambda: UpstreamSide(relay), sock=sock)
+        except OSError:
+            sock.close()
+            if relay.client is not None:
+                relay.client.abort()  # upstream refused: the client sees what it would have seen
+            return
+        relay.upstream = transport
+        for data in relay.pending_up:
+            transport.write(data)
+        relay.pending_up.clear()
+        if relay.up_eof and transport.can_write_eof():
+            transport.write_eof()
+
+    def data_received(self, data):
+        self.relay.from_client(data)
+
+    def eof_received(self):
+        relay = self.relay
+        if relay.upstream is None:
+            relay.up_eof = True
+        elif relay.upstream.can_write_eof():
+            relay.upstream.write_eof()
+        return True  # half-close: keep delivering the answer
+
+    def connection_lost(self, exc):
+        self.relay.client = None
+        self.relay.close_all()
+
+    def pause_writing(self):
+        if self.relay.upstream is not None:
+            self.relay.upstream.pause_reading()
+
+    def resume_writing(self):
+        if self.relay.upstream is not None:
+            self.relay.upstream.resume_reading()
+
+
+class UpstreamSide(asyncio.Protocol):
+    def __init__(self, relay: Relay):
+        self.relay = relay
+
+    def data_received(self, data):
+        self.relay.to_client(data)
+
+    def eof_received(self):
+        self.relay.to_client(None)
+        return False
+
+    def connection_lost(self, exc):
+        self.relay.to_client(None)
+
+    def pause_writing(self):
+        if self.relay.client is not None:
+            self.relay.client.pause_reading()
+
+    def resume_writing(self):
+        if self.relay.client is not None:
+            self.relay.client.resume_reading()
+
+
+REASONS = {429: "Too Many Requests", 500: "Internal Server Error", 502: "Bad Gateway",
+           503: "Service Unavailable", 504: "Gateway Timeout"}
+
+
+def content_length(lowered_head: bytes) -> int:
+    start = lowered_head.find(b"\r\ncontent-length:")
+    if start < 0:
+        return 0
+    end = lowered_head.find(b"\r\n", start + 2)
+    try:
+        return max(0, int(lowered_head[start + 17:end].strip()))
+    except ValueError:
+        return 0
+
+
+def parse_arguments(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="guardian-agent-chaos-proxy")
+    parser.add_argument("--upstream-host", required=True)
+    parser.add_argument("--upstream-port", type=int, required=True)
+    parser.add_argument("--mark", type=lambda v: int(v, 0), required=True)
+    parser.add_argument("--delay-ms", type=float, default=0.0)
+    parser.add_argument("--jitter-ms", type=float, default=0.0)
+    parser.add_argument("--http-error-pct", type=float, default=0.0)
+    parser.add_argument("--http-status", type=int, default=503)
+    parser.add_argument("--nft-table", default="")
+    parser.add_argument("--nft-body", default="", help="rules; {port} becomes the proxy's port")
+    settings = parser.parse_args(argv)
+    settings.family = socket.AF_INET6 if ":" in settings.upstream_host else socket.AF_INET
+    settings.delay_s = settings.delay_ms / 1000.0
+    settings.jitter_s = settings.jitter_ms / 1000.0
+    return settings
+
+
+def listening_socket(family: int) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("::1" if family == socket.AF_INET6 else "127.0.0.1", 0))
+    sock.listen(4096)
+    sock.setblocking(False)
+    return sock
+
+
+async def serve(settings: argparse.Namespace) -> None:
+    loop = asyncio.get_running_loop()
+    sock = listening_socket(settings.family)
+    port = sock.getsockname()[1]
+    server = await loop.create_server(lambda: ClientSide(settings, loop), sock=sock, backlog=4096)
+    nft_pid = 0
+    if settings.nft_table:
+        from agent.chaos.faults.nft import OwnedTable
+        table = OwnedTable(settings.nft_table)
+        try:
+            nft_pid = table.create(settings.nft_body.replace("{port}", str(port)))["pid"]
+        except Exception as error:  # noqa: BLE001 - reported to the agent on stdout, then exit
+            print(f"FAILED {' '.join(str(error).split())}", flush=True)
+            return
+    print(f"READY {port} {nft_pid}", flush=True)
+    async with server:
+        await server.serve_forever()
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = parse_arguments(sys.argv[1:] if argv is None else argv)
+    try:
+        asyncio.run(serve(settings))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
