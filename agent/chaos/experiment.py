@@ -61,10 +61,13 @@ MAX_FAULTS = 8
 # Why these gate defaults: KPI requests on loopback take ~1 ms, and two identical service pairs
 # on a shared 2-core host differ by tens of percent from one window to the next, so a median
 # shift counts only past 50%; a fault leaking into the control (hundreds of ms, or errors) is
-# orders of magnitude beyond that. Errors in absolute points, as the gate does everywhere.
+# orders of magnitude beyond that. Errors in absolute points, as the gate does everywhere: 2 points
+# because at 0 errors in ~300 requests per side (8 s at 40/s) the 98% Newcombe interval reaches
+# ~1.3 points, so 1 point could never be shown; fewer requests give `inconclusive` and the number
+# needed, and the run is invalid rather than wrongly held.
 CHAOS_METRICS = {
     "turns.latency_ns": MetricSettings(threshold_pct=50.0, critical=True),
-    "turns.error_rate": MetricSettings(threshold_pct=1.0, critical=True),
+    "turns.error_rate": MetricSettings(threshold_pct=2.0, critical=True),
 }
 
 

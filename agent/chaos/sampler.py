@@ -30,7 +30,8 @@ class GroupCollector(LoadCollector):
         self.ok_status = frozenset(steady.ok_status)
 
     def set_phase(self, phase: str) -> None:
-        self.set_stage(PHASES.index(phase))
+        # Requests sent after the last phase ("done") are not kept.
+        self.set_stage(PHASES.index(phase) if phase in PHASES else -1)
 
     def record(self, served_by: str, stage: int, wall_ns: int, latency_ns: int, status: int,
                request_bytes: int, response_bytes: int) -> None:
