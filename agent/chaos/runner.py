@@ -210,6 +210,7 @@ class ChaosRun:
         record.applied_ns = time.time_ns()
         journal.append(self.directory, "fault_applied", run_id=self.run_id, index=record.index,
                        apply_ms=round(record.apply_ms, 3))
+        _kill_point(f"chaos:applied:{record.index}")
         self.progress(f"fault[{record.index}] {record.kind} active ({record.apply_ms:.0f} ms): "
                       f"{record.plan.get('target', '')}")
 
