@@ -11,6 +11,8 @@ from core.errors import BadInput
 from .base import Injector
 from .network import (BandwidthInjector, HttpErrorInjector, JitterInjector, LatencyInjector, LossInjector,
                       PostgresLatencyInjector, ResetInjector)
+from .pressure import CpuInjector, MemoryInjector
+from .process import KillInjector, PauseInjector
 
 REGISTRY: tuple[type[Injector], ...] = (
     LatencyInjector,
@@ -20,6 +22,10 @@ REGISTRY: tuple[type[Injector], ...] = (
     ResetInjector,
     HttpErrorInjector,
     BandwidthInjector,
+    CpuInjector,
+    MemoryInjector,
+    PauseInjector,
+    KillInjector,
 )
 
 

@@ -193,6 +193,11 @@ def is_same_process(identity: dict) -> bool:
         process_start_ticks(pid) == identity.get("start_ticks")
 
 
+def is_alive(identity: dict) -> bool:
+    """The same process, and not a zombie waiting for its parent to reap it."""
+    return is_same_process(identity) and _state(identity["pid"]) != "Z"
+
+
 def end_process_group(identity: dict, timeout_s: float = 1.0) -> None:
     """SIGKILL a child we started (and its process group) if it is still the same process; reap it."""
     if not is_same_process(identity):
