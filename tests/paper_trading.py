@@ -17,7 +17,6 @@ import argparse
 import http.client
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -129,17 +128,6 @@ def serve(argv: list[str]) -> None:
 
 
 # --- for the tests ---------------------------------------------------------------------------------
-def wait_for_port(port: int, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout_s:g} s")
-
-
 class Stack:
     """Two strategy -> exchange pairs: the experiment pair and a control pair (resilient)."""
 
@@ -164,6 +152,8 @@ class Stack:
         self._start(*strategy)
         self._start("strategy", "--port", str(ports["control_strategy"]), "--exchange",
                     f"127.0.0.1:{ports['control_exchange']}", "--timeout-ms", "30")
+        from tests.test_rollout_live import wait_for_port
+
         try:
             for port in ports.values():
                 wait_for_port(port)

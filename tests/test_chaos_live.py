@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,24 +22,12 @@ import pytest
 
 from tests.conftest import PROJECT_ROOT
 from tests.paper_trading import Stack
+from tests.test_rollout_live import free_ports
 
 pytestmark = pytest.mark.live
 
 AS_WRITTEN = Path(__file__).parent / "fixtures" / "chaos" / "exchange-slow.toml"
 OBJECT_PREFIX = "guardian_chaos_"
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def agent(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -130,6 +117,9 @@ def residue(state: Path) -> list[str]:
             left.append(f"nft {name}")
         if name in qdiscs:
             left.append(f"tc {name}")
+        if name.startswith("/"):
+            left += [f"path {name}"] if Path(name).exists() else []   # a cgroup the fault created
+            continue
         left += [f"cgroup {p}" for p in Path("/sys/fs/cgroup").rglob(f"*{name}*")][:3]
         left += [f"process {pid} ({name})" for pid in processes_mentioning(name)]
     for record in journal_records(state):
@@ -295,6 +285,34 @@ def test_sigkill_of_the_agent_at_every_phase_leaves_nothing_within_2_s(tmp_path,
         status = json.loads(agent("chaos", "status", "--json", "--state-dir", str(state)).stdout)
         assert status["active_faults"] == [] and status["swept"] == 0
         assert status["run"]["verdict"] == "aborted"
+
+
+def test_sigkill_while_a_process_is_frozen_the_watchdog_thaws_it(tmp_path):
+    """pause is not kernel-owned (a freezer cgroup outlives its creator): the journal + watchdog
+    path, with the exchange frozen when the agent dies."""
+    import http.client
+
+    ports = free_ports(4)
+    state = tmp_path / "state"
+    with Stack(*ports, timeout_ms=30) as stack:
+        exchange_pid = stack.pids[0]
+        experiment = short_experiment(tmp_path / "e.toml", ports, before_s=1, duration_s=5)
+        experiment.write_text(experiment.read_text().replace(
+            f'kind = "latency"\ntarget = "127.0.0.1:{ports[1]}"\ndelay_ms = 300',
+            f'kind = "pause"\npid = {exchange_pid}'))
+        process = start_agent("chaos", "run", str(experiment), "--environment", "paper-trading",
+                              "--state-dir", str(state), "--no-publish",
+                              env={"GUARDIAN_AGENT_TEST_KILL_AT": "chaos:applied:0"})
+        process.communicate(timeout=60)
+        assert process.returncode == -signal.SIGKILL
+        assert our_object_names(state), "the pause fault's freezer cgroup is in its undo record"
+        left, elapsed = wait_no_residue(state, within_s=2.0)
+        assert left == [], f"still present {elapsed:.2f} s after the SIGKILL: {left}"
+        removed = [r for r in journal_records(state) if r["event"] == "fault_removed"]
+        assert [r["by"] for r in removed] == ["watchdog"]
+        connection = http.client.HTTPConnection("127.0.0.1", ports[1], timeout=2)
+        connection.request("GET", "/quote")
+        assert connection.getresponse().status == 200      # thawed: it answers again
 
 
 def test_plan_resolves_and_evaluates_without_injecting(tmp_path):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from core.errors import BadInput
 from core.journal import append_record, read_journal_records
+from agent.chaos.faults.base import is_alive, process_start_ticks
 
 DEFAULT_STATE_DIR = Path("/var/lib/guardian-agent/chaos")
 STATE_DIR_ENV = "GUARDIAN_AGENT_CHAOS_DIR"
@@ -51,25 +52,11 @@ def kill_switch_path(directory: Path) -> Path:
     return Path(directory) / KILL_SWITCH_NAME
 
 
-def process_start_ticks(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat: with the pid it names one process even after pid reuse."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return None
-    return int(raw[raw.rfind(b")") + 2:].split()[19])
-
-
 def process_alive(pid: int | None, start_ticks: int | None) -> bool:
+    """The agent that wrote run_started is still running (same pid and start time, not a zombie)."""
     if not pid:
         return False
-    ticks = process_start_ticks(pid)
-    if ticks is None:
-        return False
-    state = Path(f"/proc/{pid}/stat").read_bytes()
-    if state[state.rfind(b")") + 2:].split()[0] == b"Z":
-        return False
-    return start_ticks is None or ticks == start_ticks
+    return is_alive({"pid": pid, "start_ticks": start_ticks if start_ticks is not None else process_start_ticks(pid)})
 
 
 def append(directory: Path, event: str, **fields) -> dict:
