@@ -131,3 +131,22 @@ def run_after_promotion(experiment_paths: list[Path], *, state_dir: Path | None 
             results.append({"experiment": str(path), "verdict": "invalid", "reason": str(error),
                             "recovery_s": None, "checks": [], "bundle": None})
     return results
+
+
+def rollout_findings(results: list[dict]) -> list[dict]:
+    """Findings rows (the shared `findings` schema) for a rollout's bundle from
+    run_after_promotion's results: a refuted hypothesis is critical, anything but held a warning."""
+    from probes.base import finding
+
+    rows = []
+    for result in results:
+        verdict = result.get("verdict")
+        if verdict == "held":
+            continue
+        severity = "critical" if verdict == "refuted" else "warning"
+        bundle = f" (bundle {result['bundle']})" if result.get("bundle") else ""
+        rows.append(finding("chaos", severity, result["experiment"],
+                            f"after promotion, chaos experiment {verdict}: {result.get('reason', '')}{bundle}",
+                            "fix the weakness the experiment names before the next rollout, or roll back"
+                            if verdict == "refuted" else "run the experiment again (`chaos plan` shows why)"))
+    return rows
