@@ -39,7 +39,7 @@ from tests.test_rollout_live import free_ports  # noqa: E402
 
 
 def experiment_for(kind: str, work: Path, ports: list[int], exchange_pid: int, duration_s: float) -> Path:
-    path = short_experiment(work / f"{kind}.toml", ports, before_s=1, duration_s=duration_s, after_s=1)
+    path = short_experiment(work / f"{kind}-{duration_s:g}s.toml", ports, before_s=1, duration_s=duration_s, after_s=1)
     if kind == "pause":
         path.write_text(path.read_text().replace(
             f'kind = "latency"\ntarget = "127.0.0.1:{ports[1]}"\ndelay_ms = 300', f'kind = "pause"\npid = {exchange_pid}'))
@@ -65,13 +65,19 @@ def normal_run(experiment: Path, state: Path) -> dict:
 def abort_run(experiment: Path, state: Path) -> float:
     process = start_agent(*run_args(experiment, state))
     try:
-        wait_for_event(state, "fault_applied")
+        try:
+            wait_for_event(state, "fault_applied")
+        except AssertionError:
+            process.kill()
+            out, err = process.communicate()
+            raise RuntimeError(f"the run never applied its fault: {out[-800:]} {err[-800:]}") from None
         touched = time.time()
         (state / "kill-switch").touch()
         removed = wait_for_event(state, "fault_removed")
         return (removed["ts"] - touched) * 1000.0
     finally:
-        process.communicate(timeout=30)
+        if process.poll() is None:
+            process.communicate(timeout=30)
 
 
 def sigkill_run(experiment: Path, state: Path) -> float:

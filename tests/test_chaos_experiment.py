@@ -187,3 +187,16 @@ def test_config_accepts_the_environment_marker():
     assert parse_config('environment = "paper-trading"\n').environment == "paper-trading"
     with pytest.raises(BadInput, match="environment"):
         parse_config("environment = 3\n")
+
+
+def test_run_after_promotion_reports_a_refusal_and_rollout_findings_name_it(tmp_path):
+    from agent.chaos.session import rollout_findings, run_after_promotion
+
+    empty = tmp_path / "config.toml"
+    empty.write_text("")
+    results = run_after_promotion([AS_WRITTEN], state_dir=tmp_path / "state", config_path=empty)
+    assert [r["verdict"] for r in results] == ["invalid"] and "no environment marker" in results[0]["reason"]
+    rows = rollout_findings(results + [{"experiment": "b.toml", "verdict": "refuted", "reason": "no timeout",
+                                        "bundle": "/x"}, {"experiment": "c.toml", "verdict": "held"}])
+    assert [(r["subject"], r["severity"]) for r in rows] == [(str(AS_WRITTEN), "warning"), ("b.toml", "critical")]
+    assert "no timeout" in rows[1]["message"] and "/x" in rows[1]["message"]

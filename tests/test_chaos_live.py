@@ -56,7 +56,7 @@ before_s = {before_s}
 after_s = {after_s}
 ok_status = [200, 503]
 max_error_rate_pct = 1
-max_p99_ms = 50
+max_p99_ms = 200           # short windows on a shared 2-core host: a 50 ms p99 of 40 requests is its max
 [[fault]]
 kind = "latency"
 target = "127.0.0.1:{exchange}"
