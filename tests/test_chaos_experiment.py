@@ -56,6 +56,7 @@ def test_the_issue_experiment_loads_as_written():
     ({"titel": "x"}, "x.toml: titel: unknown key"),
     ({"steady_state__rate_per_s": 0}, "x.toml: steady_state.rate_per_s: expected a number in 1..1000"),
     ({"steady_state__url": "ftp://h/x"}, "x.toml: steady_state.url: expected an http://"),
+    ({"steady_state__url": "http://me:secret@h/x"}, "x.toml: steady_state.url: credentials do not belong"),
     ({"steady_state__max_p99_ms": None}, "x.toml: steady_state.max_p99_ms: missing required key"),
     ({"steady_state__ok_status": [200, 999]}, "x.toml: steady_state.ok_status: expected HTTP statuses"),
     ({"steady_state__windows_s": 3}, "x.toml: steady_state.windows_s: unknown key"),

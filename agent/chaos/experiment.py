@@ -169,6 +169,9 @@ def http_url(table: TomlTable, key: str, default: Any = ...) -> str | None:
         port = parts.port
     except ValueError:
         port = -1
+    if parts.username or parts.password:
+        # The URL is written to the bundle, the journal and the dataset: no credentials in it.
+        table.fail(key, "credentials do not belong in the URL (it is written to the bundle and the journal)")
     if parts.scheme != "http" or not parts.hostname or port == -1:
         table.fail(key, f"expected an http://HOST[:PORT]/PATH URL, got {describe(value)}")
     return value
