@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -323,7 +324,6 @@ metric = "control_error_rate_pct"
 above = 5
 """)
     state = tmp_path / "state"
-    before = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
     with Stack(*ports, timeout_ms=30):
         result = agent("chaos", "plan", str(experiment), "--json", "--state-dir", str(state))
     assert result.returncode == 0, result.stderr
@@ -333,6 +333,9 @@ above = 5
     assert data["refused"] and "no environment marker" in data["refused"]
     assert data["evaluation"]["steady_state"]["experiment"]["classification"] == "pass"
     assert data["evaluation"]["safeguards"][0]["would_abort"] is False
-    after = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
-    assert [t for t in after.splitlines() if OBJECT_PREFIX in t and t not in before] == []
+    # the objects the plan names (its undo says which nft table) were never created
+    named = set(re.findall(rf"{OBJECT_PREFIX}\w+", fault["undo"]))
+    assert named
+    ruleset = subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True).stdout
+    assert [name for name in named if name in ruleset] == []
     assert not (state / "journal.jsonl").exists()
