@@ -18,9 +18,12 @@ from dataclasses import dataclass, field
 
 SO_MARK = 36
 SIOCOUTQ = 0x5411  # TIOCOUTQ: bytes in the send queue not yet acknowledged by the peer
-# PostgreSQL's SSLRequest (protocol 3, code 80877103): the server answers one byte, S or N,
-# before any authentication, so it measures a round trip without credentials.
+# PostgreSQL answers SSLRequest (code 80877103) and then GSSENCRequest (80877104) with one byte
+# each (S/N, G/N) before any authentication: a round trip without credentials. The first answer
+# comes from a freshly forked backend (milliseconds of fork time), so only the second one is
+# timed. Closing before a startup packet is what PostgreSQL 9.3+ does not log.
 PG_SSL_REQUEST = struct.pack("!II", 8, 80877103)
+PG_GSSENC_REQUEST = struct.pack("!II", 8, 80877104)
 
 
 @dataclass
@@ -70,6 +73,9 @@ def round_trip(endpoint: Endpoint, mark: int | None = None, timeout_s: float = 5
             if endpoint.probe == "postgres":
                 sock.sendall(PG_SSL_REQUEST)
                 answer = reader.read(1)
+                started = time.perf_counter_ns()
+                sock.sendall(PG_GSSENC_REQUEST)
+                answer = answer and reader.read(1)
                 samples.append(Sample((time.perf_counter_ns() - started) / 1e6 if answer else None,
                                       error="" if answer else "closed"))
                 break
@@ -115,12 +121,124 @@ def read_http_answer(reader, started_ns: int) -> Sample:
 
 def many_round_trips(endpoint: Endpoint, count: int, parallel: int = 8, mark: int | None = None,
                      timeout_s: float = 5.0, requests_per_connection: int = 1) -> list[Sample]:
-    """`count` exchanges over `parallel` threads (a 500 ms delay must not make the proof slow)."""
+    """`count` exchanges, `parallel` connections in flight at once, on ONE thread with a poller.
+
+    One thread on purpose: with threads, answers that arrive together queue for the GIL (5 ms
+    switch interval) and the probe would report its own wait as latency (+15 ms at 10 threads,
+    measured). Each connection sends its next request as soon as the previous answer is in."""
+    if endpoint.probe == "connect":
+        return [round_trip(endpoint, mark, timeout_s)[0] for _ in range(count)]
+    samples: list[Sample] = []
     connections = max(1, -(-count // requests_per_connection))
-    with ThreadPoolExecutor(max_workers=max(1, min(parallel, connections))) as pool:
-        batches = pool.map(lambda _i: round_trip(endpoint, mark, timeout_s, requests_per_connection),
-                           range(connections))
-        return [sample for batch in batches for sample in batch][:count]
+    waiting = list(range(connections))
+    active: dict[int, _Exchange] = {}
+    poller = select.poll()
+    deadline = time.monotonic() + timeout_s * max(1, requests_per_connection)
+    while (waiting or active) and time.monotonic() < deadline:
+        while waiting and len(active) < parallel:
+            waiting.pop()
+            exchange = _Exchange(endpoint, mark, timeout_s, min(requests_per_connection, count - len(samples)
+                                                                - sum(e.left for e in active.values())))
+            if exchange.left <= 0:
+                continue
+            if exchange.sock is None:
+                samples.append(exchange.failure)
+                continue
+            active[exchange.sock.fileno()] = exchange
+            poller.register(exchange.sock.fileno(), select.POLLIN)
+        for fileno, _event in poller.poll(50):
+            exchange = active[fileno]
+            finished = exchange.on_readable(samples)
+            if finished:
+                poller.unregister(fileno)
+                exchange.sock.close()
+                del active[fileno]
+    for exchange in active.values():
+        samples.append(Sample(None, error="timeout"))
+        exchange.sock.close()
+    return samples[:count]
+
+
+class _Exchange:
+    """One keep-alive connection of many_round_trips."""
+
+    def __init__(self, endpoint: Endpoint, mark: int | None, timeout_s: float, requests: int):
+        self.endpoint, self.left, self.buffer = endpoint, requests, b""
+        self.pg_negotiated = False
+        self.sock: socket.socket | None = None
+        self.failure = Sample(None)
+        try:
+            sock = new_socket(endpoint, mark, timeout_s)
+            sock.connect((endpoint.host, endpoint.port))
+        except OSError as error:
+            self.failure = Sample(None, error=error.__class__.__name__)
+            return
+        sock.setblocking(False)
+        self.sock = sock
+        self.send()
+
+    def send(self) -> None:
+        if self.endpoint.probe == "postgres":
+            payload = PG_GSSENC_REQUEST if self.pg_negotiated else PG_SSL_REQUEST
+        else:
+            payload = http_request(self.endpoint, self.left == 1)
+        self.started_ns = time.perf_counter_ns()
+        self.sock.send(payload)  # small: fits the empty send buffer of a fresh exchange
+
+    def on_readable(self, samples: list[Sample]) -> bool:
+        """True when this connection is done (all its requests answered, or failed)."""
+        arrived_ns = time.perf_counter_ns()
+        try:
+            data = self.sock.recv(262144)
+        except BlockingIOError:
+            return False
+        except OSError as error:
+            samples.append(Sample(None, error=error.__class__.__name__))
+            return True
+        if not data:
+            samples.append(Sample(None, error="closed"))
+            return True
+        if not self.buffer:
+            self.first_byte_ns = arrived_ns
+        self.buffer += data
+        if self.endpoint.probe == "postgres":
+            if not self.pg_negotiated:
+                self.pg_negotiated, self.buffer = True, b""
+                self.send()
+                return False
+            samples.append(Sample((self.first_byte_ns - self.started_ns) / 1e6))
+            return True
+        answer = parse_http_answer(self.buffer)
+        if answer is None:
+            return False
+        status, injected, used = answer
+        samples.append(Sample((self.first_byte_ns - self.started_ns) / 1e6, status=status, injected=injected))
+        self.buffer = self.buffer[used:]
+        self.left -= 1
+        if self.left <= 0:
+            return True
+        self.send()
+        return False
+
+
+def parse_http_answer(buffer: bytes) -> tuple[int, bool, int] | None:
+    """(status, injected by the fault proxy, bytes used) once a whole answer is in the buffer."""
+    end = buffer.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    head = buffer[:end].decode("latin-1").split("\r\n")
+    parts = head[0].split()
+    status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+    length, injected = 0, False
+    for line in head[1:]:
+        name, _, value = line.partition(":")
+        name = name.strip().lower()
+        if name == "content-length":
+            length = int(value.strip() or 0)
+        elif name == "x-guardian-chaos":
+            injected = True
+    used = end + 4 + length
+    return (status, injected, used) if len(buffer) >= used else None
 
 
 def median_ms(samples: list[Sample]) -> float | None:
@@ -131,10 +249,10 @@ def median_ms(samples: list[Sample]) -> float | None:
     return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
 
 
-def connect_share(endpoint: Endpoint, count: int, batch: int = 50, wait_s: float = 0.3,
+def connect_share(endpoint: Endpoint, count: int, batch: int = 100, wait_s: float = 0.15,
                   mark: int | None = None) -> float:
     """Share of TCP connects that complete within wait_s (a dropped SYN is retransmitted after
-    the kernel's 1 s initial RTO, so within 0.3 s it counts as lost). Non-blocking, in batches."""
+    the kernel's 1 s initial RTO, so within 0.15 s it counts as lost). Non-blocking, in batches."""
     completed = 0
     for first in range(0, count, batch):
         socks = []
