@@ -104,6 +104,9 @@ class AgentConfig:
     targets: TargetSettings = field(default_factory=TargetSettings)
     postgres: PostgresSettings = field(default_factory=PostgresSettings)
     probe_options: dict[str, Any] = field(default_factory=dict)
+    # What this host is for (`environment = "paper-trading"`): chaos experiments run only on a
+    # host whose marker matches the experiment's `environment`.
+    environment: str | None = None
 
     def spool_dir(self) -> Path:
         if self.dataset.spool_dir is not None:
@@ -213,8 +216,9 @@ def parse_config(text: str, source: str = "config.toml", path: Path | None = Non
     except tomllib.TOMLDecodeError as error:
         raise BadInput(f"{source}: not valid TOML ({error})") from None
     # Constructing the section is the check: unknown top-level tables are refused.
-    _Section(source, "config", document, ("dataset", "collect", "daemon", "targets", "postgres", "probe_options"))
-    config = AgentConfig(path=path)
+    top = _Section(source, "config", document,
+                   ("environment", "dataset", "collect", "daemon", "targets", "postgres", "probe_options"))
+    config = AgentConfig(path=path, environment=top.string("environment", None))
 
     dataset = _Section(source, "dataset", document.get("dataset", {}),
                        ("root", "spool_dir", "spool_max_mb", "spool_policy", "s3_endpoint_url", "s3_region"))
