@@ -26,6 +26,7 @@ from probes.options import PROBE_OPTIONS, ProbeOption, validated_options
 # Other command modules, each exposing `commands` (a list of click commands/groups).
 # Explicit and ordered, like the probe registry: easy to read, no magic.
 COMMAND_MODULES: tuple[str, ...] = (
+    "agent.commands.chaos",
     "agent.commands.fleet",
     "agent.commands.gate",
     "agent.commands.rollout",
@@ -85,8 +86,8 @@ def cli(ctx: click.Context, verbose: bool) -> None:
     """Host-level performance audit agent for latency-critical Linux hosts.
 
     \b
-    Exit codes: 0 done, 1 the work failed (or the gate failed),
-                2 bad input or usage, 3 drift found (tune plan),
+    Exit codes: 0 done, 1 the work failed (or the gate failed, or a chaos
+                hypothesis was refuted), 2 bad input or usage, 3 drift found (tune plan),
                 4 the gate is inconclusive or marginal (gate),
                 130 interrupted (Ctrl-C or SIGTERM before the command finished).
     """

@@ -89,6 +89,9 @@ class AgentConfig:
     targets: TargetSettings = field(default_factory=TargetSettings)
     postgres: PostgresSettings = field(default_factory=PostgresSettings)
     probe_options: dict[str, Any] = field(default_factory=dict)
+    # What this host is for (`environment = "paper-trading"`): chaos experiments run only on a
+    # host whose marker matches the experiment's `environment`.
+    environment: str | None = None
 
     def spool_dir(self) -> Path:
         if self.dataset.spool_dir is not None:
@@ -142,8 +145,9 @@ def parse_config(text: str, source: str = "config.toml", path: Path | None = Non
                  environ: dict[str, str] | None = None) -> AgentConfig:
     environ = os.environ if environ is None else environ
     document = TomlTable.root(parse_toml_text(text, source), source,
-                              known=("dataset", "collect", "daemon", "targets", "postgres", "probe_options"))
-    config = AgentConfig(path=path)
+                              known=("environment", "dataset", "collect", "daemon", "targets", "postgres",
+                                     "probe_options"))
+    config = AgentConfig(path=path, environment=document.string("environment", None))
 
     dataset = document.table("dataset", ("root", "spool_dir", "spool_max_mb", "spool_policy",
                                          "s3_endpoint_url", "s3_region"))

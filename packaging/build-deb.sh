@@ -70,7 +70,10 @@ ln -s "$PREFIX/venv/bin/guardian-agent" "$STAGE/usr/bin/guardian-agent"
 install -m 0644 packaging/systemd/guardian-agent.service packaging/systemd/guardian-agent-collect.service \
     packaging/systemd/guardian-agent-collect.timer packaging/systemd/guardian-agent-compact.service \
     packaging/systemd/guardian-agent-compact.timer "$STAGE/lib/systemd/system/"
+install -m 0644 "packaging/systemd/guardian-agent-chaos@.service" "packaging/systemd/guardian-agent-chaos@.timer" \
+    "$STAGE/lib/systemd/system/"
 [ -f docs/fleet.md ] && install -m 0644 docs/fleet.md "$STAGE$PREFIX/share/doc/fleet.md"
+[ -f docs/chaos.md ] && install -m 0644 docs/chaos.md "$STAGE$PREFIX/share/doc/chaos.md"
 cat > "$STAGE$PREFIX/share/config.example.toml" <<'EOF'
 # /etc/guardian-agent/config.toml — see /opt/guardian-agent/share/doc/fleet.md
 [dataset]

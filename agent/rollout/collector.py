@@ -94,26 +94,34 @@ class LoadCollector:
                     connection.close()
                     connection = None
             except (OSError, http.client.HTTPException):
-                # Failed without a response: no header says which version failed, so it cannot
-                # be attributed; counted, and the connection is rebuilt.
-                with self._lock:
-                    self.unattributed += 1
                 if connection is not None:
                     connection.close()
                 connection = None
+                self.record_failure(stage, wall, time.perf_counter_ns() - started, request_bytes)
                 self._stop.wait(0.01)
                 continue
-            version = self.versions.get(served_by.strip())
-            with self._lock:
-                if version is None:
-                    self.unattributed += 1
-                else:
-                    self.samples.append(Sample(version, stage, wall, latency, status, status >= 500,
-                                               request_bytes, len(body)))
+            self.record(served_by, stage, wall, latency, status, request_bytes, len(body))
             if pause:
                 self._stop.wait(pause)
         if connection is not None:
             connection.close()
+
+    def record(self, served_by: str, stage: int, wall_ns: int, latency_ns: int, status: int,
+               request_bytes: int, response_bytes: int) -> None:
+        version = self.versions.get(served_by.strip())
+        with self._lock:
+            if version is None:
+                self.unattributed += 1
+            else:
+                self.samples.append(Sample(version, stage, wall_ns, latency_ns, status, status >= 500,
+                                           request_bytes, response_bytes))
+
+    def record_failure(self, stage: int, wall_ns: int, latency_ns: int, request_bytes: int) -> None:
+        # Failed without a response: no header says which version failed, so it cannot be
+        # attributed; counted, and the connection is rebuilt. (A collector that knows its
+        # group, like chaos's, records it as an error sample instead.)
+        with self._lock:
+            self.unattributed += 1
 
     def snapshot(self) -> list[Sample]:
         with self._lock:

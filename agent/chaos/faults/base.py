@@ -1,0 +1,236 @@
+"""The injector contract shared by every fault kind, and the helpers they all need.
+
+Lifetime rule (issue 12, "nothing outlives the agent"): an injector whose `owned_by_kernel` is
+True builds its fault only from objects the kernel removes when the agent dies (an nft table with
+`flags owner` held by a child, children started with PR_SET_PDEATHSIG). An injector with False
+(freezer state, SIGSTOP) is journaled by the runner through `undo_record()` before `apply()` and
+undone from that record alone by `undo()` (abort, sweep, watchdog).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import signal
+import subprocess
+import time
+from typing import Any, ClassVar
+
+from core.errors import BadInput, Unavailable, WorkFailed
+from core.host import Host
+
+# Hard caps every fault obeys whatever the experiment says (blast radius, issue 12).
+MAX_DURATION_S = 3600.0
+MAX_SHARE_PCT = 100.0
+# Prefix of every kernel object a fault creates (nft tables, cgroups), so a sweep finds them.
+OBJECT_PREFIX = "guardian_chaos_"
+
+_PR_SET_PDEATHSIG = 1
+
+
+class Injector:
+    """One fault kind. Subclasses fill the class variables and the methods below."""
+
+    kind: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    owned_by_kernel: ClassVar[bool] = True
+    # Keys a spec may carry besides the common ones (kind, duration_s, target...).
+    keys: ClassVar[frozenset[str]] = frozenset()
+    required: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, spec: dict, host: Host | None = None):
+        self.spec = spec
+        self.host = host or Host.real()
+
+    # --- validation, before anything is touched -------------------------------------------------
+    @classmethod
+    def validate(cls, spec: dict, where: str) -> dict:
+        if not isinstance(spec, dict):
+            raise BadInput(f"{where}: must be a table")
+        allowed = cls.keys | {"kind", "duration_s"}
+        for key in spec:
+            if key not in allowed:
+                raise BadInput(f"{where}.{key}: unknown key for kind {cls.kind!r} "
+                               f"(known: {', '.join(sorted(allowed))})")
+        for key in sorted(cls.required | {"duration_s"}):
+            if key not in spec:
+                raise BadInput(f"{where}.{key}: required for kind {cls.kind!r}")
+        normal = dict(spec)
+        normal["kind"] = cls.kind
+        normal["duration_s"] = number(spec, "duration_s", where, 0.1, MAX_DURATION_S)
+        return cls.normalise(normal, where)
+
+    @classmethod
+    def normalise(cls, spec: dict, where: str) -> dict:
+        """Kind-specific checks; returns the normalised spec."""
+        return spec
+
+    @classmethod
+    def availability(cls, host: Host) -> tuple[bool, str, str]:
+        return True, "", ""
+
+    # --- lifecycle -----------------------------------------------------------------------------
+    def check(self) -> None:
+        available, reason, _backend = self.availability(self.host)
+        if not available:
+            raise Unavailable(f"{self.kind}: {reason}")
+
+    def plan(self) -> dict:
+        raise NotImplementedError
+
+    def undo_record(self) -> dict:
+        raise NotImplementedError
+
+    def apply(self) -> None:
+        raise NotImplementedError
+
+    def remove(self) -> None:
+        raise NotImplementedError
+
+    def proof(self) -> dict:
+        raise NotImplementedError
+
+    @staticmethod
+    def undo(record: dict) -> None:
+        raise NotImplementedError
+
+
+# --- spec helpers --------------------------------------------------------------------------------
+def number(spec: dict, key: str, where: str, low: float, high: float, default: Any = None,
+           integer: bool = False) -> float:
+    """A number in [low, high]; the error names the key and the range."""
+    value = spec.get(key, default)
+    kind = "an integer" if integer else "a number"
+    if value is None:
+        raise BadInput(f"{where}.{key}: required ({kind} between {low:g} and {high:g})")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            (integer and not float(value).is_integer()) or not math.isfinite(value) or \
+            not low <= value <= high:
+        raise BadInput(f"{where}.{key}: must be {kind} between {low:g} and {high:g}")
+    return int(value) if integer else float(value)
+
+
+def text(spec: dict, key: str, where: str, default: str | None = None,
+         choices: tuple[str, ...] | None = None) -> str:
+    value = spec.get(key, default)
+    if not isinstance(value, str) or not value.strip():
+        raise BadInput(f"{where}.{key}: must be a non-empty string")
+    if choices is not None and value not in choices:
+        raise BadInput(f"{where}.{key}: must be one of {', '.join(choices)}")
+    return value.strip()
+
+
+def share(spec: dict, where: str, default: float | None = None) -> float:
+    """`share_pct`: the affected share of requests/packets/connections, above 0 and capped."""
+    value = spec.get("share_pct", default)
+    if value is None:
+        raise BadInput(f"{where}.share_pct: required (a number above 0 and at most {MAX_SHARE_PCT:g})")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_SHARE_PCT:
+        raise BadInput(f"{where}.share_pct: must be a number above 0 and at most {MAX_SHARE_PCT:g}")
+    cap = spec.get("max_share_pct")
+    if cap is not None:
+        if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0 < cap <= MAX_SHARE_PCT:
+            raise BadInput(f"{where}.max_share_pct: must be a number above 0 and at most {MAX_SHARE_PCT:g}")
+        if value > cap:
+            raise BadInput(f"{where}.share_pct: {value:g} is above the blast-radius cap max_share_pct = {cap:g}")
+    return float(value)
+
+
+def run_id() -> str:
+    """A short unique suffix for kernel object names: pid plus random bits."""
+    return f"{os.getpid()}_{os.urandom(3).hex()}"
+
+
+# --- children that die with the agent ------------------------------------------------------------
+def _die_with_parent(parent_pid: int) -> None:
+    # Runs in the child between fork and exec. PR_SET_PDEATHSIG fires when the forking *thread*
+    # exits, and a parent that died before prctl() ran is caught by the getppid() check.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:
+        os._exit(1)
+    os.setpgid(0, 0)  # own process group: remove() ends the child and its workers in one kill
+
+
+def spawn_owned(argv: list[str], *, stdin: Any = subprocess.DEVNULL, stdout: Any = subprocess.DEVNULL,
+                stderr: Any = subprocess.PIPE, text_mode: bool = True, cgroup_procs: str | None = None,
+                env: dict | None = None) -> subprocess.Popen:
+    """Start a child that the kernel kills when the agent dies (SIGKILL via PDEATHSIG).
+
+    `cgroup_procs`: a cgroup.procs file the child joins before exec, so its workers are born in
+    the target cgroup (CPU/memory pressure inside one cgroup)."""
+    parent_pid = os.getpid()
+
+    def prepare() -> None:
+        _die_with_parent(parent_pid)
+        if cgroup_procs:
+            with open(cgroup_procs, "w") as handle:
+                handle.write(str(os.getpid()))
+
+    return subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=stderr, text=text_mode,
+                            preexec_fn=prepare, close_fds=True, env=env)
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat: with the pid it names one process even after pid reuse."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            raw = handle.read()
+    except OSError:
+        return None
+    fields = raw[raw.rfind(b")") + 2:].split()
+    return int(fields[19])
+
+
+def process_identity(pid: int) -> dict:
+    return {"pid": pid, "start_ticks": process_start_ticks(pid)}
+
+
+def is_same_process(identity: dict) -> bool:
+    pid = identity.get("pid")
+    return bool(pid) and process_start_ticks(pid) is not None and \
+        process_start_ticks(pid) == identity.get("start_ticks")
+
+
+def is_alive(identity: dict) -> bool:
+    """The same process, and not a zombie waiting for its parent to reap it."""
+    return is_same_process(identity) and _state(identity["pid"]) != "Z"
+
+
+def end_process_group(identity: dict, timeout_s: float = 1.0) -> None:
+    """SIGKILL a child we started (and its process group) if it is still the same process; reap it."""
+    if not is_same_process(identity):
+        return
+    pid = identity["pid"]
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            done, _status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:  # not our child (undo from another process): poll /proc
+            # A zombie has already closed its files (its nft socket, its listening port).
+            if not is_same_process(identity) or _state(pid) == "Z":
+                return
+            time.sleep(0.005)
+            continue
+        if done:
+            return
+        time.sleep(0.002)
+    if is_same_process(identity) and _state(pid) != "Z":
+        raise WorkFailed(f"process {pid} did not end within {timeout_s:g} s of SIGKILL")
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            raw = handle.read()
+    except OSError:
+        return ""
+    return raw[raw.rfind(b")") + 2:].split()[0].decode()

@@ -1,0 +1,137 @@
+"""Chaos runner lifecycle: how fast a fault is active after the decision, gone after its planned
+removal or an abort (kill switch), and gone after a SIGKILL of the agent (watchdog / kernel).
+
+Issue 12's budgets: active within 100 ms of the decision, gone within 100 ms of the removal or the
+abort, nothing left 2 s after the agent's death. Measured on the paper-trading stack of the tests
+(tests/paper_trading.py) with two kinds: `latency` (nft owner table + fault proxy: dies with the
+agent) and `pause` (cgroup freezer: journal + watchdog). Times come from the fsync'd journal:
+  decision -> active   phase "fault" record -> fault_applied record (includes the journal fsync
+                       of fault_applying and the injector's apply)
+  removal              the injector's remove() as journaled (remove_ms)
+  abort                kill-switch file touched -> fault_removed record (20 ms poll tick)
+  SIGKILL -> gone      kill -9 at the kill point after apply -> no object of the run left
+                       (nft table, freezer cgroup, proxy/holder processes, watchdog)
+Writes benchmarks/results/chaos_runner.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.paper_trading import Stack  # noqa: E402
+from tests.test_chaos_live import (journal_records, residue, short_experiment, start_agent,  # noqa: E402
+                                   wait_for_event)
+from tests.test_rollout_live import free_ports  # noqa: E402
+
+
+def experiment_for(kind: str, work: Path, ports: list[int], exchange_pid: int, duration_s: float) -> Path:
+    path = short_experiment(work / f"{kind}-{duration_s:g}s.toml", ports, before_s=1, duration_s=duration_s, after_s=1)
+    if kind == "pause":
+        path.write_text(path.read_text().replace(
+            f'kind = "latency"\ntarget = "127.0.0.1:{ports[1]}"\ndelay_ms = 300', f'kind = "pause"\npid = {exchange_pid}'))
+    return path
+
+
+def run_args(experiment: Path, state: Path) -> list[str]:
+    return ["chaos", "run", str(experiment), "--environment", "paper-trading", "--state-dir", str(state),
+            "--no-publish", "--json"]
+
+
+def normal_run(experiment: Path, state: Path) -> dict:
+    process = start_agent(*run_args(experiment, state))
+    process.communicate(timeout=60)
+    records = journal_records(state)
+    fault_phase = next(r for r in records if r["event"] == "phase" and r["phase"] == "fault")
+    applied = next(r for r in records if r["event"] == "fault_applied")
+    removed = next(r for r in records if r["event"] == "fault_removed")
+    return {"decision_to_active_ms": (applied["ts"] - fault_phase["ts"]) * 1000.0, "apply_ms": applied["apply_ms"],
+            "remove_ms": removed["remove_ms"]}
+
+
+def abort_run(experiment: Path, state: Path) -> float:
+    process = start_agent(*run_args(experiment, state))
+    try:
+        try:
+            wait_for_event(state, "fault_applied")
+        except AssertionError:
+            process.kill()
+            out, err = process.communicate()
+            raise RuntimeError(f"the run never applied its fault: {out[-800:]} {err[-800:]}") from None
+        touched = time.time()
+        (state / "kill-switch").touch()
+        removed = wait_for_event(state, "fault_removed")
+        return (removed["ts"] - touched) * 1000.0
+    finally:
+        if process.poll() is None:
+            process.communicate(timeout=30)
+
+
+def sigkill_run(experiment: Path, state: Path) -> float:
+    process = start_agent(*run_args(experiment, state), env={"GUARDIAN_AGENT_TEST_KILL_AT": "chaos:applied:0"})
+    process.communicate(timeout=60)
+    died = time.monotonic()
+    assert process.returncode == -signal.SIGKILL, process.returncode
+    while residue(state):
+        if time.monotonic() - died > 10:
+            raise RuntimeError(f"residue after 10 s: {residue(state)}")
+        time.sleep(0.005)
+    return (time.monotonic() - died) * 1000.0
+
+
+def summary(values: list[float]) -> dict:
+    return {"median_ms": round(statistics.median(values), 1), "max_ms": round(max(values), 1),
+            "runs": len(values)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    results: dict = {"area": "chaos_runner", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                     "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                                 "kernel": platform.release()}, "rounds": args.rounds, "kinds": {}}
+    with tempfile.TemporaryDirectory(prefix="bench-chaos-") as temp:
+        work = Path(temp)
+        ports = free_ports(4)
+        with Stack(*ports, timeout_ms=30) as stack:
+            for kind in ("latency", "pause"):
+                normal, aborts, kills = [], [], []
+                for round_index in range(args.rounds):
+                    short = experiment_for(kind, work, ports, stack.pids[0], 1)
+                    long = experiment_for(kind, work, ports, stack.pids[0], 30)
+                    normal.append(normal_run(short, work / f"{kind}-n{round_index}"))
+                    aborts.append(abort_run(long, work / f"{kind}-a{round_index}"))
+                    kills.append(sigkill_run(short, work / f"{kind}-k{round_index}"))
+                results["kinds"][kind] = {
+                    "decision_to_active": summary([n["decision_to_active_ms"] for n in normal]),
+                    "apply": summary([n["apply_ms"] for n in normal]),
+                    "remove": summary([n["remove_ms"] for n in normal]),
+                    "kill_switch_to_gone": summary(aborts),
+                    "sigkill_to_gone": summary(kills),
+                }
+    (HERE / "results").mkdir(exist_ok=True)
+    (HERE / "results" / "chaos_runner.json").write_text(json.dumps(results, indent=2) + "\n")
+    for kind, figures in results["kinds"].items():
+        for name, value in figures.items():
+            print(f"{kind:8} {name:20} median {value['median_ms']:7.1f} ms  max {value['max_ms']:7.1f} ms"
+                  f"  ({value['runs']} runs)")
+    print(f"results: {HERE / 'results' / 'chaos_runner.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

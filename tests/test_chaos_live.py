@@ -1,0 +1,357 @@
+"""Chaos experiments end to end on the real kernel: a paper-trading stack on loopback, real nft
+owner tables and the fault proxy, real SIGKILLs of the agent.
+
+The issue's experiment runs exactly as written (ports 8200/8201/8300/8301): it holds with the
+strategy that times out and pauses, and is refuted, with a finding naming the missing timeout,
+with the one that does not. The other tests use free ports and short phases.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import PROJECT_ROOT
+from tests.paper_trading import Stack
+from tests.test_rollout_live import free_ports
+
+pytestmark = pytest.mark.live
+
+AS_WRITTEN = Path(__file__).parent / "fixtures" / "chaos" / "exchange-slow.toml"
+OBJECT_PREFIX = "guardian_chaos_"
+
+
+def agent(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT), **(env or {}))
+    return subprocess.run([sys.executable, "-m", "agent.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=full_env, cwd=PROJECT_ROOT, preexec_fn=lambda: os.nice(-5))
+
+
+def start_agent(*args: str, env: dict | None = None) -> subprocess.Popen:
+    full_env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT), **(env or {}))
+    return subprocess.Popen([sys.executable, "-m", "agent.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=full_env, cwd=PROJECT_ROOT,
+                            preexec_fn=lambda: os.nice(-5))
+
+
+def short_experiment(path: Path, ports: list[int], *, before_s=2, duration_s=3, after_s=1, extra="") -> Path:
+    strategy, exchange, control_strategy, _ = ports
+    path.write_text(f"""
+title = "exchange slow (short)"
+hypothesis = "the strategy pauses"
+environment = "paper-trading"
+[steady_state]
+url = "http://127.0.0.1:{strategy}/order"
+control_url = "http://127.0.0.1:{control_strategy}/order"
+rate_per_s = 40
+before_s = {before_s}
+after_s = {after_s}
+ok_status = [200, 503]
+max_error_rate_pct = 1
+max_p99_ms = 200           # short windows on a shared 2-core host: a 50 ms p99 of 40 requests is its max
+[[fault]]
+kind = "latency"
+target = "127.0.0.1:{exchange}"
+delay_ms = 300
+duration_s = {duration_s}
+{extra}
+""")
+    return path
+
+
+def journal_records(state: Path) -> list[dict]:
+    path = state / "journal.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def our_object_names(state: Path) -> set[str]:
+    """Every kernel object name the run's undo records mention (nft tables, cgroups, ...)."""
+    names = set()
+
+    def walk(value):
+        if isinstance(value, str) and OBJECT_PREFIX in value:
+            names.add(value)
+        elif isinstance(value, dict):
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+
+    for record in journal_records(state):
+        if record["event"] == "fault_applying":
+            walk(record["undo"])
+    return names
+
+
+def processes_mentioning(word: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if word.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def residue(state: Path) -> list[str]:
+    """Our own objects still present: nft tables, tc qdiscs, cgroups and processes named in the
+    journal's undo records, and the run's watchdog."""
+    left = []
+    ruleset = subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True).stdout
+    qdiscs = subprocess.run(["tc", "qdisc", "show"], capture_output=True, text=True).stdout
+    for name in our_object_names(state):
+        if name in ruleset:
+            left.append(f"nft {name}")
+        if name in qdiscs:
+            left.append(f"tc {name}")
+        if name.startswith("/"):
+            left += [f"path {name}"] if Path(name).exists() else []   # a cgroup the fault created
+            continue
+        left += [f"cgroup {p}" for p in Path("/sys/fs/cgroup").rglob(f"*{name}*")][:3]
+        left += [f"process {pid} ({name})" for pid in processes_mentioning(name)]
+    for record in journal_records(state):
+        if record["event"] == "watchdog_started" and Path(f"/proc/{record['pid']}").exists():
+            status = Path(f"/proc/{record['pid']}/status").read_text()
+            if "State:\tZ" not in status:
+                left.append(f"watchdog {record['pid']}")
+    return left
+
+
+def wait_no_residue(state: Path, within_s: float) -> tuple[list[str], float]:
+    started = time.monotonic()
+    while True:
+        left = residue(state)
+        elapsed = time.monotonic() - started
+        if not left or elapsed > within_s:
+            return left, elapsed
+        time.sleep(0.05)
+
+
+def wait_for_event(state: Path, event: str, timeout_s: float = 30) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for record in journal_records(state):
+            if record["event"] == event:
+                return record
+        time.sleep(0.05)
+    raise AssertionError(f"no {event} record within {timeout_s} s")
+
+
+def run_as_written(*args: str, out: Path) -> subprocess.CompletedProcess:
+    """The as-written experiment keeps its 50 ms p99: on a CI host shared with other jobs the
+    steady state itself may not hold. `not-steady` injects nothing and is a precondition, not the
+    outcome under test, so it is retried (twice at most, and said) instead of failing the test."""
+    for attempt in range(3):
+        target = out if attempt == 0 else out.with_name(f"{out.name}-retry{attempt}")
+        result = agent("chaos", "run", str(AS_WRITTEN), "--json", "--out", str(target), *args)
+        if json.loads(result.stdout or "{}").get("verdict") != "not-steady":
+            return result
+        print(f"as-written run {attempt + 1}: not-steady on this busy host, running it again")
+    return result
+
+
+# --- the issue's experiment, as written ------------------------------------------------------------
+def test_as_written_holds_with_a_strategy_that_times_out_and_pauses(tmp_path):
+    config = tmp_path / "config.toml"
+    dataset = tmp_path / "dataset"
+    config.write_text(f'environment = "paper-trading"\n[dataset]\nroot = "{dataset}"\n')
+    state, out = tmp_path / "state", tmp_path / "bundle"
+    with Stack(8200, 8300, 8201, 8301, timeout_ms=30):
+        result = run_as_written("--config", str(config), "--state-dir", str(state), out=out)
+    assert result.returncode == 0, result.stdout + result.stderr
+    data = json.loads(result.stdout)
+    out = Path(data["bundle"])
+    checks = {check["name"]: check for check in data["checks"]}
+    assert data["verdict"] == "held"
+    assert checks["fault_bit[0]"]["classification"] == "pass"
+    assert 475 <= checks["fault_bit[0]"]["details"]["measured"] <= 525   # the added delay, measured
+    assert checks["control_unaffected"]["classification"] == "pass"
+    assert checks["control_unaffected"]["gate"]["metrics"] == {"turns.latency_ns": "pass", "turns.error_rate": "pass"}
+    assert checks["expect[0]"]["details"]["seen_after_s"] <= 5
+    assert checks["steady_state.during"]["classification"] == "pass"
+    assert data["recovery_s"] is not None and data["recovery_s"] <= 8
+
+    turns = pq.read_table(out / "turns.parquet").to_pylist()
+    seen = {(row["group"], row["phase"]) for row in turns}
+    assert seen == {(g, p) for g in ("experiment", "control") for p in ("before", "fault", "after")}
+    fault = pq.read_table(out / "chaos_faults.parquet").to_pylist()[0]
+    active_s = (fault["removed_at"] - fault["applied_at"]).total_seconds()
+    assert 9.9 <= active_s <= 10.5 and fault["removed_by"] == "runner" and fault["proof_bit"]
+    assert pq.read_table(out / "findings.parquet").column("severity").to_pylist() == ["info"]
+    assert json.loads((out / "manifest.json").read_text())["chaos"]["verdict"] == "held"
+    runs = ds.dataset(dataset / "table=chaos_runs", format="parquet", partitioning="hive").to_table().to_pylist()
+    assert [row["verdict"] for row in runs if row["run_id"] == data["run_id"]] == ["held"]
+    assert {row["verdict"] for row in runs} <= {"held", "not-steady"}
+    decisions = pq.read_table(state / "decisions").to_pylist()
+    assert {row["context"].rsplit(" ", 1)[-1] for row in decisions} >= {"control_unaffected"}
+    assert residue(state) == []
+
+
+def test_as_written_is_refuted_with_a_strategy_without_timeout(tmp_path):
+    state, out = tmp_path / "state", tmp_path / "bundle"
+    with Stack(8200, 8300, 8201, 8301, timeout_ms=None):
+        result = run_as_written("--environment", "paper-trading", "--state-dir", str(state), "--no-publish",
+                                out=out)
+    assert result.returncode == 1, result.stdout + result.stderr
+    data = json.loads(result.stdout)
+    out = Path(data["bundle"])
+    checks = {check["name"]: check["classification"] for check in data["checks"]}
+    assert data["verdict"] == "refuted"
+    assert checks["steady_state.during"] == "fail" and checks["expect[0]"] == "fail"
+    assert checks["control_unaffected"] == "pass" and checks["fault_bit[0]"] == "pass"
+    findings = pq.read_table(out / "findings.parquet").to_pylist()
+    critical = [row for row in findings if row["severity"] == "critical"]
+    assert critical and "no timeout" in critical[0]["message"] and "127.0.0.1:8300" in critical[0]["message"]
+    assert "timeout" in critical[0]["recommendation"]
+    assert residue(state) == []
+
+
+# --- safety ----------------------------------------------------------------------------------------
+def test_a_safeguard_aborts_at_once(tmp_path):
+    ports = free_ports(4)
+    experiment = short_experiment(tmp_path / "e.toml", ports, duration_s=8, extra="""
+[[abort]]
+metric = "p99_ms"
+above = 100
+window_s = 1
+""")
+    state = tmp_path / "state"
+    with Stack(*ports, timeout_ms=None):
+        result = agent("chaos", "run", str(experiment), "--json", "--environment", "paper-trading",
+                       "--state-dir", str(state), "--no-publish")
+    assert result.returncode == 1, result.stdout + result.stderr
+    data = json.loads(result.stdout)
+    assert data["verdict"] == "aborted" and data["aborted_by"] == "safeguard"
+    assert "p99_ms > 100" in data["reason"]
+    fault = data["faults"][0]
+    assert fault["removed_by"] == "safeguard" and fault["remove_ms"] < 100
+    removed = [r for r in journal_records(state) if r["event"] == "fault_removed"][0]
+    applied = [r for r in journal_records(state) if r["event"] == "fault_applied"][0]
+    assert removed["ts"] - applied["ts"] < 3.0      # first evaluation after 1 s, 300 ms requests
+    assert residue(state) == []
+
+
+def test_status_abort_and_the_kill_switch(tmp_path):
+    ports = free_ports(4)
+    experiment = short_experiment(tmp_path / "e.toml", ports, before_s=1, duration_s=30)
+    with Stack(*ports, timeout_ms=30):
+        for how in ("abort", "kill-switch"):
+            state = tmp_path / how
+            process = start_agent("chaos", "run", str(experiment), "--json", "--environment", "paper-trading",
+                                  "--state-dir", str(state), "--no-publish")
+            try:
+                wait_for_event(state, "fault_applied")
+                status = json.loads(agent("chaos", "status", "--json", "--state-dir", str(state)).stdout)
+                assert status["run"]["status"] == "running" and status["run"]["phase"] == "fault"
+                assert [f["kind"] for f in status["active_faults"]] == ["latency"]
+                if how == "abort":
+                    result = agent("chaos", "abort", "--state-dir", str(state))
+                    assert result.returncode == 0, result.stderr
+                    decided = wait_for_event(state, "abort_requested")["ts"]
+                else:
+                    decided = time.time()
+                    (state / "kill-switch").touch()
+                stdout, _ = process.communicate(timeout=20)
+                removed = wait_for_event(state, "fault_removed")
+                assert removed["ts"] - decided < 0.3, "the fault outlived the abort decision by >300 ms"
+            finally:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+            data = json.loads(stdout)
+            assert process.returncode == 1 and data["verdict"] == "aborted"
+            assert data["aborted_by"] == ("signal" if how == "abort" else "kill-switch")
+            assert residue(state) == []
+            after = json.loads(agent("chaos", "status", "--json", "--state-dir", str(state)).stdout)
+            assert after["active_faults"] == [] and after["run"]["verdict"] == "aborted"
+
+
+@pytest.mark.parametrize("kill_at", ["chaos:before", "chaos:applying:0", "chaos:applied:0", "chaos:removed:0",
+                                     "chaos:after"])
+def test_sigkill_of_the_agent_at_every_phase_leaves_nothing_within_2_s(tmp_path, kill_at):
+    ports = free_ports(4)
+    experiment = short_experiment(tmp_path / "e.toml", ports, before_s=1, duration_s=1, after_s=1)
+    state = tmp_path / "state"
+    with Stack(*ports, timeout_ms=30):
+        process = start_agent("chaos", "run", str(experiment), "--environment", "paper-trading",
+                              "--state-dir", str(state), "--no-publish",
+                              env={"GUARDIAN_AGENT_TEST_KILL_AT": kill_at})
+        process.communicate(timeout=60)
+        assert process.returncode == -signal.SIGKILL
+        left, elapsed = wait_no_residue(state, within_s=2.0)
+        assert left == [], f"still present {elapsed:.2f} s after the SIGKILL: {left}"
+        events = [r["event"] for r in journal_records(state)]
+        if "fault_applying" in events:
+            assert our_object_names(state), "the undo record names the fault's objects"
+        # the next chaos command finds nothing left to sweep, and the run is closed in the journal
+        status = json.loads(agent("chaos", "status", "--json", "--state-dir", str(state)).stdout)
+        assert status["active_faults"] == [] and status["swept"] == 0
+        assert status["run"]["verdict"] == "aborted"
+
+
+def test_sigkill_while_a_process_is_frozen_the_watchdog_thaws_it(tmp_path):
+    """pause is not kernel-owned (a freezer cgroup outlives its creator): the journal + watchdog
+    path, with the exchange frozen when the agent dies."""
+    import http.client
+
+    ports = free_ports(4)
+    state = tmp_path / "state"
+    with Stack(*ports, timeout_ms=30) as stack:
+        exchange_pid = stack.pids[0]
+        experiment = short_experiment(tmp_path / "e.toml", ports, before_s=1, duration_s=5)
+        experiment.write_text(experiment.read_text().replace(
+            f'kind = "latency"\ntarget = "127.0.0.1:{ports[1]}"\ndelay_ms = 300',
+            f'kind = "pause"\npid = {exchange_pid}'))
+        process = start_agent("chaos", "run", str(experiment), "--environment", "paper-trading",
+                              "--state-dir", str(state), "--no-publish",
+                              env={"GUARDIAN_AGENT_TEST_KILL_AT": "chaos:applied:0"})
+        process.communicate(timeout=60)
+        assert process.returncode == -signal.SIGKILL
+        assert our_object_names(state), "the pause fault's freezer cgroup is in its undo record"
+        left, elapsed = wait_no_residue(state, within_s=2.0)
+        assert left == [], f"still present {elapsed:.2f} s after the SIGKILL: {left}"
+        removed = [r for r in journal_records(state) if r["event"] == "fault_removed"]
+        assert [r["by"] for r in removed] == ["watchdog"]
+        connection = http.client.HTTPConnection("127.0.0.1", ports[1], timeout=2)
+        connection.request("GET", "/quote")
+        assert connection.getresponse().status == 200      # thawed: it answers again
+
+
+def test_plan_resolves_and_evaluates_without_injecting(tmp_path):
+    ports = free_ports(4)
+    experiment = short_experiment(tmp_path / "e.toml", ports, extra="""
+[[abort]]
+metric = "control_error_rate_pct"
+above = 5
+""")
+    state = tmp_path / "state"
+    with Stack(*ports, timeout_ms=30):
+        result = agent("chaos", "plan", str(experiment), "--json", "--state-dir", str(state))
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    fault = data["faults"][0]
+    assert fault["target"] == f"127.0.0.1:{ports[1]}" and fault["backend"] and fault["undo"]
+    assert data["refused"] and "no environment marker" in data["refused"]
+    assert data["evaluation"]["steady_state"]["experiment"]["classification"] == "pass"
+    assert data["evaluation"]["safeguards"][0]["would_abort"] is False
+    # the objects the plan names (its undo says which nft table) were never created
+    named = set(re.findall(rf"{OBJECT_PREFIX}\w+", fault["undo"]))
+    assert named
+    ruleset = subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True).stdout
+    assert [name for name in named if name in ruleset] == []
+    assert not (state / "journal.jsonl").exists()
