@@ -1,0 +1,48 @@
+"""Past one machine: Apache Spark (pyspark, local mode, on Debian's OpenJDK) reads the same
+Hive-partitioned dataset that `collect` writes and `compact` rewrites, and answers the same
+question as `query`. Local mode runs the same planner and Parquet reader as a cluster."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from datetime import date
+
+import pytest
+
+from agent.fleet.compact import compact
+from agent.fleet.query import run_query
+from tests.test_fleet_compact import many_host_dataset
+
+pytestmark = pytest.mark.live
+
+
+@pytest.fixture(scope="module")
+def spark():
+    pyspark = pytest.importorskip("pyspark", reason="SPARK TEST SKIPPED: pip install pyspark (make setup does)")
+    if not shutil.which("java"):
+        pytest.skip("SPARK TEST SKIPPED: no java on PATH (apt-get install openjdk-17-jre-headless; make setup does)")
+    from pyspark.sql import SparkSession
+
+    os.environ.setdefault("PYSPARK_PYTHON", os.sys.executable)
+    session = (SparkSession.builder.master("local[1]").appName("guardian-agent-test")
+               .config("spark.ui.enabled", "false").config("spark.sql.shuffle.partitions", "2")
+               .config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")
+               .getOrCreate())
+    yield session
+    session.stop()
+
+
+def test_spark_reads_the_dataset_before_and_after_compaction(tmp_path, spark):
+    root = many_host_dataset(tmp_path)
+    expected = sorted(run_query(str(root), "SELECT host, count(*) FROM loadavg GROUP BY host")[1])
+
+    def spark_answer():
+        frame = spark.read.option("basePath", str(root / "table=loadavg")).parquet(str(root / "table=loadavg"))
+        return sorted((row["host"], row["count"]) for row in frame.groupBy("host").count().collect())
+
+    assert spark_answer() == expected
+    compact(str(root), older_than_days=0, today=date(2026, 12, 1))
+    assert spark_answer() == expected  # through the symlinked, compacted partitions
+    days = spark.read.parquet(str(root / "table=runs")).select("date").distinct().count()
+    assert days == 2
