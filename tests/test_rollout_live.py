@@ -171,9 +171,21 @@ class Setup:
         self.balance, self.log_port, self.green_weight = balance, log_port, green_weight
         self.start_haproxy()
 
-    def start_haproxy(self) -> None:
+    def start_haproxy(self, rewrite: bool = True) -> None:
         config = self.dir / "haproxy.cfg"
         balance, log_port = self.balance, self.log_port
+        if rewrite:
+            self.write_config(config, balance, log_port)
+        self.socket.unlink(missing_ok=True)
+        self.haproxy = subprocess.Popen([HAPROXY, "-db", "-f", str(config)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.processes.append(self.haproxy)
+        wait_for_port(self.frontend)
+        deadline = time.monotonic() + 5
+        while not self.socket.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def write_config(self, config: Path, balance: str, log_port: int | None) -> None:
         config.write_text(textwrap.dedent(f"""\
             global
                 stats socket {self.socket} mode 600 level admin
@@ -196,21 +208,13 @@ class Setup:
                 server blue 127.0.0.1:{self.blue_port} weight {100 - self.green_weight} check inter 100ms fall 2 rise 1
                 server green 127.0.0.1:{self.green_port} weight {self.green_weight} check inter 100ms fall 2 rise 1
             """))
-        self.socket.unlink(missing_ok=True)
-        self.haproxy = subprocess.Popen([HAPROXY, "-db", "-f", str(config)],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.processes.append(self.haproxy)
-        wait_for_port(self.frontend)
-        deadline = time.monotonic() + 5
-        while not self.socket.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
 
     def restart_haproxy(self) -> None:
-        """A balancer restart: a new process with the config file's weights (blue 100, green 0)."""
+        """A balancer restart: a new process with the config file's weights, as on disk."""
         self.haproxy.terminate()
         self.haproxy.wait(timeout=5)
         self.processes.remove(self.haproxy)
-        self.start_haproxy()
+        self.start_haproxy(rewrite=False)
 
     def admin(self, line: str) -> str:
         with socket.socket(socket.AF_UNIX) as connection:
@@ -240,10 +244,10 @@ class Setup:
 
     def plan(self, stages: list[tuple[float, float, float]], prepare: str = "true",
              extra: str = 'on_inconclusive = "advance"', kpi: str | None = None, gate: str | None = None, tables: str = "",
-             validate: str | None = None) -> Path:
+             validate: str | None = None, baseline_s: float = 2) -> Path:
         validate = validate or (f"python3 -c 'import urllib.request; "
                                 f"urllib.request.urlopen(\\\"http://127.0.0.1:{self.green_port}/health\\\")'")
-        kpi = (kpi or f'url = "http://127.0.0.1:{self.frontend}/"\nconcurrency = 4') + "\nbaseline_s = 2"
+        kpi = (kpi or f'url = "http://127.0.0.1:{self.frontend}/"\nconcurrency = 4') + f"\nbaseline_s = {baseline_s}"
         kpi = kpi.replace("\n", "\n            ")
         gate = (LOOSE_GATE if gate is None else gate).replace("\n", "\n            ")
         tables = tables.replace("\n", "\n            ")
