@@ -128,7 +128,7 @@ def test_an_identical_green_is_promoted_with_the_default_settings(lb, agent_cli)
     assert users.errors == 0, users.__dict__
     decisions = [e for e in journal_events(lb) if e["event"] == "decision"]
     assert [d["verdict"] for d in decisions] == ["pass", "pass"], decisions
-    assert decisions[-1]["baseline_scope"] == "blue alone at 100% before stage 1"
+    assert decisions[-1]["baseline_scope"] == "blue in this stage's crossover windows"
 
 
 @pytest.mark.live

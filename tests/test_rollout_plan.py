@@ -39,6 +39,7 @@ def write_plan(tmp_path: Path, body: str | None = None, **replace: str) -> Path:
         [kpi]
         url = "http://127.0.0.1:9/"
         concurrency = 1
+        baseline_s = 1
         [[stage]]
         weight_pct = 10
         dwell_s = 30

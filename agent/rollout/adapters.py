@@ -175,9 +175,11 @@ class HAProxyAdapter(TrafficAdapter):
         return notes
 
     def set_weights(self, blue_pct: float, green_pct: float) -> None:
-        # Green first when shifting back to blue, so a failure half-way leaves less on green.
-        order = [(self.settings.green, green_pct), (self.settings.blue, blue_pct)]
-        if green_pct > 0:
+        # The larger target first: between the two writes one server always has a weight (blue 0
+        # then green 100 would leave HAProxy nothing to route to: 503s on a 100% flip), and a
+        # rollback raises blue before it empties green.
+        order = [(self.settings.blue, blue_pct), (self.settings.green, green_pct)]
+        if green_pct > blue_pct:
             order.reverse()
         for server, weight in order:
             if weight != int(weight):

@@ -31,7 +31,7 @@ from agent.gate.kpi import turns_metrics
 from agent.gate.record import append_decision, decision_rows
 from agent.gate.verdict import GateVerdict, judge
 from agent.rollout.adapters import BalancerView, TrafficAdapter, make_adapter
-from agent.rollout.collector import BASELINE_STAGE, LoadCollector, Sample, make_collector, samples_table
+from agent.rollout.collector import BASELINE_STAGE, WARMUP_STAGE, LoadCollector, Sample, make_collector, samples_table
 from agent.rollout.journal import Journal, current_roles, last_run, pid_alive
 from agent.rollout.plan import Plan, Stage
 
@@ -66,23 +66,28 @@ class Evaluation:
 
 
 def stage_samples(samples: list[Sample], stage: int, weight_pct: float, min_samples: int,
-                  until_ns: int | None = None) -> tuple[list[Sample], list[Sample], str]:
+                  until_ns: int | None = None, crossover: bool = False) -> tuple[list[Sample], list[Sample], str]:
     """(blue, green, baseline scope) for judging `stage`, like with like.
 
     Green: this stage only (its behaviour at this weight). Blue, while it still serves: the same
     stage, so both were measured at the same time under the same conditions (Argo's baseline and
-    canary run side by side for the same reason). At 100% blue serves nothing, so the reference is
-    blue alone at 100% in the baseline window before the first stage: the same load green now
-    carries, where blue's samples from the partial stages were taken at a fraction of it.
+    canary run side by side for the same reason). At 100% the stage alternates full-load windows of
+    blue and green (Crossover), so blue's samples are again of this stage. Without crossover, the
+    reference is blue alone at 100% in the baseline window before the first stage: the same load,
+    at another time.
     `until_ns` keeps only the samples taken up to a decision (re-judging a past rollout).
+    `crossover`: the 100% stage alternated blue and green windows (the plan's crossover_s > 0).
     """
     if until_ns is not None:
         samples = [s for s in samples if s.ts_ns <= until_ns]
     green = [s for s in samples if s.stage == stage and s.version == "green"]
-    if weight_pct < 100:
-        blue = [s for s in samples if s.stage == stage and s.version == "blue"]
-        if len(blue) >= max(min_samples, 1):
-            return blue, green, "blue in this stage"
+    blue = [s for s in samples if s.stage == stage and s.version == "blue"]
+    if weight_pct >= 100 and crossover:
+        # Never fall back to an earlier baseline here: until blue's first full-load window has
+        # samples, the stage is simply undecided.
+        return blue, green, "blue in this stage's crossover windows"
+    if len(blue) >= max(min_samples, 1):
+        return blue, green, "blue in this stage"
     baseline = [s for s in samples if s.stage == BASELINE_STAGE and s.version == "blue"]
     if len(baseline) >= max(min_samples, 1):
         return baseline, green, "blue alone at 100% before stage 1"
@@ -138,6 +143,53 @@ class Looks:
     """Evaluations of one stage, counted against the plan's limits (Flagger's failure threshold)."""
     failed: int = 0
     undecided: int = 0
+
+
+class Crossover:
+    """The 100% stage, like with like: full-load windows of green and blue in turn.
+
+    At 100% blue serves nothing, and blue's samples from earlier stages were taken at another time
+    and at a fraction of the load, which on a shared host moved an identical green's p99 by +9%.
+    Alternating windows of `window_s` give both versions the same load, and interleave them in
+    time so drift hits both; short windows (0.25 s by default), because a burst from another job
+    on a shared host lasts about a second and must not fall on one version only (a crossover design; Argo runs baseline and canary side by side for
+    the same reason). Both versions passed every split stage, so a blue window is no risk.
+    """
+
+    def __init__(self, window_s: float):
+        self.window_s = window_s
+        self.green_pct = 100.0
+        self.started = self.since = time.monotonic()
+        self.green_s = 0.0
+        self.flips = 0
+        self.next_at = self.started + window_s
+
+    def due(self) -> float | None:
+        """The green weight to set now, or None."""
+        now = time.monotonic()
+        if self.window_s <= 0 or now < self.next_at:
+            return None
+        if self.green_pct:
+            self.green_s += now - self.since
+        self.since, self.next_at = now, now + self.window_s
+        if self.green_pct and not self.flips:
+            self.started, self.green_s = now, 0.0  # the transient first window is not judged
+        self.flips += 1
+        self.green_pct = 0.0 if self.green_pct else 100.0
+        return self.green_pct
+
+    @property
+    def ready(self) -> bool:
+        """Off, or whole windows of blue and green judged: at least two of each (five flips)."""
+        return self.window_s <= 0 or self.flips >= 5
+
+    def green_share_pct(self, stage_weight_pct: float) -> float:
+        """The share of this stage's requests green should have taken so far (by time)."""
+        if self.window_s <= 0:
+            return stage_weight_pct
+        now = time.monotonic()
+        green_s = self.green_s + (now - self.since if self.green_pct else 0.0)
+        return 100.0 * green_s / max(now - self.started, 1e-9)
 
 
 @dataclass
@@ -364,21 +416,40 @@ class RolloutDriver:
         self.progress(f"stage {index + 1}/{len(self.plan.stages)}: green {stage.weight_pct:g}%")
         started = time.monotonic()
         looks = Looks()
+        crossover = Crossover(self.plan.crossover_s if stage.weight_pct >= 100 else 0.0)
+        if crossover.window_s > 0:
+            self.collector.set_stage(WARMUP_STAGE)
+        tick_s = min(self.plan.evaluate_every_s, crossover.window_s or math.inf)
+        next_look = time.monotonic() + self.plan.evaluate_every_s
         while True:
-            if self.stop.wait(self.plan.evaluate_every_s):
+            if self.stop.wait(max(min(tick_s, next_look - time.monotonic()), 0.01)):
                 raise Interrupted(self.stop_reason)
+            flip = crossover.due()
+            if flip is not None:
+                self.shift(100 - flip, flip, f"stage {index + 1} crossover: {'green' if flip else 'blue'} at 100%")
+                # Green's first full-load window follows the step up from the last split stage (new
+                # connections, threads): a transient blue never has. Every later window follows a
+                # flip, for both versions alike, so judging starts at the first flip.
+                self.collector.set_stage(index)
+            if time.monotonic() < next_look:
+                continue
+            next_look = time.monotonic() + self.plan.evaluate_every_s
             control = self.poll_controls()
             if control is not None and control.action == "promote":
                 return self._promote_now(index, control.reason)
             if control is not None and control.action == "resume":
                 started, looks = time.monotonic(), Looks()
-            problem = self.balancer_problem(index, stage)
+            problem = self.balancer_problem(index, crossover.green_share_pct(stage.weight_pct))
+            if not problem and not crossover.ready:
+                continue  # not one whole window of each version yet: nothing to judge
             elapsed = time.monotonic() - started
             evaluation = self._evaluate(index, stage, elapsed)
             if problem:
                 return self._decide(evaluation, "rollback", f"stage {index + 1} ({stage.weight_pct:g}%): {problem}")
             decision = self._judge_look(evaluation, stage, looks, final)
             if decision is not None:
+                if decision[0] == "advance" and self.weights["green"] != stage.weight_pct:
+                    self.shift(100 - stage.weight_pct, stage.weight_pct, f"stage {index + 1} passed: crossover ends")
                 return decision
 
     def _judge_look(self, evaluation: "Evaluation", stage, looks: Looks, final: bool) -> tuple[str, str] | None:
@@ -418,7 +489,7 @@ class RolloutDriver:
             return self._decide(evaluation, "rollback", f"{label}: {why}")
         return self._decide(evaluation, "advance", f"{label}: {why}; advancing (on_inconclusive = advance)")
 
-    def balancer_problem(self, index: int, stage) -> str:
+    def balancer_problem(self, index: int, share_pct: float) -> str:
         """Why the balancer's own view says this stage cannot be judged or continued, or ''."""
         try:
             view = self.adapter.observe()
@@ -436,11 +507,12 @@ class RolloutDriver:
                 return problem
         attributed = self.collector.snapshot()
         return traffic_share_problem(attributed, self.collector.unattributed.by_stage.get(index, 0), index,
-                                     stage.weight_pct, self.plan.max_unattributed_pct)
+                                     share_pct, self.plan.max_unattributed_pct)
 
     def _evaluate(self, index: int, stage, elapsed: float) -> "Evaluation":
         samples = self.collector.snapshot()
-        blue, green, scope = stage_samples(samples, index, stage.weight_pct, self.plan.gate.min_samples)
+        blue, green, scope = stage_samples(samples, index, stage.weight_pct, self.plan.gate.min_samples,
+                                           crossover=self.plan.crossover_s > 0)
         verdict = judge_samples(blue, green, self.plan)
         evaluation = Evaluation(index, elapsed, verdict, scope)
         self.evaluations.append(evaluation)
@@ -784,5 +856,6 @@ def rollout_report_metrics(report, stage_number: int | None, min_samples: int):
     decided = [d["decided_at_ns"] for d in rollout.get("decisions", []) if d.get("stage") == stage
                and d.get("decided_at_ns")]
     until_ns = decided[-1] if decided else None
-    blue, green, scope = stage_samples(samples, stage, weight_pct, min_samples, until_ns)
+    blue, green, scope = stage_samples(samples, stage, weight_pct, min_samples, until_ns,
+                                       crossover=rollout.get("crossover_s", 0) > 0)
     return turns_metrics(samples_to_turns(blue), samples_to_turns(green)), stage + 1, scope

@@ -57,7 +57,7 @@ from agent.gate.config import GateSettings, read_toml, settings_from_mapping
 
 ADAPTERS = ("haproxy", "command")
 TOP_KEYS = {"name", "state_dir", "on_inconclusive", "evaluate_every_s", "max_failed_looks", "max_inconclusive_looks",
-            "max_unattributed_pct", "prepare", "validate", "traffic", "kpi", "stage", "gate", "metrics", "postmortem",
+            "max_unattributed_pct", "crossover_s", "prepare", "validate", "traffic", "kpi", "stage", "gate", "metrics", "postmortem",
             "promote", "decommission", "undo", "notify"}
 # What a stage still undecided at max_dwell_s does. The default holds (up to max_dwell_s) and then
 # rolls back: no evidence is not a pass (Flagger counts "no values" as a failed check).
@@ -137,6 +137,7 @@ class Plan:
     max_failed_looks: int
     max_inconclusive_looks: int
     max_unattributed_pct: float
+    crossover_s: float  # the 100% stage alternates full-load windows of this length (0: off)
     prepare: HookSet
     validate: HookSet
     shadow: ShadowSettings | None
@@ -237,7 +238,15 @@ def _top_level(data: dict, path: Path) -> dict[str, Any]:
             "evaluate_every_s": _positive(data.get("evaluate_every_s", 1.0), "plan.evaluate_every_s"),
             "max_failed_looks": _count_setting(data, "max_failed_looks", 1, low=1),
             "max_inconclusive_looks": _count_setting(data, "max_inconclusive_looks", 0, low=0),
-            "max_unattributed_pct": _percent(data.get("max_unattributed_pct", 1.0), "plan.max_unattributed_pct")}
+            "max_unattributed_pct": _percent(data.get("max_unattributed_pct", 1.0), "plan.max_unattributed_pct"),
+            "crossover_s": _non_negative(data.get("crossover_s", 0.25), "plan.crossover_s")}
+
+
+def _non_negative(value: Any, where: str) -> float:
+    value = _typed(value, where, (int, float))
+    if value < 0:
+        raise BadInput(f"{where}: must be 0 or more, not {value!r}")
+    return float(value)
 
 
 def _count_setting(data: dict, key: str, default: int, low: int) -> int:

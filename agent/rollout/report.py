@@ -59,6 +59,7 @@ def write_rollout_bundle(driver, status: str, reason: str) -> Path:
         "stacks": stacks_note,
         # What `gate --rollout` needs to re-judge as the driver judged: the plan's own gate
         # settings and when each decision was taken (samples after it were not seen).
+        "crossover_s": plan.crossover_s,
         "gate_config": {key: plan.raw[key] for key in ("gate", "metrics") if key in plan.raw},
         "decisions": [{"stage": r.get("stage"), "decision": r.get("decision"), "verdict": r.get("verdict"),
                        "decided_at_ns": r.get("decided_at_ns"), "baseline_scope": r.get("baseline_scope")}
