@@ -55,12 +55,15 @@ def playbooks(directory: Path, config: Path) -> dict[str, str]:
         book = directory / f"{name}.yml"
         book.write_text("- hosts: localhost\n  connection: local\n  gather_facts: false\n  tasks:\n"
                         + textwrap.indent(body, "    "))
-        commands[name] = f"{ANSIBLE_PLAYBOOK} -i localhost, -c local {book}"
+        # The venv's interpreter: interpreter discovery may land on a pyenv shim that cannot run.
+        commands[name] = (f"{ANSIBLE_PLAYBOOK} -i localhost, -c local -e ansible_python_interpreter={sys.executable} "
+                          f"{book}")
     return commands
 
 
 def event_seen(lb, event: str, count: int = 1):
-    return lambda: sum(e["event"] == event for e in journal_events(lb)) >= count
+    journal = lb.dir / "state" / "test-green.journal.jsonl"
+    return lambda: journal.exists() and sum(e["event"] == event for e in journal_events(lb)) >= count
 
 
 @pytest.mark.live
@@ -79,6 +82,9 @@ def test_pause_resume_promote_undo_retry_with_ansible_hooks(lb, agent_cli):
     journal = lb.dir / "state" / "test-green.journal.jsonl"
     with ClientLoad(lb.frontend) as users:
         driver = start_driver(plan)
+        wait_until(lambda: driver.poll() is not None or event_seen(lb, "baseline_started")(), 60,
+                   "the baseline window (after the prepare playbook)")
+        assert driver.poll() is None, driver.communicate()
         wait_until(event_seen(lb, "baseline_started"), 60, "the baseline window (after the prepare playbook)")
         assert agent_cli("rollout", "pause", "--plan", str(plan), "--reason", "look first").returncode == 0
         wait_until(lambda: lb.weight("green") == 10, 30, "the 10% stage")
