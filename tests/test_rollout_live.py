@@ -364,6 +364,14 @@ def test_green_with_2ms_more_latency_is_rolled_back(lb, agent_cli):
     # The post-mortem re-judged by the gate CLI: the same verdict, then a looser setting.
     rejudged = agent_cli("gate", "--rollout", str(report), "--no-record", "--json")
     assert rejudged.returncode == 1, rejudged.stderr
+    # By default with the plan's own gate settings (30%, not the gate's 20%), on the samples up to
+    # the decision: the same counts the driver's rollback decision journaled.
+    latency = next(m for m in json.loads(rejudged.stdout)["metrics"] if m["metric"] == "turns.latency_ns")
+    assert latency["threshold_pct"] == 30
+    # (within the four requests in flight at the snapshot: their ends are known to the microsecond only)
+    for counted, journaled in zip([latency["baseline_count"], latency["candidate_count"]],
+                                  rollback["metrics"]["turns.latency_ns"][1:3], strict=True):
+        assert abs(counted - journaled) <= 4, (counted, journaled)
     loose = lb.dir / "loose.toml"
     loose.write_text('[metrics."turns.latency_ns"]\nthreshold_pct = 100000\n'
                      '[metrics."turns.latency_ns.p99"]\nthreshold_pct = 100000\n')

@@ -79,7 +79,8 @@ def stage_samples(samples: list[Sample], stage: int, weight_pct: float, min_samp
     `crossover`: the 100% stage alternated blue and green windows (the plan's crossover_s > 0).
     """
     if until_ns is not None:
-        samples = [s for s in samples if s.ts_ns <= until_ns]
+        # A sample is known once its response is complete: start + latency.
+        samples = [s for s in samples if s.ts_ns + s.latency_ns <= until_ns]
     green = [s for s in samples if s.stage == stage and s.version == "green"]
     blue = [s for s in samples if s.stage == stage and s.version == "blue"]
     if weight_pct >= 100 and crossover:
@@ -510,11 +511,12 @@ class RolloutDriver:
                                      share_pct, self.plan.max_unattributed_pct)
 
     def _evaluate(self, index: int, stage, elapsed: float) -> "Evaluation":
+        seen_until = time.time()
         samples = self.collector.snapshot()
         blue, green, scope = stage_samples(samples, index, stage.weight_pct, self.plan.gate.min_samples,
                                            crossover=self.plan.crossover_s > 0)
         verdict = judge_samples(blue, green, self.plan)
-        evaluation = Evaluation(index, elapsed, verdict, scope)
+        evaluation = Evaluation(index, elapsed, verdict, scope, seen_until)
         self.evaluations.append(evaluation)
         return evaluation
 
