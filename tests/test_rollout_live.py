@@ -27,8 +27,9 @@ HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 THIS_FILE = Path(__file__).resolve()
 
 
-def serve(port: int, name: str, delay_ms: float, error_rate: float, sick_file: str = "") -> None:
-    """`sick_file`: while that file exists, /health answers 503 (HAProxy's httpchk marks it DOWN)."""
+def serve(port: int, name: str, delay_ms: float, error_rate: float, sick_file: str = "", tail_ms: str = "0") -> None:
+    """`sick_file`: while that file exists, /health answers 503 (HAProxy's httpchk marks it DOWN).
+    `tail_ms`: 3% of requests take that much longer (a fat tail, median unchanged)."""
     generator = random.Random(port)
 
     class Handler(BaseHTTPRequestHandler):
@@ -43,7 +44,8 @@ def serve(port: int, name: str, delay_ms: float, error_rate: float, sick_file: s
             # are for traffic; a 2% chance of failing the smoke test made the test flaky).
             health = self.path == "/health"
             if not health:
-                time.sleep(delay_ms / 1000.0)
+                slow = float(tail_ms) if generator.random() < 0.03 else 0.0
+                time.sleep((delay_ms + slow) / 1000.0)
             failed = not health and generator.random() < error_rate
             sick = health and bool(sick_file) and os.path.exists(sick_file)
             body = (b"error\n" if failed or sick else b"ok " + name.encode() + b"\n")
@@ -150,9 +152,10 @@ class Setup:
         self.frontend, self.blue_port, self.green_port = free_ports(3)
         self.socket = tmp_path / "admin.sock"
 
-    def start_service(self, port: int, name: str, delay_ms: float, error_rate: float) -> subprocess.Popen:
+    def start_service(self, port: int, name: str, delay_ms: float, error_rate: float,
+                      tail_ms: float = 0.0) -> subprocess.Popen:
         process = subprocess.Popen([sys.executable, str(THIS_FILE), "serve", str(port), name, str(delay_ms),
-                                    str(error_rate), str(self.dir / f"{name}.sick")],
+                                    str(error_rate), str(self.dir / f"{name}.sick"), str(tail_ms)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.processes.append(process)
         wait_for_port(port)
@@ -164,10 +167,11 @@ class Setup:
         marker.touch() if sick else marker.unlink(missing_ok=True)
 
     def start(self, green_delay_ms: float = 1.0, green_error_rate: float = 0.0, balance: str = "roundrobin",
-              log_port: int | None = None, green_sick: bool = False, green_weight: int = 0) -> None:
+              log_port: int | None = None, green_sick: bool = False, green_weight: int = 0,
+              green_tail_ms: float = 0.0) -> None:
         self.sick("green", green_sick)
         self.start_service(self.blue_port, "blue", 1.0, 0.0)
-        self.start_service(self.green_port, "green", green_delay_ms, green_error_rate)
+        self.start_service(self.green_port, "green", green_delay_ms, green_error_rate, green_tail_ms)
         self.balance, self.log_port, self.green_weight = balance, log_port, green_weight
         self.start_haproxy()
 
@@ -194,6 +198,9 @@ class Setup:
                 timeout connect 1s
                 timeout client 10s
                 timeout server 10s
+                # A check answer may take a while on this shared 2-core host: a 100 ms check
+                # timeout marked a healthy green DOWN in 1 of 10 benchmark runs.
+                timeout check 1s
             frontend fe
                 bind 127.0.0.1:{self.frontend}
                 default_backend app
@@ -465,5 +472,5 @@ def test_static_balancing_is_refused_before_any_step(lb, agent_cli):
     assert not marker.exists() and lb.weight("green") == 0
 
 
-if __name__ == "__main__" and len(sys.argv) in (6, 7) and sys.argv[1] == "serve":
+if __name__ == "__main__" and len(sys.argv) in (6, 7, 8) and sys.argv[1] == "serve":
     serve(int(sys.argv[2]), sys.argv[3], float(sys.argv[4]), float(sys.argv[5]), *sys.argv[6:])

@@ -121,7 +121,7 @@ def test_an_identical_green_is_promoted_with_the_default_settings(lb, agent_cli)
     # The plan's gate settings are the defaults (gate=""), on_inconclusive is the default (hold,
     # then roll back). Only the dwell times are short: they are settings.
     lb.start()
-    plan = lb.plan([(50, 3, 25), (100, 3, 25)], extra="", gate="", baseline_s=6)
+    plan = lb.plan([(50, 3, 25), (100, 4, 25)], extra="", gate="", baseline_s=1)
     with ClientLoad(lb.frontend) as users:
         result = agent_cli("rollout", "--plan", str(plan), timeout=90)
     assert result.returncode == 0, result.stderr + result.stdout

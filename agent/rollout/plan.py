@@ -2,7 +2,11 @@
 
     name = "strategy-v2"
     state_dir = "/var/lib/guardian-agent/rollouts"   # journal, post-mortems, decision record
-    on_inconclusive = "advance"      # non-final stage still undecided at max_dwell_s: advance | rollback
+    on_inconclusive = "rollback"     # stage undecided at max_dwell_s: rollback (default) | pause | advance
+    max_failed_looks = 1             # failed evaluations before a rollback
+    max_inconclusive_looks = 0       # undecided evaluations before on_inconclusive acts (0: max_dwell_s)
+    max_unattributed_pct = 1.0       # requests neither version answered, per stage
+    crossover_s = 0.25               # the 100% stage alternates full-load windows of blue and green
 
     [prepare]                        # provision and deploy green (terraform, ansible ...)
     commands = ["ansible-playbook deploy-green.yml"]
@@ -22,7 +26,9 @@
     backend = "app"
     blue = "blue"                    # server names in the backend
     green = "green"
+    wait_up_s = 30                   # green must be UP in the balancer before it gets traffic
     # adapter = "command": set_weights = "lbctl weights --blue {blue} --green {green}"
+    #                      get_weights = "lbctl weights"   (prints BLUE GREEN [STATE]: the read-back)
 
     [kpi]                            # requests through the frontend, attributed by a header
     url = "http://127.0.0.1:8080/"
@@ -41,7 +47,11 @@
     blue_stacks = "/var/tmp/blue-stacks"     # and green, collected by hooks or the daemon; the
     green_stacks = "/var/tmp/green-stacks"   # post-mortem then holds stacks.diff.svg
 
+    [promote] / [undo] / [decommission] (grace_s)   # hooks after promotion (docs/rollout.md)
+    [notify]  command = "..."        # every decision as JSON on stdin
     [gate] / [metrics."..."]         # as in gate.toml
+
+One small function per table; each names the key it refuses.
 """
 
 from __future__ import annotations
