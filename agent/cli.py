@@ -1,8 +1,8 @@
 """guardian-agent command line.
 
-Exit codes: 0 done; 1 the work failed (or the gate failed); 2 bad input or usage;
-3 drift found (`tune plan`). Bad input gets one clear line on stderr, never a traceback;
-`-v` shows details. This is the only module that calls sys.exit.
+Exit codes (core/errors.py): 0 done; 1 the work failed (or the gate failed); 2 bad input or
+usage; 3 drift found (`tune plan`); 130 interrupted (Ctrl-C, SIGTERM). Bad input gets one
+clear line on stderr, never a traceback; `-v` shows details. This is the only module that calls sys.exit.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from pathlib import Path
 import click
 
 from agent import __version__
-from core.errors import BadInput, GuardianError
+from core.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, BadInput, GuardianError
+from probes.options import PROBE_OPTIONS, ProbeOption, validated_options
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_DRIFT = 0, 1, 2, 3
 
 # Other command modules, each exposing `commands` (a list of click commands/groups).
 # Explicit and ordered, like the probe registry: easy to read, no magic.
@@ -84,7 +84,8 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 
     \b
     Exit codes: 0 done, 1 the work failed (or the gate failed),
-                2 bad input or usage, 3 drift found (tune plan).
+                2 bad input or usage, 3 drift found (tune plan),
+                130 interrupted (Ctrl-C or SIGTERM before the command finished).
     """
     ctx.obj = Context(verbose)
 
@@ -98,6 +99,29 @@ def parse_probe_list(text: str | None) -> list[str] | None:
     return names
 
 
+def click_settings(option: ProbeOption) -> dict:
+    """The click flag of a declared probe option (probes/options.py): unset is None, so the
+    declared default (shown in the help) applies."""
+    settings: dict = {"help": option.help, "default": None}
+    if option.kind == "boolean":
+        settings.update(is_flag=True, default=False)
+    elif option.kind in ("strings", "variables"):
+        settings.update(multiple=True, default=())
+    elif option.kind == "choice":
+        settings["type"] = click.Choice(option.choices)
+    else:
+        settings["type"] = {"number": float, "integer": int, "path": click.Path(path_type=Path)}.get(option.kind, str)
+    if option.metavar:
+        settings["metavar"] = option.metavar
+    return settings
+
+
+def probe_option_flags(function):
+    for option in reversed(PROBE_OPTIONS):
+        function = click.option(option.cli_flag, option.name, **click_settings(option))(function)
+    return function
+
+
 @cli.command()
 @click.option("--duration", "duration_s", type=float, default=10.0, show_default=True,
               help="Window length in seconds.")
@@ -108,32 +132,15 @@ def parse_probe_list(text: str | None) -> list[str] | None:
 @click.option("--pid", "pids", type=int, multiple=True, help="Target process (repeatable).")
 @click.option("--process", "process_names", multiple=True, help="Target processes by name (repeatable).")
 @click.option("--unit", "units", multiple=True, help="Target a systemd unit's processes (repeatable).")
-@click.option("--interval", "interval_s", type=float, default=1.0, show_default=True,
-              help="Host counter sampling interval in seconds.")
-@click.option("--profile", help="Tuning profile to audit the kernel against (adds the `kernel` table).")
-@click.option("--profile-dir", type=click.Path(path_type=Path), help="Extra directory searched for profiles.")
-@click.option("--var", "profile_vars", multiple=True, metavar="KEY=VALUE", help="Profile variable.")
-@click.option("--iface", help="Capture interface (capture probe).")
-@click.option("--capture-filter", help="BPF capture filter (capture probe).")
-@click.option("--capture-payload", is_flag=True, help="Capture full payloads (default: headers only).")
-@click.option("--pg-dsn", help="PostgreSQL DSN for the postgres probe (prefer --pg-dsn-file or PGPASSWORD).")
-@click.option("--pg-dsn-file", type=click.Path(path_type=Path), help="File (0600) holding the DSN.")
-@click.option("--rate", "sample_rate_hz", type=int, help="Stack sampling rate in Hz (stacks probe).")
-@click.option("--native", is_flag=True, help="Native stacks with perf (stacks probe).")
-@click.option("--subprocesses", is_flag=True, help="Also profile child processes (stacks probe).")
-@click.option("--blocking", is_flag=True, help="Stop the target while sampling for exact stacks (stacks).")
-@click.option("--stack-threads", type=click.Choice(["running", "all", "gil"]), help="Threads to sample: running (default), all (idle too), gil (GIL holder only) (stacks).")
-@click.option("--jitter-cpus", help="CPUs for the jitter busy-loop, e.g. 2-3 (jitter probe).")
-@click.option("--peer-role", "peer_roles", multiple=True, metavar="PORT[-PORT]|CIDR=ROLE", help="Label TCP peers, e.g. 9100-9199=exchange (tcp probe; 5432=database built in).", callback=lambda context, parameter, values: importlib.import_module("probes.tcp").peer_roles_option(values))
+@probe_option_flags
 @click.pass_obj
-def audit(obj: Context, duration_s, out_dir, probe_list, pids, process_names, units, interval_s,
-          profile, profile_dir, profile_vars, iface, capture_filter, capture_payload, pg_dsn,
-          pg_dsn_file, sample_rate_hz, native, subprocesses, blocking, stack_threads, jitter_cpus,
-          peer_roles=()) -> None:
+def audit(obj: Context, duration_s, out_dir, probe_list, pids, process_names, units, **option_values) -> None:
     """Run probes side by side over one window and write a report bundle.
 
     Prints each probe's status and the findings, most severe first. Exit 0 when the bundle is
-    complete (Ctrl-C ends the window early and still writes it).
+    complete (Ctrl-C ends the window early and still writes it). Probe options (--interval ...
+    --peer-role) can also be set in config.toml's [probe_options] under their names (interval_s,
+    peer_roles ...) for `collect` and the daemon.
     """
     from core.host import Host
     from agent.runner import AuditRun, select_probes
@@ -144,8 +151,7 @@ def audit(obj: Context, duration_s, out_dir, probe_list, pids, process_names, un
 
     if duration_s <= 0:
         raise BadInput(f"--duration must be positive, not {duration_s:g}")
-    if interval_s <= 0:
-        raise BadInput(f"--interval must be positive, not {interval_s:g}")
+    options = validated_options(option_values)
     host = Host.real()
     for pid in pids:
         if pid <= 0 or not host.pid_exists(pid):
@@ -159,22 +165,11 @@ def audit(obj: Context, duration_s, out_dir, probe_list, pids, process_names, un
         pids = tuple(dict.fromkeys([*pids, *(target.pid for target in resolved)]))
     names = parse_probe_list(probe_list)
     probe_classes = select_probes(names, REGISTRY)
-    from agent.tuning.profiles import parse_variables
-
-    variables = parse_variables(profile_vars)
     run_id = new_run_id(host.hostname())
     target = out_dir if out_dir is not None else Path("guardian-reports") / run_id
     validate_out_dir(target)
-
-    options = {
-        "interval_s": interval_s, "profile": profile, "profile_dir": profile_dir,
-        "profile_vars": variables, "iface": iface, "capture_filter": capture_filter,
-        "capture_payload": capture_payload, "pg_dsn": pg_dsn, "pg_dsn_file": pg_dsn_file,
-        "sample_rate_hz": sample_rate_hz, "native": native, "subprocesses": subprocesses,
-        "blocking": blocking, "stack_threads": stack_threads, "jitter_cpus": jitter_cpus, "process_names": process_names,
-        "units": units, "tcp_roles": tuple(peer_roles),
-    }
-    config = ProbeConfig(host=host, pids=tuple(pids), options=options)
+    config = ProbeConfig(host=host, pids=tuple(pids), options=options,
+                         process_names=tuple(process_names), units=tuple(units))
     writer = BundleWriter(target, run_id=run_id, host=host)
     run = AuditRun(probe_classes, config, writer, duration_s,
                    progress=progress_printer(stderr_is_tty() or obj.verbose),
@@ -217,7 +212,7 @@ def probes_command(as_json: bool, pids) -> None:
         except Exception as error:  # a check that crashes is a bug, reported not raised
             status, reason = "unavailable", f"check failed: {type(error).__name__}: {error}"
         rows.append({"name": probe_class.name, "status": status, "reason": reason,
-                     "default": bool(getattr(probe_class, "default_enabled", True)),
+                     "default": probe_class.default_enabled,
                      "description": probe_class.description})
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -254,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
         raise
     except click.exceptions.Abort:
         echo_error("aborted")
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
     except click.exceptions.Exit as done:
         sys.exit(done.exit_code)
     except click.ClickException as error:
@@ -268,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
         echo_error("interrupted")
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
     except BrokenPipeError:
         sys.exit(EXIT_OK)
     except Exception as error:  # a bug: still one line unless -v

@@ -21,10 +21,10 @@ memory, not total RSS: the rest is clean, shared library text (LLVM alone is ~85
 has compiled in-process) that a restart would not shrink.
 
 A probe class may declare `rolling = True` to say that one instance can be prepared once and
-then collect window after window; the daemon then runs windows in-process and keeps it attached
-between windows (no BPF recompilation per window); RollingAuditRun marks such an instance with
-`keep_attached = True` (see probes/base.py). Other probes get a fresh instance per window.
-The syscalls and tcp probes are rolling, so the default daemon compiles once, at start.
+then collect window after window; the daemon then runs windows in-process and its probe source
+(agent/runner.py: KeptProbes) keeps it attached between windows (no BPF recompilation per
+window). Other probes get a fresh instance per window. The syscalls and tcp probes are rolling,
+so the default daemon compiles once, at start.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from agent.config import AgentConfig
 from agent.fleet.collect import audit_into_spool, make_spool, make_store, probe_config, resolve_probes
 from agent.fleet.spool import SpoolFull
 from core.host import Host
-from agent.runner import AuditRun
+from agent.runner import AuditRun, KeptProbes
 from core.atomic import write_json_atomic
 
 STATE_NAME = "daemon-state.json"
@@ -146,43 +146,6 @@ def budget_pause_s(history: collections.deque, cpu_budget_pct: float) -> float:
     return max(0.0, cpu_s / budget - wall_s)
 
 
-def rolling_run_factory(cache: dict[str, object],
-                        after_prepare: Callable[[], None] = lambda: None) -> Callable[..., AuditRun]:
-    """AuditRun that keeps `rolling` probe instances prepared across windows. `after_prepare`
-    runs after probes were prepared (compiled) for a window: the daemon trims its heap there, so
-    the compile's few hundred MB are not kept for the whole first window."""
-
-    class RollingAuditRun(AuditRun):
-        def _check_all(self):
-            fresh = [cls for cls in self.probe_classes if cls.name not in cache]
-            kept = [cache[cls.name] for cls in self.probe_classes if cls.name in cache]
-            original, self.probe_classes = self.probe_classes, fresh
-            try:
-                ready, outcomes = super()._check_all()
-            finally:
-                self.probe_classes = original
-            return kept + ready, outcomes
-
-        def _prepare_all(self, probes):
-            kept = [probe for probe in probes if cache.get(probe.name) is probe]
-            ready, outcomes = [], []
-            for probe in probes:
-                if probe in kept:
-                    continue
-                # One at a time, the heap trimmed after each: the compiles' peaks do not add up.
-                probe_ready, probe_outcomes = super()._prepare_all([probe])
-                after_prepare()
-                ready.extend(probe_ready)
-                outcomes.extend(probe_outcomes)
-            for probe in ready:
-                if getattr(type(probe), "rolling", False):
-                    probe.keep_attached = True  # collect() leaves it attached (probes/base.py)
-                    cache[probe.name] = probe
-            return kept + ready, outcomes
-
-    return RollingAuditRun
-
-
 class Daemon:
     def __init__(self, config: AgentConfig, registry: tuple, host: Host | None = None,
                  log: Callable[[str], None] | None = None, max_windows: int | None = None):
@@ -200,8 +163,8 @@ class Daemon:
         self.store = make_store(config)
         self.state_path = self.spool.path / STATE_NAME
         self.history: collections.deque = collections.deque(maxlen=BUDGET_HORIZON_CYCLES)
-        self.cache: dict[str, object] = {}
         self.heap = HeapKeeper()
+        self.probes = KeptProbes(after_prepare=self.heap.after_compile)
         self.state = {
             "pid": os.getpid(),
             "started_at": datetime.now(timezone.utc).isoformat(),
@@ -250,7 +213,7 @@ class Daemon:
         started_cpu, started_wall = process_cpu_s(), time.monotonic()
         cycle_cpu, cycle_wall = started_cpu, started_wall
         while not self.stopping:
-            if any(getattr(cls, "rolling", False) for cls in probe_classes):
+            if any(cls.rolling for cls in probe_classes):
                 run_id, outcomes = self._window_in_process(probe_classes)
             else:
                 run_id, outcomes = self._window_in_child(probe_classes)
@@ -307,7 +270,7 @@ class Daemon:
                 break
             if self.max_windows is not None and self.state["windows"] >= self.max_windows:
                 break
-        self._detach_all()
+        self.probes.close_all()
         # Last chance before exit; what does not make it stays in the spool for the next start.
         self._upload(10.0)
         self._write_state()
@@ -318,13 +281,13 @@ class Daemon:
     def _window_in_process(self, probe_classes: list[type]) -> tuple[str, list]:
         run_id, result = audit_into_spool(
             self.spool, probe_classes, probe_config(self.config, self.host), self.settings.window_s,
-            self.host, on_run=self._on_run, run_factory=rolling_run_factory(self.cache, self.heap.after_compile))
+            self.host, on_run=self._on_run, source=self.probes)
         with self._lock:
             self._current = None
         for outcome in result.outcomes:
             # A kept probe whose window failed (or timed out and was abandoned) starts afresh.
-            if outcome.status not in ("ok", "interrupted") and outcome.name in self.cache:
-                self._close(self.cache.pop(outcome.name))
+            if outcome.status not in ("ok", "interrupted"):
+                self.probes.discard(outcome.name)
         self.spool.stage(run_id)
         return run_id, [(o.name, o.status, o.reason) for o in result.outcomes]
 
@@ -396,20 +359,6 @@ class Daemon:
             if status != entry["last_status"] and status not in ("ok", "interrupted"):
                 self.log(f"probe {name}: {status}: {reason}")
             entry["last_status"] = status
-
-    def _detach_all(self) -> None:
-        for probe in self.cache.values():
-            self._close(probe)
-        self.cache.clear()
-
-    @staticmethod
-    def _close(probe) -> None:
-        close = getattr(probe, "close", None)
-        if close:
-            try:
-                close()
-            except Exception:
-                pass
 
     def _write_state(self) -> None:
         try:

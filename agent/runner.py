@@ -13,13 +13,16 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import pyarrow as pa
 
-from core.errors import GuardianError, Unavailable
-from probes.base import FINDINGS_SCHEMA, ProbeConfig, Window
+from core.errors import BadInput, GuardianError, Unavailable
+from probes.base import FINDINGS_SCHEMA, ProbeBase, ProbeConfig, Window
 from reports.bundle import BundleWriter, ProbeRecord
+
+
+PREPARE_TIMEOUT_S = 120.0
 
 
 @dataclass
@@ -41,28 +44,143 @@ class AuditResult:
     headlines: list[str]
 
 
-def select_probes(names: list[str] | None, registry: tuple) -> list[type]:
+def select_probes(names: list[str] | None, registry: tuple[type[ProbeBase], ...]) -> list[type[ProbeBase]]:
     """Resolve probe names (None = every probe that is enabled by default)."""
     by_name = {probe.name: probe for probe in registry}
     if not names:
-        return [probe for probe in registry if getattr(probe, "default_enabled", True)]
+        return [probe for probe in registry if probe.default_enabled]
     unknown = [n for n in names if n not in by_name]
     if unknown:
-        from core.errors import BadInput
-
         raise BadInput(f"unknown probe {', '.join(unknown)} (known: {', '.join(by_name)})")
     return [by_name[n] for n in dict.fromkeys(names)]
+
+
+def check_probes(probe_classes: list[type[ProbeBase]],
+                 config: ProbeConfig) -> tuple[list[ProbeBase], list[ProbeOutcome]]:
+    """A new instance of each class, checked; a broken check never stops the audit."""
+    ready, outcomes = [], []
+    for probe_class in probe_classes:
+        started = time.monotonic()
+        try:
+            probe = probe_class(config)
+            probe.check()
+        except Unavailable as error:
+            outcomes.append(ProbeOutcome(probe_class.name, "unavailable", str(error)))
+            continue
+        except Exception as error:
+            outcomes.append(ProbeOutcome(probe_class.name, "failed", f"check failed: {type(error).__name__}: {error}",
+                                         seconds=time.monotonic() - started, detail=traceback.format_exc()))
+            continue
+        ready.append(probe)
+    return ready, outcomes
+
+
+def prepare_probes(probes: list[ProbeBase],
+                   timeout_s: float = PREPARE_TIMEOUT_S) -> tuple[list[ProbeBase], list[ProbeOutcome]]:
+    """prepare() (compile/attach) side by side before the window, so the window is exact."""
+    ready, outcomes = [], []
+    results: dict[str, BaseException | None] = {}
+
+    def prepare(probe: ProbeBase) -> None:
+        try:
+            probe.prepare()
+            results[probe.name] = None
+        except BaseException as error:  # noqa: BLE001 - reported per probe
+            results[probe.name] = error
+
+    threads = [threading.Thread(target=prepare, args=(p,), daemon=True, name=f"prepare-{p.name}") for p in probes]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + timeout_s
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    for probe in probes:
+        if probe.name not in results:
+            outcomes.append(ProbeOutcome(probe.name, "failed", f"prepare timed out after {timeout_s:g} s"))
+            continue
+        error = results[probe.name]
+        if error is None:
+            ready.append(probe)
+        elif isinstance(error, Unavailable):
+            outcomes.append(ProbeOutcome(probe.name, "unavailable", str(error)))
+        else:
+            outcomes.append(ProbeOutcome(probe.name, "failed", f"prepare failed: {type(error).__name__}: {error}",
+                                         detail="".join(traceback.format_exception(error))))
+    return ready, outcomes
+
+
+class ProbeSource(Protocol):
+    """Where an audit's probe instances come from: checked and prepared, ready for the window."""
+
+    def provide(self, probe_classes: list[type[ProbeBase]], config: ProbeConfig,
+                progress: Callable[[str], None]) -> tuple[list[ProbeBase], list[ProbeOutcome]]: ...
+
+
+class FreshProbes:
+    """A new instance of every probe per audit (`audit`, `collect`): detached when it ends."""
+
+    def provide(self, probe_classes, config, progress):
+        probes, outcomes = check_probes(probe_classes, config)
+        if probes:
+            progress(f"preparing {', '.join(p.name for p in probes)}")
+        ready, failed = prepare_probes(probes)
+        return ready, outcomes + failed
+
+
+class KeptProbes:
+    """The daemon's source: `rolling` probes are prepared once and stay attached from window to
+    window (no BPF recompilation per window); the others get a fresh instance per window.
+    `after_prepare` runs after each probe's prepare: the daemon trims its heap there, so the
+    compiles' peaks (a few hundred MB each) neither add up nor stay for the whole first window."""
+
+    def __init__(self, after_prepare: Callable[[], None] = lambda: None):
+        self.after_prepare = after_prepare
+        self.kept: dict[str, ProbeBase] = {}
+
+    def provide(self, probe_classes, config, progress):
+        kept = [self.kept[cls.name] for cls in probe_classes if cls.name in self.kept]
+        fresh, outcomes = check_probes([cls for cls in probe_classes if cls.name not in self.kept], config)
+        ready: list[ProbeBase] = []
+        for probe in fresh:  # one at a time, the heap trimmed after each
+            progress(f"preparing {probe.name}")
+            probe_ready, probe_outcomes = prepare_probes([probe])
+            self.after_prepare()
+            ready.extend(probe_ready)
+            outcomes.extend(probe_outcomes)
+        for probe in ready:
+            if probe.rolling:
+                probe.keep_attached_between_windows()
+                self.kept[probe.name] = probe
+        return kept + ready, outcomes
+
+    def discard(self, name: str) -> None:
+        """A kept probe whose window failed (or was abandoned) starts afresh next window."""
+        probe = self.kept.pop(name, None)
+        if probe is not None:
+            close_quietly(probe)
+
+    def close_all(self) -> None:
+        for name in list(self.kept):
+            self.discard(name)
+
+
+def close_quietly(probe: ProbeBase) -> None:
+    try:
+        probe.close()
+    except Exception:
+        pass  # detaching at exit: the kernel drops what is left with our file descriptors
 
 
 class AuditRun:
     def __init__(
         self,
-        probe_classes: list[type],
+        probe_classes: list[type[ProbeBase]],
         config: ProbeConfig,
         writer: BundleWriter,
         duration_s: float,
         progress: Callable[[str], None] | None = None,
         ticker: Callable[[float], None] | None = None,
+        source: ProbeSource | None = None,
     ):
         self.probe_classes = probe_classes
         self.config = config
@@ -70,74 +188,13 @@ class AuditRun:
         self.window = Window(duration_s, writer.out_dir, writer.run_id)
         self.progress = progress or (lambda message: None)
         self.ticker = ticker or (lambda remaining_s: None)
+        self.source = source or FreshProbes()
 
     def stop(self) -> None:
         self.window.stop()
 
-    def _check_all(self) -> tuple[list, list[ProbeOutcome]]:
-        ready, outcomes = [], []
-        for probe_class in self.probe_classes:
-            started = time.monotonic()
-            try:
-                probe = probe_class(self.config)
-                probe.check()
-            except Unavailable as error:
-                outcomes.append(ProbeOutcome(probe_class.name, "unavailable", str(error)))
-                continue
-            except Exception as error:  # a broken check must not stop the audit
-                outcomes.append(
-                    ProbeOutcome(
-                        probe_class.name,
-                        "failed",
-                        f"check failed: {type(error).__name__}: {error}",
-                        seconds=time.monotonic() - started,
-                        detail=traceback.format_exc(),
-                    )
-                )
-                continue
-            ready.append(probe)
-        return ready, outcomes
-
-    def _prepare_all(self, probes: list) -> tuple[list, list[ProbeOutcome]]:
-        """Optional prepare() (compile/attach) runs before the window so the window is exact."""
-        ready, outcomes = [], []
-        results: dict[str, BaseException | None] = {}
-
-        def prepare(probe) -> None:
-            try:
-                getattr(probe, "prepare", lambda: None)()
-                results[probe.name] = None
-            except BaseException as error:  # noqa: BLE001 - reported per probe
-                results[probe.name] = error
-
-        threads = [threading.Thread(target=prepare, args=(p,), daemon=True, name=f"prepare-{p.name}") for p in probes]
-        for thread in threads:
-            thread.start()
-        deadline = time.monotonic() + 120
-        for thread in threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        for probe in probes:
-            if probe.name not in results:
-                outcomes.append(ProbeOutcome(probe.name, "failed", "prepare timed out after 120 s"))
-                continue
-            error = results[probe.name]
-            if error is None:
-                ready.append(probe)
-            elif isinstance(error, Unavailable):
-                outcomes.append(ProbeOutcome(probe.name, "unavailable", str(error)))
-            else:
-                outcomes.append(
-                    ProbeOutcome(probe.name, "failed", f"prepare failed: {type(error).__name__}: {error}",
-                                 detail="".join(traceback.format_exception(error)))
-                )
-        return ready, outcomes
-
     def run(self) -> AuditResult:
-        ready, outcomes = self._check_all()
-        if ready:
-            self.progress(f"preparing {', '.join(p.name for p in ready)}")
-        ready, failed_prepare = self._prepare_all(ready)
-        outcomes.extend(failed_prepare)
+        ready, outcomes = self.source.provide(self.probe_classes, self.config, self.progress)
 
         self.window.restart()
         results: dict[str, ProbeOutcome] = {}
@@ -148,7 +205,7 @@ class AuditRun:
                 tables = probe.collect(self.window)
                 status = "interrupted" if self.window.interrupted else "ok"
                 reason = "window ended early" if status == "interrupted" else ""
-                reason = getattr(probe, "status_reason", "") or reason
+                reason = probe.status_reason or reason
                 results[probe.name] = ProbeOutcome(probe.name, status, reason, tables or {},
                                                    time.monotonic() - started)
             except Unavailable as error:
@@ -172,16 +229,14 @@ class AuditRun:
             self.ticker(self.window.remaining())
         self.ticker(0.0)
         for probe in ready:
-            grace = float(getattr(probe, "finish_grace_s", 20.0))
+            grace = float(probe.finish_grace_s)
             # The deadline for a probe counts from the end of the window, not from now.
             threads[probe.name].join(max(0.1, self.window.remaining() + grace))
             if threads[probe.name].is_alive():
-                probe_stop = getattr(probe, "abandon", None)
-                if probe_stop:
-                    try:
-                        probe_stop()
-                    except Exception:
-                        pass
+                try:
+                    probe.abandon()
+                except Exception:
+                    pass  # giving up on it either way; its outcome says it timed out
                 results.setdefault(
                     probe.name,
                     ProbeOutcome(probe.name, "failed",
@@ -212,13 +267,13 @@ class AuditRun:
             except Exception as error:
                 outcome.status = "failed"
                 outcome.reason = f"writing tables failed: {error}"
-            headline = getattr(by_class.get(outcome.name), "headlines", None)
-            if headline and outcome.tables:
+            probe_class = by_class.get(outcome.name, ProbeBase)
+            if outcome.tables:
                 try:
-                    headlines.extend(headline(outcome.tables))
+                    headlines.extend(probe_class.headlines(outcome.tables))
                 except Exception:
-                    pass
-            for extra in getattr(by_class.get(outcome.name), "extras", ()):
+                    pass  # a summary line is a courtesy: its failure never costs the bundle
+            for extra in probe_class.extras:
                 if self.writer.path(extra).exists():
                     self.writer.add_extra(extra)
             self.writer.add_probe(ProbeRecord(outcome.name, outcome.status, outcome.reason, counts, outcome.seconds))
@@ -227,7 +282,7 @@ class AuditRun:
         findings = sort_findings(findings)
         self.writer.write_table("findings", findings, "audit")
         manifest = self.writer.finish(
-            tuning_profile=self.config.option("profile"),
+            tuning_profile=self.config.options.get("profile"),
             extra={"window_s": self.window.duration_s, "interrupted": self.window.interrupted},
         )
         return AuditResult(outcomes, manifest, findings, self.window.interrupted, headlines)

@@ -10,7 +10,7 @@ what it measured on itself, and how long it paused to hold its budget). The per-
 samples are stored as pyperf benchmarks (benchmarks/results/daemon.pyperf.json) so
 `python -m pyperf stats/compare_to` work on them; the summary is benchmarks/results/daemon.json.
 
-Targets (issue 7): average <= 0.5% of one core and <= 200 MB RSS, default configuration.
+Targets (the daemon's budget, docs/fleet.md): average <= 0.5% of one core and <= 200 MB RSS, default configuration.
 Usage: python benchmarks/bench_daemon.py [--quick] [--seconds N] [--daemon-only]
 """
 

@@ -1,4 +1,4 @@
-"""How much does sampling slow the profiled process? (issue 5 target: <= 1% at the default rate)
+"""How much does sampling slow the profiled process? (target: <= 1% at the default rate)
 
 A CPU-bound Python worker runs a fixed workload in a loop and reports its own iteration count
 every 50 ms. While it runs, this script alternates short phases:

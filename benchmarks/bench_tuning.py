@@ -56,7 +56,7 @@ def oslat_round(cpu: int, seconds: int, work: Path) -> dict:
 
 def agent_round(cpu: int, seconds: int) -> dict:
     result = subprocess.run(
-        [sys.executable, "-m", "agent.tuning.jitter_loop", "--cpu", str(cpu),
+        [sys.executable, "-m", "probes.jitter_loop", "--cpu", str(cpu),
          "--duration-ns", str(seconds * 1_000_000_000), "--threshold-ns", str(THRESHOLD_US * 1000)],
         check=True, capture_output=True, timeout=seconds + 30, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     data = json.loads(result.stdout)

@@ -1,4 +1,12 @@
-"""Typed errors. Library code raises these; only agent/cli.py turns them into exit codes."""
+"""Typed errors and the exit codes they map to. Library code raises these; only agent/cli.py
+turns them into exit codes (and is the only module that calls sys.exit)."""
+
+# The CLI's exit codes, documented in `guardian-agent --help`.
+EXIT_OK = 0
+EXIT_FAILED = 1         # the work failed, or the gate failed
+EXIT_BAD_INPUT = 2      # bad input or usage: nothing was written or changed
+EXIT_DRIFT = 3          # drift found (tune plan/status; rollback kept values changed by others)
+EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM before the command finished (128 + SIGINT)
 
 
 class GuardianError(Exception):

@@ -25,10 +25,9 @@ BUILD_DIR=${BUILD_DIR:-build/deb}
 WHEELHOUSE=build/wheelhouse
 STAGE="$(realpath -m "$BUILD_DIR")/root"
 PACKAGE="$DIST_DIR/guardian-agent_${VERSION}_${ARCH}.deb"
-# Runtime libraries: packaging/pip-requirements.txt (what `make setup` installs, kept current by
-# every probe's author) minus the tools only tests, benchmarks and notebooks use.
-DEV_ONLY='^(pytest|pytest-timeout|pyperf|moto|moto\[server\]|ansible-core|polars|pandas|matplotlib)([<>=!~ ].*)?$'
-EXTRA_RUNTIME=$(grep -vE '^\s*(#|$)' packaging/pip-requirements.txt | sed 's/\s*#.*//' | grep -vE "$DEV_ONLY" | tr '\n' ' ')
+# Runtime libraries: pyproject.toml's dependencies and extras, without the `dev` extra (the tools
+# only tests, benchmarks and notebooks use); packaging/requirements.py reads them.
+EXTRA_RUNTIME=$($PYTHON packaging/requirements.py --runtime | tr '\n' ' ')
 
 rm -rf "$STAGE"
 mkdir -p "$STAGE$PREFIX" "$DIST_DIR" "$WHEELHOUSE"

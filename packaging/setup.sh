@@ -45,12 +45,13 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import sys; sys.exit(0 if
     say "created .venv"
 fi
 stamp=.venv/.requirements.sha
-digest=$(cat packaging/pip-requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)
+digest=$(cat pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$digest" ]; then
     # Some hosts' pip configuration names local mirror folders that do not exist; pip warns once
     # per package about each. Drop just those lines; every other message still shows.
     quiet_pip() { .venv/bin/pip "$@" 2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2); }
-    quiet_pip install -q --disable-pip-version-check -r packaging/pip-requirements.txt
+    # pyproject.toml lists every requirement once (packaging/requirements.py reads it).
+    quiet_pip install -q --disable-pip-version-check $(/usr/bin/python3 packaging/requirements.py --all)
     quiet_pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
     echo "$digest" > "$stamp"
     say "python packages installed"

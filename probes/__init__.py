@@ -1,25 +1,19 @@
-"""Probe registry: an explicit ordered tuple. Each probe module imports its heavy optional
-libraries (bcc, scapy, asyncpg, py-spy) only inside check()/collect(), so listing probes works on
-any host."""
+"""The probes. `from probes import REGISTRY` gives the ordered tuple of probe classes
+(probes/registry.py).
 
-from probes.host import HostProbe
-from probes.stacks import StacksProbe
-from probes.syscalls import SyscallsProbe
-from probes.tcp import TcpProbe
-from probes.capture import CaptureProbe
-from probes.kernel import KernelProbe
-from probes.jitter import JitterProbe
-from probes.postgres import PostgresProbe
+The registry is loaded on first use (PEP 562 module __getattr__), not when the package is: the
+CLI imports probes/options.py to build its flags, and loading every probe module (pyarrow
+among them) would add ~0.25 s to every `guardian-agent` command, `--help` included.
+"""
 
-REGISTRY: tuple = (
-    HostProbe,
-    SyscallsProbe,
-    StacksProbe,
-    TcpProbe,
-    CaptureProbe,
-    KernelProbe,
-    JitterProbe,
-    PostgresProbe,
-)
+from __future__ import annotations
 
 __all__ = ["REGISTRY"]
+
+
+def __getattr__(name: str):
+    if name == "REGISTRY":
+        from probes.registry import REGISTRY
+
+        return REGISTRY
+    raise AttributeError(f"module 'probes' has no attribute {name!r}")

@@ -5,15 +5,30 @@ missing piece as an action), `collect(window)` gathers data over the shared wind
 tables by name. Pure parsing/aggregation lives in `*_rows(...)` functions beside the probe so tests
 can feed them recorded data.
 
+The whole contract is declared on `ProbeBase` with its defaults, and the runner and the daemon
+call every hook directly (no getattr), in this order:
+
+    check()            can it run here? raise Unavailable("the missing piece, as an action")
+    prepare()          compile/attach/start before the window, so the window is exact
+    collect(window)    gather over the shared window; return {table name: pa.Table}
+    status_reason      read after collect(): why an ok/interrupted run is partial ("" = fine)
+    abandon()          the runner gave up waiting (window + finish_grace_s): stop children now
+    headlines(tables)  one-line summaries for the audit's terminal output (a static method)
+    extras             extra files the probe writes into the bundle (pcap, svg ...)
+
 Rolling use: a probe class with `rolling = True` can be prepared once and collected window after
-window on the same instance. A caller that does so (the daemon's RollingAuditRun) sets
-`probe.keep_attached = True` on the instance; collect() then returns exactly that window's data
-and leaves its programs attached, and `close()` detaches at the end. Without the attribute (a
-normal audit) collect() detaches when the window ends, as before.
+window on the same instance. The daemon's probe source (agent/runner.py: KeptProbes) calls
+`keep_attached_between_windows()` on such an instance; collect() then returns exactly that
+window's data and leaves its programs attached, and `close()` detaches at the end. A fresh
+instance (a normal audit) detaches when its window ends.
+
+Options: a probe reads its options with `self.option(name)`; every name is declared once, with
+its type and default, in probes/options.py (the CLI flags and config validation come from there).
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -24,6 +39,7 @@ import pyarrow as pa
 
 from core.errors import Unavailable
 from core.host import Host
+from probes.options import BY_NAME, declared
 
 __all__ = [
     "Probe",
@@ -75,20 +91,24 @@ def rows_to_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
 
 @dataclass
 class ProbeConfig:
-    """What a probe is told at construction: the host seam, target pids and named options.
+    """What a probe is told at construction: the host seam, the targets and the option values.
 
-    Options are the audit's probe options by name (iface, capture_filter, pg_dsn, profile,
-    native, subprocesses, sample_rate_hz, blocking, jitter_cpus ...). A probe reads the ones it
-    knows and ignores the rest.
+    `options` holds the values given (by the CLI or the config) under the names declared in
+    probes/options.py; a probe reads them through `ProbeBase.option`, which supplies defaults.
+    `process_names` and `units` are targets like `pids`, resolved by the probes that follow
+    processes (probes/targets.py).
     """
 
     host: Host = field(default_factory=Host.real)
     pids: tuple[int, ...] = ()
     options: dict[str, Any] = field(default_factory=dict)
+    process_names: tuple[str, ...] = ()
+    units: tuple[str, ...] = ()
 
-    def option(self, name: str, default: Any = None) -> Any:
-        value = self.options.get(name)
-        return default if value is None else value
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.options) - set(BY_NAME))
+        if unknown:  # a misspelled option must not silently fall back to the default
+            raise LookupError(f"unknown probe option {unknown[0]!r}: declare it in probes/options.py")
 
 
 class Window:
@@ -153,24 +173,32 @@ class Window:
 
 
 class Probe(Protocol):
+    """The contract the runner and daemon rely on; ProbeBase gives every hook its default."""
+
     name: ClassVar[str]  # also the Parquet file stem of its main table
     schema: ClassVar[pa.Schema]  # units in column names: _ns, _us, _ms, _bytes, _pct
     # Tables other than the main one (name -> schema), declared so tests can assert them.
     extra_schemas: ClassVar[dict[str, pa.Schema]]
-    # One line for `guardian-agent probes`.
-    description: ClassVar[str]
-    # Seconds a probe may take after the window ends to detach and aggregate.
-    finish_grace_s: ClassVar[float]
+    description: ClassVar[str]  # one line for `guardian-agent probes`
+    finish_grace_s: ClassVar[float]  # seconds after the window to detach and aggregate
+    default_enabled: ClassVar[bool]  # False: runs only when asked for by name
+    rolling: ClassVar[bool]  # one instance can collect window after window (the daemon)
+    extras: ClassVar[tuple[str, ...]]  # extra bundle files the probe may write
+    status_reason: str  # set by collect(): why a run is partial ("" when it is not)
 
     def __init__(self, config: ProbeConfig) -> None: ...
-
     def check(self) -> None: ...  # raise Unavailable("why, and what to do")
-
+    def prepare(self) -> None: ...
     def collect(self, window: Window) -> dict[str, pa.Table]: ...  # table name -> rows
+    def abandon(self) -> None: ...
+    def keep_attached_between_windows(self) -> None: ...
+    def close(self) -> None: ...
+    @staticmethod
+    def headlines(tables: dict[str, pa.Table]) -> list[str]: ...
 
 
 class ProbeBase:
-    """Convenience base with the defaults of the contract."""
+    """The contract with its defaults: a probe overrides what it needs."""
 
     name: ClassVar[str] = ""
     schema: ClassVar[pa.Schema] = pa.schema([])
@@ -179,24 +207,51 @@ class ProbeBase:
     finish_grace_s: ClassVar[float] = 20.0
     # Probes that only run when asked for by name (heavy, intrusive, or needing a target).
     default_enabled: ClassVar[bool] = True
+    rolling: ClassVar[bool] = False
+    extras: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: ProbeConfig | None = None) -> None:
         self.config = config or ProbeConfig()
+        self.status_reason = ""
+        self.keep_attached = False
 
     @property
     def host(self) -> Host:
         return self.config.host
 
-    def check(self) -> None:  # pragma: no cover - overridden
+    def option(self, name: str) -> Any:
+        """The value of a declared option (probes/options.py), or its declared default."""
+        option = declared(name, self.name)
+        value = self.config.options.get(name)
+        return option.default if value is None else value
+
+    def check(self) -> None:
+        return None
+
+    def prepare(self) -> None:
         return None
 
     def collect(self, window: Window) -> dict[str, pa.Table]:  # pragma: no cover - overridden
         raise NotImplementedError
 
+    def abandon(self) -> None:
+        return None
+
+    def keep_attached_between_windows(self) -> None:
+        """Rolling use (only for `rolling` probes): collect() leaves its programs attached."""
+        if not self.rolling:
+            raise TypeError(f"probe {self.name} is not rolling: it cannot stay attached between windows")
+        self.keep_attached = True
+
+    def close(self) -> None:
+        return None
+
+    @staticmethod
+    def headlines(tables: dict[str, pa.Table]) -> list[str]:
+        return []
+
 
 def require_root(what: str) -> None:
     """Raise Unavailable unless we run with effective uid 0 (CAP_BPF/CAP_PERFMON in practice)."""
-    import os
-
     if os.geteuid() != 0:
         raise Unavailable(f"{what}: run as root")

@@ -30,12 +30,12 @@ import pyarrow as pa
 
 from core.errors import Unavailable, WorkFailed
 from probes.base import ProbeBase, Window, finding, findings_table, require_root, rows_to_table
+from probes.pcap_analysis import FLOWS_SCHEMA, TURNS_SCHEMA, analyse_capture, flows_findings, flows_headlines
 
 # 14 Ethernet + 4 VLAN + 40 IPv6 + 60 TCP (with options) + 10 payload bytes
 HEADERS_SNAPLEN_BYTES = 128
 FULL_SNAPLEN_BYTES = 262144
-DEFAULT_MAX_BYTES = 256 << 20
-DEFAULT_MAX_PACKETS = 2_000_000
+# The byte and packet caps are the options capture_max_bytes/_packets (probes/options.py).
 RING_FILES = 8
 PREFERRED_TIMESTAMP_TYPES = ("adapter", "host_hiprec", "host")
 
@@ -163,14 +163,12 @@ class CaptureProbe(ProbeBase):
     name = "capture"
     schema = CAPTURE_SCHEMA
     description = "Headers-only packet capture on --iface (tcpdump), flows and request→response turns"
+    extra_schemas = {"flows": FLOWS_SCHEMA, "turns": TURNS_SCHEMA}
     extras = ("capture.pcap",)
     finish_grace_s = 60.0
 
     def __init__(self, config=None):
         super().__init__(config)
-        from probes.pcap_analysis import FLOWS_SCHEMA, TURNS_SCHEMA
-
-        self.extra_schemas = {"flows": FLOWS_SCHEMA, "turns": TURNS_SCHEMA}
         self.process: subprocess.Popen | None = None
         self.status_reason = ""
         self.ring_dir: Path | None = None
@@ -178,11 +176,11 @@ class CaptureProbe(ProbeBase):
 
     @property
     def iface(self) -> str | None:
-        return self.config.option("iface")
+        return self.option("iface")
 
     @property
     def snaplen_bytes(self) -> int:
-        return FULL_SNAPLEN_BYTES if self.config.option("capture_payload", False) else HEADERS_SNAPLEN_BYTES
+        return FULL_SNAPLEN_BYTES if self.option("capture_payload") else HEADERS_SNAPLEN_BYTES
 
     def check(self) -> None:
         if not self.iface:
@@ -198,9 +196,9 @@ class CaptureProbe(ProbeBase):
         listing = subprocess.run([tcpdump, "-J", "-i", self.iface], capture_output=True, text=True, timeout=10)
         self.timestamp_type = pick_timestamp_type(listing.stdout + listing.stderr)
         self.ring_dir = Path(tempfile.mkdtemp(prefix="guardian-capture-"))
-        max_bytes = int(self.config.option("capture_max_bytes", DEFAULT_MAX_BYTES))
+        max_bytes = int(self.option("capture_max_bytes"))
         file_megabytes = max(1, max_bytes // RING_FILES // 1_000_000)
-        command = tcpdump_command(tcpdump, self.iface, self.config.option("capture_filter"),
+        command = tcpdump_command(tcpdump, self.iface, self.option("capture_filter"),
                                   self.snaplen_bytes, self.ring_dir / "ring.pcap", file_megabytes,
                                   self.timestamp_type)
         self.stderr_path = self.ring_dir / "tcpdump.stderr"
@@ -235,7 +233,6 @@ class CaptureProbe(ProbeBase):
             self.process.kill()
 
     def collect(self, window: Window) -> dict[str, pa.Table]:
-        from probes.pcap_analysis import analyse_capture, flows_findings
         from probes.pcap_reader import CaptureReader
 
         try:
@@ -250,17 +247,17 @@ class CaptureProbe(ProbeBase):
             counters = tcpdump_counters(stderr_text)
             ring_files = sorted(self.ring_dir.glob("ring.pcap*"))
             target = window.extra_path("capture.pcap")
-            max_packets = int(self.config.option("capture_max_packets", DEFAULT_MAX_PACKETS))
+            max_packets = int(self.option("capture_max_packets"))
             packets_in_file, bytes_in_file, discarded = merge_ring(ring_files, target, max_packets)
         finally:
             if self.ring_dir is not None:
                 shutil.rmtree(self.ring_dir, ignore_errors=True)
         row = {
-            "iface": self.iface, "filter": self.config.option("capture_filter") or "",
+            "iface": self.iface, "filter": self.option("capture_filter") or "",
             "snaplen_bytes": self.snaplen_bytes, "timestamp_type": self.timestamp_type or "default",
             "packets_in_file": packets_in_file, "bytes_in_file": bytes_in_file,
             "packets_discarded_by_ring": discarded,
-            "payload_captured": bool(self.config.option("capture_payload", False)), **counters,
+            "payload_captured": bool(self.option("capture_payload")), **counters,
         }
         flows, turns, summary = analyse_capture(CaptureReader(target), spill_dir=window.bundle_dir)
         findings = capture_findings(row) + flows_findings(flows, self.name).to_pylist()
@@ -275,8 +272,6 @@ class CaptureProbe(ProbeBase):
 
     @staticmethod
     def headlines(tables: dict[str, pa.Table]) -> list[str]:
-        from probes.pcap_analysis import flows_headlines
-
         lines = flows_headlines(tables)
         capture = tables.get("capture")
         if capture is not None and capture.num_rows:

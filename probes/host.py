@@ -424,7 +424,7 @@ class HostProbe(ProbeBase):
             raise Unavailable(f"{self.host.path('/proc/stat')} not readable: is /proc mounted?")
 
     def collect(self, window: Window) -> dict[str, pa.Table]:
-        interval = float(self.config.option("interval_s", 1.0))
+        interval = float(self.option("interval_s"))
         # Never fewer than two samples: a short window still yields one interval.
         interval = min(interval, max(window.duration_s / 2, 0.05))
         processes = ProcessSampler(self.config.pids) if self.config.pids and self.host.is_real else None

@@ -27,7 +27,6 @@ import pyarrow.compute as pc
 
 from core.errors import Unavailable
 from core.host import Host, format_cpu_list, parse_cpu_list
-from agent.tuning.jitter_loop import THRESHOLD_NS
 from probes.base import ProbeBase, finding, findings_table, rows_to_table
 
 NAMED_INTERRUPTS = ("LOC", "RES", "CAL", "TLB", "NMI", "IWI", "PMI")
@@ -164,10 +163,10 @@ class JitterProbe(ProbeBase):
     def __init__(self, config=None):
         super().__init__(config)
         self.cpus: list[int] = []
-        self.threshold_ns = int(self.config.option("jitter_threshold_ns", THRESHOLD_NS))
+        self.threshold_ns = int(self.option("jitter_threshold_ns"))
 
     def check(self) -> None:
-        self.cpus = choose_cpus(self.config.option("jitter_cpus"), self.host.isolated_cpus(),
+        self.cpus = choose_cpus(self.option("jitter_cpus"), self.host.isolated_cpus(),
                                 self.host.online_cpus())
         if not self.host.exists("/proc/interrupts"):
             raise Unavailable("/proc/interrupts missing: is /proc mounted?")
@@ -181,7 +180,7 @@ class JitterProbe(ProbeBase):
         root = str(Path(__file__).resolve().parent.parent)
         env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
         children = [subprocess.Popen(
-            [sys.executable, "-m", "agent.tuning.jitter_loop", "--cpu", str(cpu), "--duration-ns", str(duration_ns),
+            [sys.executable, "-m", "probes.jitter_loop", "--cpu", str(cpu), "--duration-ns", str(duration_ns),
              "--threshold-ns", str(self.threshold_ns)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) for cpu in self.cpus]
         try:

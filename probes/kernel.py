@@ -61,15 +61,15 @@ class KernelProbe(ProbeBase):
     default_enabled = True
 
     def _load(self):
-        from agent.tuning.profiles import load_profile
+        from probes.kernel_tuning.profiles import load_profile
 
-        profile = self.config.option("profile")
+        profile = self.option("profile")
         if not profile:
             raise Unavailable("needs --profile NAME (a tuning profile to audit the kernel against, "
                               "e.g. trading-latency)")
         try:
-            return load_profile(profile, self.config.option("profile_dir"),
-                                dict(self.config.option("profile_vars", {})), self.host)
+            return load_profile(profile, self.option("profile_dir"),
+                                dict(self.option("profile_vars") or {}), self.host)
         except BadInput as error:
             raise Unavailable(f"profile {profile}: {error}") from None
 
@@ -77,7 +77,7 @@ class KernelProbe(ProbeBase):
         self._load()
 
     def collect(self, window) -> dict[str, pa.Table]:
-        from agent.tuning.plan import build_plan
+        from probes.kernel_tuning.plan import build_plan
 
         plan = build_plan(self.host, self._load())
         return {"kernel": rows_to_table(kernel_rows(plan), self.schema),

@@ -206,6 +206,8 @@ class FlowAnalyzer:
                                  "retransmits": 0})
         self.pending = _Runs.empty()
         self.turn_parts: list[tuple[np.ndarray, ...]] = []
+        # Requests left without a response, per flow: known once the final block is paired.
+        self.unanswered: np.ndarray | None = None
 
     # -- flow identity -----------------------------------------------------------------------
     def _flow_ids(self, headers: TcpHeaders, syn: np.ndarray):
@@ -590,7 +592,8 @@ class FlowAnalyzer:
         syn_ts = flows["syn_ts"][:count]
         synack_ts = flows["synack_ts"][:count]
         handshake = np.where((syn_ts >= 0) & (synack_ts >= syn_ts), synack_ts - syn_ts, -1)
-        unanswered = getattr(self, "unanswered", np.zeros(count, dtype=np.int64))[:count]
+        unanswered = (self.unanswered[:count] if self.unanswered is not None
+                      else np.zeros(count, dtype=np.int64))
 
         def nullable(values: np.ndarray) -> pa.Array:
             return pa.array(values, pa.int64(), mask=values < 0)

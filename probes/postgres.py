@@ -410,7 +410,7 @@ class PostgresProbe(ProbeBase):
         self.status_reason = ""
 
     def check(self) -> None:
-        dsn = read_dsn(self.config.option("pg_dsn"), self.config.option("pg_dsn_file"))
+        dsn = read_dsn(self.option("pg_dsn"), self.option("pg_dsn_file"))
         if not dsn:
             raise Unavailable("needs --pg-dsn or --pg-dsn-file")
         try:

@@ -37,10 +37,11 @@ import pyarrow as pa
 from core.errors import BadInput, Unavailable
 from core.host import Host
 from probes.base import ProbeBase, ProbeConfig, Window, finding, findings_table, rows_to_table
+from probes.options import BY_NAME
 from probes.targets import Target, children_of, resolve_targets
 
 NAME = "stacks"
-DEFAULT_RATE_HZ = 97
+DEFAULT_RATE_HZ = BY_NAME["sample_rate_hz"].default  # declared once, in probes/options.py
 MAX_RATE_HZ = 1000
 STOP_TIMEOUT_S = 15.0
 CAP_SYS_PTRACE_BIT = 19
@@ -415,11 +416,11 @@ class StacksProbe(ProbeBase):
 
     def __init__(self, config: ProbeConfig | None = None) -> None:
         super().__init__(config)
-        self.rate_hz = int(self.config.option("sample_rate_hz", DEFAULT_RATE_HZ))
-        self.native = bool(self.config.option("native", False))
-        self.subprocesses = bool(self.config.option("subprocesses", False))
-        self.blocking = bool(self.config.option("blocking", False))
-        self.thread_mode = str(self.config.option("stack_threads", "running"))
+        self.rate_hz = int(self.option("sample_rate_hz"))
+        self.native = bool(self.option("native"))
+        self.subprocesses = bool(self.option("subprocesses"))
+        self.blocking = bool(self.option("blocking"))
+        self.thread_mode = str(self.option("stack_threads"))
         self.targets: list[Target] = []
         self.python_pids: list[int] = []
         self.native_pids: list[int] = []
@@ -437,8 +438,8 @@ class StacksProbe(ProbeBase):
         if self.thread_mode not in THREAD_MODES:
             raise Unavailable(f"--stack-threads {self.thread_mode}: one of {', '.join(THREAD_MODES)}")
         try:
-            self.targets = resolve_targets(self.host, self.config.pids, self.config.option("process_names", ()),
-                                           self.config.option("units", ()))
+            self.targets = resolve_targets(self.host, self.config.pids, self.config.process_names,
+                                           self.config.units)
         except BadInput as error:
             raise Unavailable(str(error)) from None
         if not self.targets:

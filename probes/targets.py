@@ -3,8 +3,7 @@
 Every lookup goes through the `Host` seam (/proc and /sys/fs/cgroup), so tests resolve targets in
 a fake tree. Shared by every probe that takes a target (stacks, syscalls, tcp ...):
 
-    targets = resolve_targets(config.host, config.pids, config.option("process_names"),
-                              config.option("units"))
+    targets = resolve_targets(config.host, config.pids, config.process_names, config.units)
 """
 
 from __future__ import annotations

@@ -126,12 +126,6 @@ def parse_roles(items: Iterable[str]) -> tuple[dict[int, str], list[tuple[object
     return ports, networks
 
 
-def peer_roles_option(values: tuple[str, ...]) -> tuple[str, ...]:
-    """click callback for `audit --peer-role`: bad input is refused before the audit starts."""
-    parse_roles(values)
-    return values
-
-
 def peer_role(remote_address: str, remote_port: int, local_port: int, direction: str,
               ports: dict[int, str], networks: list[tuple[object, str]]) -> str:
     """Role of the peer: the service port we connect to decides for outbound connections; for
@@ -396,7 +390,7 @@ class TcpProbe(LoadedProgram, ProbeBase):
         parse_roles(self._role_items())
 
     def _role_items(self) -> list[str]:
-        items = self.config.option("tcp_roles", ()) or ()
+        items = self.option("peer_roles") or ()
         return [items] if isinstance(items, str) else list(items)
 
     def prepare(self) -> None:

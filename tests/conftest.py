@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -102,3 +103,32 @@ def syscall_load(max_s: float = 60.0):
     finally:
         child.kill()
         child.wait()
+
+
+@pytest.fixture
+def tiny_tmpfs():
+    """A real tmpfs of 64 KiB: writes fail with ENOSPC exactly as on a full /var (disk-full tests)."""
+    mount = Path(f"/tmp/guardian-tmpfs-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+        mount.rmdir()
+
+
+def fill_filesystem(directory: Path, leave_bytes: int = 0) -> Path:
+    """Fill the filesystem holding `directory` with one file, then free `leave_bytes` of it."""
+    filler = directory / ".filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        while os.write(fd, b"\0" * 4096) == 4096:
+            pass
+    except OSError:
+        pass  # ENOSPC: full
+    finally:
+        os.close(fd)
+    size = filler.stat().st_size
+    os.truncate(filler, max(0, size - leave_bytes))
+    return filler

@@ -22,7 +22,7 @@ def ansible_playbook() -> str:
     for candidate in (VENV_BIN / "ansible-playbook", shutil.which("ansible-playbook")):
         if candidate and Path(candidate).exists():
             return str(candidate)
-    pytest.skip("LIVE TEST SKIPPED: ansible-playbook not installed (ansible-core in pip-requirements: make setup)")
+    pytest.skip("LIVE TEST SKIPPED: ansible-playbook not installed (ansible-core in pyproject.toml's dev extra: make setup)")
 
 
 def recap(output: str) -> dict[str, int]:

@@ -48,7 +48,10 @@ def test_full_config_parses_into_settings():
     assert config.targets.pids == (1,) and config.targets.units == ("trader.service",)
     options = config.probe_options_for_run()
     assert options["interval_s"] == 2 and options["iface"] == "lo"
-    assert options["process_names"] == ("matching-engine",)
+    from agent.fleet.collect import probe_config
+    from core.host import Host
+
+    assert probe_config(config, Host.real()).process_names == ("matching-engine",)
 
 
 def test_defaults_and_local_spool_beside_root():
@@ -72,7 +75,7 @@ def test_defaults_and_local_spool_beside_root():
     ("[probe_options]\ncapture_payload = \"yes\"\n", "probe_options.capture_payload: expected true or false"),
     ("[probe_options]\npg_dsn = \"postgres://u:secret@h/db\"\n", "probe_options.pg_dsn: unknown key"),
     ("[postgres]\ndsn = \"postgres://u:secret@h/db\"\n", "postgres.dsn: a DSN (and its password) does not belong"),
-    ("[surprise]\nx = 1\n", "config.surprise: unknown key"),
+    ("[surprise]\nx = 1\n", "config.toml: surprise: unknown key"),
     ("[daemon\n", "not valid TOML"),
 ])
 def test_errors_name_the_key(text, message):

@@ -190,7 +190,7 @@ def test_rolling_ebpf_probes_compile_once_and_stay_attached_across_windows(tmp_p
         assert daemon.run() == 0
     assert len(compiled) == 2, "one compile per probe for the daemon's life, not one per window"
     assert daemon.state["probes"]["syscalls"]["ok"] == 3 and daemon.state["probes"]["tcp"]["ok"] == 3
-    assert daemon.cache == {}, "detached at exit"
+    assert daemon.probes.kept == {}, "detached at exit"
     assert len(window_cpu_s) == 3 and max(window_cpu_s[1:]) < 0.5 * window_cpu_s[0], window_cpu_s
     _, rows = run_query(str(root), f"SELECT count(DISTINCT run_id) FROM syscalls WHERE pid = {load_pid}")
     assert rows[0][0] == 3, "the load's calls in every window"

@@ -17,7 +17,7 @@ from tests.conftest import run_agent
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "pcap"))
 import build  # noqa: E402
 
-pytest.importorskip("scapy", reason="scapy not installed (it is in packaging/pip-requirements.txt): run `make setup`")
+pytest.importorskip("scapy", reason="scapy not installed (it is in pyproject.toml): run `make setup`")
 
 
 def mixed_capture(tmp_path: Path) -> Path:

@@ -203,7 +203,7 @@ def test_probe_check_without_target_is_unavailable(fake_host: Host):
     with pytest.raises(Unavailable, match="no target"):
         StacksProbe(ProbeConfig(host=fake_host)).check()
     with pytest.raises(Unavailable, match="--process ghost"):
-        StacksProbe(ProbeConfig(host=fake_host, options={"process_names": ("ghost",)})).check()
+        StacksProbe(ProbeConfig(host=fake_host, process_names=("ghost",))).check()
     with pytest.raises(Unavailable, match="--rate"):
         StacksProbe(ProbeConfig(host=fake_host, pids=(100,), options={"sample_rate_hz": 0})).check()
 

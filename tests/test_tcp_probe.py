@@ -102,7 +102,7 @@ def test_rows_from_recorded_kernel_records():
 @pytest.mark.live
 @pytest.mark.timeout(60)
 def test_live_probe_sees_rtt_bytes_and_a_reset():
-    probe = TcpProbe(ProbeConfig(options={"tcp_roles": ["7=echo-role"]}))
+    probe = TcpProbe(ProbeConfig(options={"peer_roles": ["7=echo-role"]}))
     probe.check()
     probe.prepare()
     window = Window(2.5, Path("/tmp"))

@@ -12,8 +12,8 @@ import pytest
 from core.host import Host
 from agent.tuning.engine import Engine
 from agent.tuning.journal import StateDir, read_journal
-from agent.tuning.plan import build_plan
-from agent.tuning.profiles import load_profile
+from probes.kernel_tuning.plan import build_plan
+from probes.kernel_tuning.profiles import load_profile
 from probes.base import ProbeConfig, Window
 from probes.kernel import KernelProbe
 from tests.conftest import run_agent

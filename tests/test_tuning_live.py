@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from core.host import Host
-from agent.tuning.plan import build_plan
-from agent.tuning.profiles import load_profile
+from probes.kernel_tuning.plan import build_plan
+from probes.kernel_tuning.profiles import load_profile
 from tests.conftest import PROJECT_ROOT, run_agent
 
 pytestmark = pytest.mark.live
@@ -247,7 +247,7 @@ def test_pm_qos_holder_outlives_kill_9_and_rollback_releases_it(tmp_path):
         assert "PM QoS holder stopped" in rolled.stdout
         assert dma_latency_us() == before
     finally:
-        from agent.tuning.engine import stop_holders
+        from agent.tuning.actions import stop_holders
 
         if (state / "journal.jsonl").exists():
             stop_holders("guardian-qos-")

@@ -9,9 +9,9 @@ import pytest
 
 from core.errors import BadInput
 from core.host import Host
-from agent.tuning import sysctld
-from agent.tuning.plan import compare_key, format_mask, parse_cmdline, parse_mask, selected_word
-from agent.tuning.profiles import available_profiles, load_profile
+from probes.kernel_tuning import sysctld
+from probes.kernel_tuning.plan import compare_key, format_mask, parse_cmdline, parse_mask, selected_word
+from probes.kernel_tuning.profiles import available_profiles, load_profile
 
 FAKE = Path(__file__).resolve().parent / "fixtures" / "proc_fake"
 
@@ -45,8 +45,8 @@ def test_builtin_profiles_load(fake_host):
     ('[sysctl."vm.swappiness"]\nvalue = 10\nrisk = "extreme"\n', ':3: sysctl."vm.swappiness".risk: expected one of'),
     ('[sysctl."vm.swappiness"]\nvalue = [1, 2]\n', ':2: sysctl."vm.swappiness".value: expected a string or an integer'),
     ('# comment\n\n[sysfs.thp]\npath = "/etc/passwd"\nvalue = "never"\n', ':4: sysfs.thp.path: must be an absolute path'),
-    ('[bogus]\nx = 1\n', ':1: bogus: unknown section'),
-    ('[sysctl."vm.swappiness"]\nwhy = "no value"\n', ':1: sysctl."vm.swappiness": missing required key'),
+    ('[bogus]\nx = 1\n', ':1: bogus: unknown key'),
+    ('[sysctl."vm.swappiness"]\nwhy = "no value"\n', ':1: sysctl."vm.swappiness".value: missing required key'),
     ('[cmdline.nohz_full]\nvalue = "${nope}"\n', ':2: cmdline.nohz_full.value: unknown variable ${nope}'),
     ('[profile]\ninclude = ["does-not-exist"]\n', ':2: profile.include: included profile'),
 ])
@@ -60,7 +60,7 @@ def test_bad_profiles_name_file_line_and_key(tmp_path, fake_host, body, expected
 
 def test_toml_syntax_error_and_missing_file(tmp_path, fake_host):
     path = write(tmp_path, "broken.toml", '[sysctl."vm.swappiness"\nvalue = 1\n')
-    with pytest.raises(BadInput, match=r"broken.toml: TOML syntax error.*line 1"):
+    with pytest.raises(BadInput, match=r"broken.toml: not valid TOML.*line 1"):
         load_profile(str(path), host=fake_host)
     with pytest.raises(BadInput, match="profile 'nope' not found.*known: .*trading-latency"):
         load_profile("nope", host=fake_host)
@@ -116,3 +116,12 @@ def test_sysctl_d_order_source_and_overrides(fake_host):
     (usr / "50-vendor.conf").write_text("vm.swappiness = 2\n")
     files = sysctld.boot_files(fake_host)
     assert files == ["/etc/sysctl.d/10-base.conf", "/usr/lib/sysctl.d/50-vendor.conf", "/etc/sysctl.d/99-late.conf"]
+
+
+@pytest.mark.parametrize("payload, message", [(b"\x7fELF\x00\x01binary", "a binary file"),
+                                              (b"[sysctl.\"vm.swappiness\"]\nwhy = '\xff'\n", "not UTF-8 text")])
+def test_binary_or_non_utf8_profile_is_bad_input(tmp_path, fake_host, payload, message):
+    path = tmp_path / "bin.toml"
+    path.write_bytes(payload)
+    with pytest.raises(BadInput, match=message):
+        load_profile(str(path), host=fake_host)

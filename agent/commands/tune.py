@@ -7,9 +7,7 @@ from pathlib import Path
 
 import click
 
-from core.errors import BadInput
-
-EXIT_DRIFT = 3
+from core.errors import EXIT_DRIFT, BadInput
 
 
 def _common(function):
@@ -44,8 +42,8 @@ def _engine(host, state_dir):
 
 
 def _plan(profile, profile_dir, profile_vars, host):
-    from agent.tuning.plan import build_plan
-    from agent.tuning.profiles import load_profile, parse_variables
+    from probes.kernel_tuning.plan import build_plan
+    from probes.kernel_tuning.profiles import load_profile, parse_variables
 
     loaded = load_profile(profile, profile_dir, parse_variables(profile_vars), host)
     return build_plan(host, loaded)
@@ -68,10 +66,11 @@ def render_plan(plan) -> str:
             if item.note:
                 lines.append(f"{'':<7} {'':<{width}}  note: {item.note}")
     counts = {status: sum(1 for item in plan.items if item.status == status)
-              for status in ("ok", "drift", "reboot", "n/a")}
+              for status in ("ok", "drift", "reboot", "n/a", "unknown")}
     lines.append("")
     lines.append(f"{len(plan.items)} items: {counts['ok']} compliant, {counts['drift']} to apply, "
-                 f"{counts['reboot']} need a reboot, {counts['n/a']} not applicable here")
+                 f"{counts['reboot']} need a reboot, {counts['n/a']} not applicable here"
+                 + (f", {counts['unknown']} UNKNOWN (apply refuses them)" if counts["unknown"] else ""))
     line = plan.cmdline_line()
     if line:
         lines.append(f"Boot cmdline: add to GRUB_CMDLINE_LINUX in /etc/default/grub, run update-grub, reboot:")
@@ -198,6 +197,10 @@ def status_command(profile_dir, profile_vars, state_dir, host_root, as_json):
         finished = "finished" if status["apply_finished"] else "DID NOT FINISH (crashed or killed)"
         click.echo(f"Pending journal {status['journal_id']}: profile {status['profile']}, applied "
                    f"{status['started_at']} ({status['boot']}), apply {finished}")
+        if status.get("rollback_started"):
+            click.echo("A rollback started and did not finish: run `guardian-agent tune rollback` to complete it.")
+        if status.get("journal_damage"):
+            click.echo(f"Journal: {status['journal_damage']} (the records before it are used).")
         for row in status["steps"]:
             detail = f"  ({row['detail']})" if row["detail"] else ""
             click.echo(f"  {row['state']:<16} {row['item']}{detail}")

@@ -13,7 +13,7 @@ from core.errors import BadInput, Unavailable
 from agent.fleet.spool import DrainReport, Spool
 from agent.fleet.stores import open_store
 from core.host import Host
-from agent.runner import AuditResult, AuditRun
+from agent.runner import AuditResult, AuditRun, ProbeSource
 from probes.base import ProbeBase, ProbeConfig
 from reports.bundle import BundleWriter, new_run_id
 
@@ -35,7 +35,8 @@ def resolve_probes(names: tuple[str, ...], registry: tuple) -> list[type]:
 
 def probe_config(config: AgentConfig, host: Host) -> ProbeConfig:
     pids = tuple(pid for pid in config.targets.pids if host.pid_exists(pid))
-    return ProbeConfig(host=host, pids=pids, options=config.probe_options_for_run())
+    return ProbeConfig(host=host, pids=pids, options=config.probe_options_for_run(),
+                       process_names=config.targets.process_names, units=config.targets.units)
 
 
 @dataclass
@@ -62,10 +63,10 @@ def make_store(config: AgentConfig):
 def audit_into_spool(spool: Spool, probe_classes: list[type], probe_cfg: ProbeConfig, duration_s: float,
                      host: Host, progress: Callable[[str], None] | None = None,
                      on_run: Callable[[AuditRun], None] | None = None,
-                     run_factory: Callable[..., AuditRun] = AuditRun) -> tuple[str, AuditResult]:
+                     source: ProbeSource | None = None) -> tuple[str, AuditResult]:
     run_id = new_run_id(host.hostname())
     writer = BundleWriter(spool.bundle_dir(run_id), run_id=run_id, host=host)
-    run = run_factory(probe_classes, probe_cfg, writer, duration_s, progress=progress)
+    run = AuditRun(probe_classes, probe_cfg, writer, duration_s, progress=progress, source=source)
     if on_run:
         on_run(run)
     return run_id, run.run()

@@ -19,12 +19,11 @@
 from __future__ import annotations
 
 import fnmatch
-import tomllib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from core.errors import BadInput
+from core.toml_config import TomlTable, load_toml
 
 DIRECTIONS = ("increase", "decrease", "either")
 NO_DATA_POLICIES = ("skip", "inconclusive", "fail")
@@ -96,88 +95,43 @@ GATE_KEYS = {"confidence", "pass_score", "marginal_score", "min_samples", "tail_
 METRIC_KEYS = {"threshold_pct", "direction", "critical", "no_data", "min_samples"}
 
 
-def _number(where: str, value: Any, low: float, high: float, integer: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise BadInput(f"{where}: expected a number, got {value!r}")
-    if integer and int(value) != value:
-        raise BadInput(f"{where}: expected an integer, got {value!r}")
-    if not low <= value <= high:
-        raise BadInput(f"{where}: {value!r} outside {low:g}..{high:g}")
-    return int(value) if integer else float(value)
-
-
 def settings_from_mapping(data: dict[str, Any], source: str = "gate config",
                           base: GateSettings | None = None) -> GateSettings:
     """Validate a parsed TOML mapping (a gate.toml, or a rollout plan's [gate] table)."""
     settings = base or GateSettings()
     settings = replace(settings, metrics=dict(settings.metrics))
-    unknown = set(data) - {"gate", "metrics"}
-    if unknown:
-        raise BadInput(f"{source}: unknown key {sorted(unknown)[0]!r} (expected [gate] and [metrics.NAME])")
-    gate = data.get("gate", {})
-    if not isinstance(gate, dict):
-        raise BadInput(f"{source}: [gate] must be a table")
-    for key, value in gate.items():
-        where = f"{source}: gate.{key}"
-        if key not in GATE_KEYS:
-            raise BadInput(f"{where}: unknown key (expected one of {', '.join(sorted(GATE_KEYS))})")
-        if key == "confidence":
-            settings.confidence = _number(where, value, 0.5, 0.9999)
-        elif key in ("pass_score", "marginal_score"):
-            setattr(settings, key, _number(where, value, 0, 100))
-        elif key == "min_samples":
-            settings.min_samples = _number(where, value, 2, 1e9, integer=True)
-        elif key == "tail_quantile":
-            settings.tail_quantile = _number(where, value, 0.5, 0.9999)
-        elif key == "tail_scaled_by_median":
-            if not isinstance(value, bool):
-                raise BadInput(f"{where}: expected true or false")
-            settings.tail_scaled_by_median = value
-        elif key == "bootstrap_resamples":
-            settings.bootstrap_resamples = _number(where, value, 100, 1e6, integer=True)
+    document = TomlTable.root(data, source, known=("gate", "metrics"))
+    gate = document.table("gate", GATE_KEYS)
+    settings.confidence = gate.number("confidence", settings.confidence, low=0.5, high=0.9999)
+    settings.pass_score = gate.number("pass_score", settings.pass_score, low=0, high=100)
+    settings.marginal_score = gate.number("marginal_score", settings.marginal_score, low=0, high=100)
+    settings.min_samples = gate.number("min_samples", settings.min_samples, low=2, high=1e9, integer=True)
+    settings.tail_quantile = gate.number("tail_quantile", settings.tail_quantile, low=0.5, high=0.9999)
+    settings.tail_scaled_by_median = gate.boolean("tail_scaled_by_median", settings.tail_scaled_by_median)
+    settings.bootstrap_resamples = gate.number("bootstrap_resamples", settings.bootstrap_resamples,
+                                               low=100, high=1e6, integer=True)
     if settings.marginal_score > settings.pass_score:
-        raise BadInput(f"{source}: gate.marginal_score ({settings.marginal_score:g}) is above "
-                       f"gate.pass_score ({settings.pass_score:g})")
-    metrics = data.get("metrics", {})
-    if not isinstance(metrics, dict):
-        raise BadInput(f"{source}: [metrics] must hold tables like [metrics.\"turns.latency_ns\"]")
-    for name, table in metrics.items():
-        if not isinstance(table, dict):
-            raise BadInput(f"{source}: metrics.{name} must be a table")
+        gate.fail("marginal_score", f"{settings.marginal_score:g} is above gate.pass_score ({settings.pass_score:g})")
+    for name, table in document.named_tables("metrics", METRIC_KEYS):
         current = settings.for_metric(name)
         changes: dict[str, Any] = {}
-        for key, value in table.items():
-            where = f"{source}: metrics.\"{name}\".{key}"
-            if key not in METRIC_KEYS:
-                raise BadInput(f"{where}: unknown key (expected one of {', '.join(sorted(METRIC_KEYS))})")
-            if key == "threshold_pct":
-                changes[key] = _number(where, value, 0, 1e6)
-            elif key == "direction":
-                if value not in DIRECTIONS:
-                    raise BadInput(f"{where}: {value!r} is not one of {', '.join(DIRECTIONS)}")
-                changes[key] = value
-            elif key == "no_data":
-                if value not in NO_DATA_POLICIES:
-                    raise BadInput(f"{where}: {value!r} is not one of {', '.join(NO_DATA_POLICIES)}")
-                changes[key] = value
-            elif key == "critical":
-                if not isinstance(value, bool):
-                    raise BadInput(f"{where}: expected true or false")
-                changes[key] = value
-            elif key == "min_samples":
-                changes[key] = _number(where, value, 2, 1e9, integer=True)
+        if "threshold_pct" in table:
+            changes["threshold_pct"] = table.number("threshold_pct", low=0, high=1e6)
+        if "direction" in table:
+            changes["direction"] = table.choice("direction", DIRECTIONS)
+        if "no_data" in table:
+            changes["no_data"] = table.choice("no_data", NO_DATA_POLICIES)
+        if "critical" in table:
+            changes["critical"] = table.boolean("critical")
+        if "min_samples" in table:
+            changes["min_samples"] = table.number("min_samples", low=2, high=1e9, integer=True)
         settings.metrics[name] = replace(current, **changes)
     return settings
 
 
 def read_toml(path: Path, option: str) -> dict[str, Any]:
     """A TOML file as a mapping, or BadInput naming the option it came from."""
-    try:
-        return tomllib.loads(Path(path).read_text())
-    except OSError as error:
-        raise BadInput(f"{option} {path}: cannot read ({error.strerror})") from None
-    except tomllib.TOMLDecodeError as error:
-        raise BadInput(f"{option} {path}: not valid TOML ({error})") from None
+    return load_toml(path, f"{option} {path}")
 
 
 def load_settings(path: Path | None) -> GateSettings:

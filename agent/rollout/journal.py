@@ -12,7 +12,6 @@ the driver polls at every evaluation: the journal is the one channel, and it is 
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import BadInput
+from core.journal import append_record, read_journal_records
 
 TERMINAL_EVENTS = ("promoted", "rolled_back", "aborted", "failed", "undone")
 CONTROL_ACTIONS = ("pause", "resume", "promote", "undo")
@@ -31,33 +31,18 @@ class Journal:
 
     def append(self, event: str, **fields: Any) -> dict:
         record = {"ts": time.time(), "event": event, **fields}
-        line = json.dumps(record, default=str, separators=(",", ":")) + "\n"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        # O_APPEND: the driver and the watchdog may both write; each line lands whole.
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            os.write(fd, line.encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        return record
+        # One open/append/close per record: the driver and the watchdog may both write, and
+        # core/journal.py locks the file for each append (a torn tail is cut off first).
+        return append_record(self.path, record)
 
 
 def read_records(path: Path) -> list[dict]:
     path = Path(path)
     if not path.exists():
         raise BadInput(f"{path}: no rollout journal here")
-    records = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            # A line torn by a crash mid-write: everything before it is still good.
-            continue
-    return records
+    # A line torn by a crash mid-write is skipped: everything before it is still good.
+    return read_journal_records(path).records
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """Apply a plan through the journal, roll it back exactly, and report status.
 
-Apply validates everything first (the plan is complete before the first write), then for every
-step: read the original, journal it (fsync), write, journal `done`. Any refused write rolls back
-what was already done. Rollback walks the journal in reverse and, per step, compares the value
+Every kind of change (write, mkdir, pm_qos) is a class in agent/tuning/actions.py; the engine
+dispatches through its registry. Apply validates everything first (the plan is complete before
+the first write), then for every step: read the original, journal it (fsync), write, journal
+`done`. Any refused write rolls back what was already done. Rollback walks the journal in reverse and, per step, compares the value
 now on the host (ignoring whitespace) with the original and the target:
     == original  nothing to do (never written, or already restored)
     == target    write back the exact original bytes
@@ -13,37 +14,29 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.errors import BadInput, WorkFailed
 from core.host import Host
-from agent.tuning import sysctld
-from agent.tuning.journal import JournalState, StateDir, decode, encode, new_journal_id, now_iso
-from agent.tuning.plan import Action, Plan, compare_key, read_raw, selected_word
+from core.journal import JournalWriteFailed, JournalWriter
+from probes.kernel_tuning import sysctld
+from agent.tuning.actions import ACTION_KINDS, KILL_AT_ENV, StepResult, UndoContext, errno_name
+from agent.tuning.journal import JournalState, StateDir, new_journal_id, now_iso
+from probes.kernel_tuning.plan import Action, Plan
 
-# Fault injection for the crash-safety tests: SIGKILL ourselves at a named point of apply
-# ("begin", "intent:N", "write:N", "done:N") or of rollback ("undo:N": step N restored, its
-# `undone` record not yet written). Real kill -9, real journal, real files.
-KILL_AT_ENV = "GUARDIAN_AGENT_TEST_KILL_AT"
+# Fault injection for the crash-safety tests: signal ourselves at a named point of apply
+# ("created": the journal file exists, no record yet; "begin", "intent:N", "write:N", "done:N")
+# or of rollback ("undo:N": step N restored, its `undone` record not yet written). SIGKILL by
+# default, or the signal named in KILL_SIGNAL_ENV (INT for a Ctrl-C). Real signals, real journal.
+KILL_SIGNAL_ENV = "GUARDIAN_AGENT_TEST_KILL_SIGNAL"
 RUNTIME_PREFIXES = ("/proc/", "/sys/", "/dev/")
-HOLDER_MODULE = "agent.tuning.qos_holder"
+ROLLED_BACK_RESULTS = ("restored", "unchanged", "forced", "not replayed")
 
 
 def _kill_point(name: str) -> None:
     if os.environ.get(KILL_AT_ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-@dataclass
-class StepResult:
-    item: str
-    path: str
-    result: str  # applied | restored | unchanged | kept (drift) | forced | refused | not replayed | failed
-    detail: str = ""
+        os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get(KILL_SIGNAL_ENV, "KILL")))
 
 
 @dataclass
@@ -61,6 +54,11 @@ class RollbackReport:
     steps: list[StepResult] = field(default_factory=list)
     stale_boot: bool = False
     archived_to: Path | None = None
+    journal_error: str = ""  # the journal could not record the rollback (disk full): restores went on
+
+    @property
+    def complete(self) -> bool:
+        return not self.failed and self.archived_to is not None
 
     @property
     def kept(self) -> list[StepResult]:
@@ -69,82 +67,6 @@ class RollbackReport:
     @property
     def failed(self) -> list[StepResult]:
         return [step for step in self.steps if step.result == "failed"]
-
-
-def _write_file(host: Host, absolute: str, data: bytes) -> None:
-    # One write() call: /proc/sys and sysfs parse a value per write, a split write is two values.
-    fd = os.open(host.path(absolute), os.O_WRONLY | os.O_TRUNC | os.O_CREAT, 0o644)
-    try:
-        written = os.write(fd, data)
-        if written != len(data):
-            raise OSError(5, f"short write ({written} of {len(data)} bytes)")
-    finally:
-        os.close(fd)
-
-
-def restore_bytes(host: Host, action: dict, original: bytes) -> bytes:
-    """What to write to get the original back. Exact bytes, except for selection attributes
-    (THP: "always [madvise] never") where the kernel only accepts the selected word; a fake tree's
-    plain file takes the exact bytes."""
-    if action.get("compare") == "selection" and host.is_real:
-        return selected_word(original.decode(errors="replace")).encode() + b"\n"
-    return original
-
-
-def find_holders(token: str) -> list[int]:
-    """PIDs of PM QoS holders started for this journal step (found by the token in argv, so a
-    holder started just before a crash, whose pid never reached the journal, is still found)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if token.encode() in argv and HOLDER_MODULE.encode() in argv:
-            pids.append(int(entry.name))
-    return pids
-
-
-def stop_holders(token: str, timeout_s: float = 3.0) -> int:
-    pids = find_holders(token)
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and find_holders(token):
-        time.sleep(0.02)
-    for pid in find_holders(token):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return len(pids)
-
-
-def start_holder(value_us: int, token: str, timeout_s: float = 5.0) -> int:
-    """Start the PM QoS holder: /dev/cpu_dma_latency only holds while a process keeps it open."""
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parent.parent.parent)
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    env.pop(KILL_AT_ENV, None)
-    process = subprocess.Popen(
-        [sys.executable, "-m", HOLDER_MODULE, "--value-us", str(value_us), "--token", token],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-        start_new_session=True, env=env, close_fds=True,
-    )
-    import select
-
-    ready, _, _ = select.select([process.stdout], [], [], timeout_s)
-    line = process.stdout.readline().strip() if ready else b""
-    process.stdout.close()
-    if line != b"holding":
-        process.kill()
-        raise OSError(5, f"PM QoS holder did not start ({line.decode(errors='replace') or 'timeout'})")
-    return process.pid
 
 
 class Engine:
@@ -159,6 +81,11 @@ class Engine:
             pending = self.state.pending()
             if pending is not None:
                 raise BadInput(self._pending_message(pending))
+            if plan.unknown:
+                names = ", ".join(item.item for item in plan.unknown)
+                raise BadInput(f"profile {plan.profile.name}: unknown setting(s) on this kernel: {names} "
+                               "(misspelled? mark an item `optional = true` if it exists only on some kernels); "
+                               "nothing was applied")
             return self._apply(plan, persist)
         finally:
             self.state.unlock()
@@ -188,7 +115,7 @@ class Engine:
             "journal_id": report.journal_id, "boot_id": self.host.boot_id(), "profile": plan.profile.name,
             "profile_file": str(plan.profile.file), "variables": plan.profile.variables,
             "host_root": str(self.host.root), "started_at": now_iso(), "pid": os.getpid(),
-        })
+        }, created=lambda: _kill_point("created"))
         try:
             _kill_point("begin")
             for seq, (name, action, best_effort) in enumerate(steps, start=1):
@@ -199,47 +126,50 @@ class Engine:
                 if best_effort:
                     report.steps.append(StepResult(name, action.path, "refused", error))
                     continue
-                writer.append({"op": "end", "status": "aborted", "error": error})
-                writer.close()
-                rollback = self._rollback(self.state.pending(), force=False)
-                undone = sum(1 for step in rollback.steps if step.result == "restored")
+                _append_if_possible(writer, {"op": "end", "status": "aborted", "error": error})
                 refused = f"{name}: the kernel refused {action.target.decode(errors='replace').strip()!r} ({error})"
-                if rollback.failed:
-                    raise WorkFailed(f"{refused}; rolling back failed for "
-                                     f"{', '.join(step.item for step in rollback.failed)}: the journal stays "
-                                     f"pending, see `guardian-agent tune status`")
-                raise WorkFailed(f"{refused}; rolled back {undone} value(s) already applied, "
-                                 f"journal archived to {rollback.archived_to}")
+                raise WorkFailed(self._undo_failed_apply(writer, refused))
             writer.append({"op": "end", "status": "applied"})
+        except JournalWriteFailed as error:
+            # The journal cannot record the next step (disk full): nothing more is written to the
+            # host, and what was written is rolled back from the records already on disk.
+            raise WorkFailed(self._undo_failed_apply(writer, f"apply stopped: {error}")) from None
+        except KeyboardInterrupt:
+            # Ctrl-C or SIGTERM mid-apply: leave the host as it was, then let the CLI exit 130.
+            _append_if_possible(writer, {"op": "end", "status": "aborted", "error": "interrupted"})
+            self._undo_failed_apply(writer, "interrupted")
+            raise
         finally:
             writer.close()
         return report
 
+    def _undo_failed_apply(self, writer: JournalWriter, why: str) -> str:
+        """Roll back what a failed apply did; the message says what happened and what to run."""
+        writer.close()
+        pending = self.state.pending()
+        if pending is None:
+            return f"{why}; nothing had been applied"
+        rollback = self._rollback(pending, force=False)
+        undone = sum(1 for step in rollback.steps if step.result == "restored")
+        if rollback.failed:
+            return (f"{why}; rolling back failed for {', '.join(step.item for step in rollback.failed)}: "
+                    f"the journal stays pending, see `guardian-agent tune status --state-dir {self.state.path}` "
+                    f"and run `guardian-agent tune rollback --state-dir {self.state.path}`")
+        if rollback.archived_to is None:
+            return (f"{why}; rolled back {undone} value(s) already applied, but the journal could not be "
+                    f"archived ({rollback.journal_error or 'see above'}): once there is space, run "
+                    f"`guardian-agent tune rollback --state-dir {self.state.path}` to close it")
+        return f"{why}; rolled back {undone} value(s) already applied, journal archived to {rollback.archived_to}"
+
     def _apply_step(self, writer, seq: int, name: str, action: Action, best_effort: bool,
                     journal_id: str) -> str | None:
-        record = {"op": "intent", "seq": seq, "item": name, "best_effort": best_effort,
-                  "action": {"op": action.op, "path": action.path, "compare": action.compare}}
-        if action.op == "write":
-            record["action"]["original"] = encode(read_raw(self.host, action.path))
-            record["action"]["target"] = encode(action.target)
-            if action.companion:
-                record["action"]["companion"] = action.companion
-                record["action"]["companion_original"] = encode(read_raw(self.host, action.companion))
-        elif action.op == "mkdir":
-            record["action"]["existed"] = self.host.path(action.path).is_dir()
-        elif action.op == "pm_qos":
-            record["action"]["value_us"] = action.value_us
-            record["action"]["token"] = f"guardian-qos-{journal_id}-{seq}"
-            record["action"]["original"] = encode(read_raw(self.host, action.path))
-        writer.append(record)
+        kind = ACTION_KINDS[action.op]
+        fields = {"op": action.op, "path": action.path, "compare": action.compare,
+                  **kind.journal_fields(self.host, action, f"guardian-qos-{journal_id}-{seq}")}
+        writer.append({"op": "intent", "seq": seq, "item": name, "best_effort": best_effort, "action": fields})
         _kill_point(f"intent:{seq}")
         try:
-            if action.op == "write":
-                _write_file(self.host, action.path, action.target)
-            elif action.op == "mkdir":
-                self.host.path(action.path).mkdir()
-            elif action.op == "pm_qos":
-                start_holder(action.value_us, record["action"]["token"])
+            kind.apply(self.host, action, fields)
         except OSError as error:
             message = f"{os.strerror(error.errno) if error.errno else error}" + (
                 f" [{errno_name(error.errno)}]" if error.errno else "")
@@ -291,10 +221,11 @@ class Engine:
     def _rollback(self, journal: JournalState, force: bool) -> RollbackReport:
         report = RollbackReport(journal.begin.get("journal_id", "?"), journal.profile)
         report.stale_boot = journal.boot_id != self.host.boot_id()
-        from agent.tuning.journal import JournalWriter
-
         writer = JournalWriter(journal.path)
         try:
+            # Recorded first, so `status` after a rollback cut short knows the values already back at
+            # their original were restored by the agent, not "reverted by someone else".
+            self._journal_rollback(writer, report, {"op": "rollback_started", "at": now_iso(), "pid": os.getpid()})
             created_dirs = {i["action"]["path"] for i in journal.intents
                             if i["action"]["op"] == "mkdir" and not i["action"].get("existed")}
             for intent in reversed(journal.intents):
@@ -302,14 +233,29 @@ class Engine:
                 step = self._undo(intent, created_dirs, force, report.stale_boot, journal.boot_id)
                 _kill_point(f"undo:{seq}")
                 report.steps.append(step)
-                writer.append({"op": "undone", "seq": seq, "result": step.result, "detail": step.detail})
-            writer.append({"op": "rolled_back", "at": now_iso(), "force": force,
-                           "kept": [step.item for step in report.kept]})
+                self._journal_rollback(writer, report, {"op": "undone", "seq": seq, "result": step.result,
+                                                        "detail": step.detail})
+            self._journal_rollback(writer, report, {"op": "rolled_back", "at": now_iso(), "force": force,
+                                                    "kept": [step.item for step in report.kept]})
         finally:
             writer.close()
         if not report.failed:
-            report.archived_to = self.state.archive(journal)
+            try:
+                report.archived_to = self.state.archive(journal)
+            except OSError as error:
+                report.journal_error = report.journal_error or f"cannot archive the journal: {error.strerror}"
         return report
+
+    @staticmethod
+    def _journal_rollback(writer: JournalWriter, report: RollbackReport, record: dict) -> None:
+        """Undo records let a rollback cut short resume; restoring is idempotent (each step compares
+        the value now with the original first), so a full disk must not stop the restores."""
+        if report.journal_error:
+            return
+        try:
+            writer.append(record)
+        except JournalWriteFailed as error:
+            report.journal_error = str(error)
 
     def _undo(self, intent: dict, created_dirs: set[str], force: bool, stale: bool, boot_id: str) -> StepResult:
         action = intent["action"]
@@ -319,54 +265,9 @@ class Engine:
             return StepResult(name, path, "not replayed",
                               f"journal from an earlier boot ({boot_id}): the reboot reset this value")
         try:
-            if op == "pm_qos":
-                stopped = stop_holders(action["token"])
-                if stopped:
-                    return StepResult(name, path, "restored", "PM QoS holder stopped, request released")
-                return StepResult(name, path, "unchanged", "no holder running (never started or already gone)")
-            if op == "mkdir":
-                directory = self.host.path(path)
-                if action.get("existed") or not directory.is_dir():
-                    return StepResult(name, path, "unchanged")
-                try:
-                    directory.rmdir()
-                except OSError as error:
-                    return StepResult(name, path, "kept", f"cannot remove ({error.strerror}): tasks still in it?")
-                return StepResult(name, path, "restored", "removed the directory apply created")
-            return self._undo_write(name, path, action, created_dirs, force)
+            return ACTION_KINDS[op].undo(name, action, UndoContext(self.host, force, frozenset(created_dirs)))
         except OSError as error:
             return StepResult(name, path, "failed", f"{error.strerror or error} [{errno_name(error.errno)}]")
-
-    def _undo_write(self, name: str, path: str, action: dict, created_dirs: set[str], force: bool) -> StepResult:
-        fmt = action.get("compare", "text")
-        original, target = decode(action.get("original")), decode(action.get("target"))
-        current = read_raw(self.host, path)
-        current_key = compare_key(current, fmt)
-        if current_key == compare_key(original, fmt):
-            return StepResult(name, path, "unchanged", "already the original value")
-        drift = current_key != compare_key(target, fmt)
-        if drift and not force:
-            return StepResult(name, path, "kept",
-                              f"changed by someone else since apply: now {current_key!r}, "
-                              f"applied {compare_key(target, fmt)!r}, original {compare_key(original, fmt)!r}")
-        if original is None:
-            try:
-                self.host.path(path).unlink()
-            except OSError:
-                if str(Path(path).parent) not in created_dirs:
-                    raise
-                # cgroupfs files vanish with their directory, removed by the mkdir step next.
-            return StepResult(name, path, "forced" if drift else "restored", "removed the file apply created")
-        companion_original = decode(action.get("companion_original"))
-        if compare_key(original, fmt) == "0" and compare_key(companion_original, "text") not in (None, "0"):
-            # Writing 0 to vm.dirty_bytes is refused; writing the ratio back zeroes the bytes.
-            _write_file(self.host, action["companion"], companion_original)
-            if not self.host.is_real:  # a fake tree has no kernel to zero the pair for us
-                _write_file(self.host, path, original)
-        else:
-            _write_file(self.host, path, restore_bytes(self.host, action, original))
-        return StepResult(name, path, "forced" if drift else "restored",
-                          f"back to {compare_key(original, fmt)!r}")
 
     # ------------------------------------------------------------------ status
     def status(self) -> dict:
@@ -382,12 +283,16 @@ class Engine:
             action, seq = intent["action"], intent["seq"]
             if seq in pending.failed:
                 state, detail = "refused", pending.failed[seq]
+            elif seq in pending.undone:
+                result = pending.undone[seq]
+                state = "rolled back" if result in ROLLED_BACK_RESULTS else f"rollback {result}"
+                detail = f"by a rollback that did not finish ({result})"
             elif seq not in pending.done:
                 state, detail = "interrupted", "apply died around this write: rollback will check it"
             elif stale and action["path"].startswith(RUNTIME_PREFIXES):
                 state, detail = "reset by reboot", ""
             else:
-                state, detail = self._step_state(action)
+                state, detail = ACTION_KINDS[action["op"]].state(self.host, action, pending.rollback_started)
             rows.append({"item": intent["item"], "path": action["path"], "state": state, "detail": detail})
         return {
             "pending": True, "state_dir": str(self.state.path), "journal": str(pending.path),
@@ -395,24 +300,11 @@ class Engine:
             "started_at": pending.begin.get("started_at"),
             "apply_finished": pending.finished, "end_status": (pending.end or {}).get("status"),
             "boot": "earlier boot" if stale else "this boot", "boot_id": pending.boot_id, "steps": rows,
+            "rollback_started": pending.rollback_started, "journal_damage": pending.damage,
         }
 
-    def _step_state(self, action: dict) -> tuple[str, str]:
-        if action["op"] == "pm_qos":
-            alive = find_holders(action["token"])
-            return ("applied", f"holder pid {alive[0]}") if alive else ("drifted", "holder not running")
-        if action["op"] == "mkdir":
-            return ("applied", "") if self.host.path(action["path"]).is_dir() else ("drifted", "directory gone")
-        fmt = action.get("compare", "text")
-        current = compare_key(read_raw(self.host, action["path"]), fmt)
-        if current == compare_key(decode(action.get("target")), fmt):
-            return "applied", ""
-        if current == compare_key(decode(action.get("original")), fmt):
-            return "drifted", "reverted to the original by someone else"
-        return "drifted", f"now {current!r}"
-
-
-def errno_name(number: int | None) -> str:
-    import errno
-
-    return errno.errorcode.get(number or 0, str(number))
+def _append_if_possible(writer: JournalWriter, record: dict) -> None:
+    try:
+        writer.append(record)
+    except JournalWriteFailed:
+        pass  # the rollback that follows works from the records already on disk

@@ -11,15 +11,15 @@ Records, in order:
     done    seq (the write succeeded)          failed  seq, error (the kernel refused it)
     end     status: applied | aborted
     undone  seq, result (written by rollback, so a rollback cut short can be resumed)
-Only the last line can be torn by a crash; it is ignored (an intent is complete on disk before
-its write starts, so a torn line never hides a write that happened).
+Storage is core/journal.py: only the last line can be torn by a crash (or a full disk); it is
+ignored and cut off before the next record (an intent is complete on disk before its write
+starts, so a torn line never hides a write that happened).
 """
 
 from __future__ import annotations
 
 import base64
 import fcntl
-import json
 import os
 import secrets
 import time
@@ -27,7 +27,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from core.atomic import fsync_dir
 from core.errors import BadInput, WorkFailed
+from core.journal import JournalWriter, read_journal_records
 
 DEFAULT_STATE_DIR = Path("/var/lib/guardian-agent/journal")
 STATE_DIR_ENV = "GUARDIAN_AGENT_STATE_DIR"
@@ -50,14 +52,6 @@ def decode(text: str | None) -> bytes | None:
     return None if text is None else base64.b64decode(text)
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @dataclass
 class JournalState:
     """A journal read back from disk."""
@@ -69,7 +63,9 @@ class JournalState:
     failed: dict[int, str] = field(default_factory=dict)
     undone: dict[int, str] = field(default_factory=dict)
     end: dict | None = None
+    rollback_started: bool = False
     torn_tail: bool = False
+    damage: str = ""  # what reading had to skip or repair, for `tune status`
 
     @property
     def profile(self) -> str:
@@ -85,28 +81,16 @@ class JournalState:
 
 
 def read_journal(path: Path) -> JournalState:
-    try:
-        data = path.read_bytes()
-    except OSError as error:
-        raise WorkFailed(f"journal {path}: {error.strerror}") from None
-    lines = data.split(b"\n")
-    records = []
-    torn = False
-    for index, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            if index >= len(lines) - 2:  # last record (possibly followed by nothing): torn by a crash
-                torn = True
-                continue
-            raise WorkFailed(f"journal {path}: record {index + 1} is corrupt; "
-                             "inspect it by hand before removing it") from None
+    contents = read_journal_records(path)
+    if contents.corrupt_lines:
+        raise WorkFailed(f"journal {path}: record {contents.corrupt_lines[0]} is corrupt; "
+                         "inspect it by hand before removing it")
+    records = contents.records
     if not records or records[0].get("op") != "begin":
         raise WorkFailed(f"journal {path}: no begin record (the apply died before it started); "
                          "nothing was changed, remove the file")
-    state = JournalState(path, records[0], torn_tail=torn)
+    state = JournalState(path, records[0], torn_tail=bool(contents.torn_tail_bytes),
+                         damage=contents.describe_damage())
     for record in records[1:]:
         op = record.get("op")
         if op == "intent":
@@ -119,30 +103,9 @@ def read_journal(path: Path) -> JournalState:
             state.undone[record["seq"]] = record.get("result", "")
         elif op == "end":
             state.end = record
+        elif op == "rollback_started":
+            state.rollback_started = True
     return state
-
-
-class JournalWriter:
-    """Appends fsync'd records. One writer at a time, enforced by the state dir lock."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        created = not path.exists()
-        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        if created:
-            fsync_dir(path.parent)
-
-    def append(self, record: dict) -> None:
-        line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
-        written = os.write(self.fd, line)
-        if written != len(line):
-            raise WorkFailed(f"journal {self.path}: short write (disk full?)")
-        os.fsync(self.fd)
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
 
 
 class StateDir:
@@ -157,7 +120,14 @@ class StateDir:
         return self.path / JOURNAL_NAME
 
     def pending(self) -> JournalState | None:
+        """The pending journal, if any. A journal holding no whole record (a crash or Ctrl-C
+        right after it was created, or a torn `begin`) recorded no intent, so nothing was changed
+        through it: it is removed here instead of blocking apply, rollback and status."""
         if not self.journal_path.exists():
+            return None
+        if read_journal_records(self.journal_path).empty:
+            self.journal_path.unlink(missing_ok=True)
+            fsync_dir(self.path)
             return None
         return read_journal(self.journal_path)
 
@@ -173,15 +143,26 @@ class StateDir:
             os.close(self._lock_fd)
             self._lock_fd = -1
             raise BadInput(f"another guardian-agent tune command holds {self.path / LOCK_NAME}") from None
+        # Made now, while there is space: archiving a journal after a rollback on a full disk is
+        # then a rename, which needs no new block.
+        try:
+            (self.path / HISTORY_DIR).mkdir(exist_ok=True, mode=0o700)
+        except OSError:
+            pass  # archive() tries again and reports what stops it
 
     def unlock(self) -> None:
         if self._lock_fd >= 0:
             os.close(self._lock_fd)  # closing releases the flock
             self._lock_fd = -1
 
-    def start(self, begin: dict) -> JournalWriter:
+    def start(self, begin: dict, created=lambda: None) -> JournalWriter:
         writer = JournalWriter(self.journal_path)
-        writer.append({"op": "begin", **begin})
+        try:
+            created()  # the crash-safety tests' kill point between creating and the first record
+            writer.append({"op": "begin", **begin})
+        except BaseException:
+            writer.close()
+            raise
         return writer
 
     def archive(self, state: JournalState) -> Path:

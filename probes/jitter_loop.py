@@ -1,4 +1,4 @@
-"""The jitter probe's busy loop, run as `python -m agent.tuning.jitter_loop --cpu N ...`.
+"""The jitter probe's busy loop, run as `python -m probes.jitter_loop --cpu N ...`.
 
 A separate, import-light module so the child pinned to the measured CPU starts fast and loads
 nothing but the loop (importing the probe registry would pull every probe in).
@@ -47,7 +47,7 @@ def busy_loop(cpu: int, duration_ns: int, threshold_ns: int) -> dict:
 def _child_main(argv: list[str]) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="agent.tuning.jitter_loop")
+    parser = argparse.ArgumentParser(prog="probes.jitter_loop")
     parser.add_argument("--cpu", type=int, required=True)
     parser.add_argument("--duration-ns", type=int, required=True)
     parser.add_argument("--threshold-ns", type=int, default=THRESHOLD_NS)

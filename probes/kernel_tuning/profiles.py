@@ -9,41 +9,29 @@ the text for the table header and key itself.
 from __future__ import annotations
 
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from core.errors import BadInput
+from core.toml_config import TomlDocument, parse_toml_text, read_toml_text
 from core.host import Host, format_cpu_list, parse_cpu_list
+from probes.kernel_tuning.plan import NAME_PATTERN, SECTIONS, cpulist_part
 
 BUILTIN_DIR = Path(__file__).resolve().parent.parent.parent / "kernel_profiles"
 SYSTEM_DIR = "/etc/guardian-agent/profiles"
 RISKS = ("low", "medium", "high")
 MAX_INCLUDE_DEPTH = 8
 
-# Allowed keys per section. `why` and `risk` are common to every item.
-COMMON_KEYS = {"why", "risk"}
-SECTION_KEYS: dict[str, set[str]] = {
-    "sysctl": {"value"} | COMMON_KEYS,
-    "sysfs": {"path", "value", "format"} | COMMON_KEYS,
-    "cpu_governor": {"value", "cpus"} | COMMON_KEYS,
-    "irq_affinity": {"cpus"} | COMMON_KEYS,
-    "cmdline": {"value", "format"} | COMMON_KEYS,
-    "pm_qos": {"value_us"} | COMMON_KEYS,
-    "cpuset": {"cpus", "mems"} | COMMON_KEYS,
-}
-# Sections holding exactly one item (not a table of named items).
-SINGLE_ITEM_SECTIONS = {"cpu_governor", "irq_affinity"}
+# Keys common to every item: `optional` says the setting may be absent on some kernels (not a
+# typo). Each section's own keys, validation and planning are its class in plan.py (SECTIONS).
+COMMON_KEYS = {"why", "risk", "optional"}
 TOPOLOGY_KEYS = {"smt_siblings_isolated", "min_housekeeping_cores", "why"}
 VARIABLE_KEYS = {"type", "description", "default", "default_complement_of", "required"}
 VARIABLE_TYPES = ("cpulist", "int", "text")
 PROFILE_KEYS = {"description", "include"}
-SYSFS_FORMATS = ("text", "selection", "cpumask", "cpulist")
-CMDLINE_FORMATS = ("text", "cpulist", "flag")
-TOP_LEVEL = {"profile", "variables", "topology"} | set(SECTION_KEYS)
+TOP_LEVEL = {"profile", "variables", "topology"} | set(SECTIONS)
 VARIABLE_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
 @dataclass
@@ -171,49 +159,29 @@ class _Source:
 
     def __init__(self, path: Path):
         self.path = path
-        try:
-            self.text = path.read_text()
-        except OSError as error:
-            raise BadInput(f"profile file {path}: {error.strerror}") from None
-        except UnicodeDecodeError:
-            raise BadInput(f"profile file {path}: not UTF-8 text") from None
-        try:
-            self.data = tomllib.loads(self.text)
-        except tomllib.TOMLDecodeError as error:
-            raise BadInput(f"{path}: TOML syntax error: {error}") from None
+        self.text = read_toml_text(path, f"profile file {path}")
+        self.data = parse_toml_text(self.text, str(path))
 
     def error(self, table: list[str], key: str | None, message: str) -> BadInput:
-        line = locate(self.text, table, key)
-        dotted = ".".join(_quote(part) for part in table + ([key] if key else []))
-        return BadInput(f"{self.path}:{line}: {dotted}: {message}")
-
-
-def _quote(part: str) -> str:
-    return f'"{part}"' if "." in part or not part else part
+        """core/toml_config's wording, with the line number tomllib cannot give."""
+        document = TomlDocument(f"{self.path}:{locate(self.text, table, key)}")
+        return document.error(tuple(table) + ((key,) if key else ()), message)
 
 
 def _check_common(source: _Source, table: list[str], fields: dict) -> None:
     if "why" in fields and not isinstance(fields["why"], str):
         raise source.error(table, "why", "expected a one-line string")
+    if "optional" in fields and not isinstance(fields["optional"], bool):
+        raise source.error(table, "optional", f"expected true or false, got {fields['optional']!r}")
     if "risk" in fields and fields["risk"] not in RISKS:
-        raise source.error(table, "risk", f"expected one of {', '.join(RISKS)}, not {fields['risk']!r}")
-
-
-def _check_scalar(source: _Source, table: list[str], fields: dict, key: str, required: bool = True) -> None:
-    if key not in fields:
-        if required:
-            raise source.error(table, None, f"missing required key {key!r}")
-        return
-    value = fields[key]
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise source.error(table, key, f"expected a string or an integer, got {type(value).__name__}")
+        raise source.error(table, "risk", f"expected one of {', '.join(RISKS)}, got {fields['risk']!r}")
 
 
 def _parse_items(source: _Source) -> tuple[list[ItemSpec], dict, dict, dict]:
     data = source.data
     for top in data:
         if top not in TOP_LEVEL:
-            raise source.error([], top, f"unknown section (known: {', '.join(sorted(TOP_LEVEL))})")
+            raise source.error([], top, f"unknown key (known: {', '.join(sorted(TOP_LEVEL))})")
     header = data.get("profile", {})
     if not isinstance(header, dict):
         raise source.error([], "profile", "expected a table")
@@ -248,13 +216,14 @@ def _parse_items(source: _Source) -> tuple[list[ItemSpec], dict, dict, dict]:
         raise source.error(["topology"], "min_housekeeping_cores", "expected a non-negative integer")
 
     items: list[ItemSpec] = []
-    for section, allowed in SECTION_KEYS.items():
+    for section, kind in SECTIONS.items():
+        allowed = kind.keys | COMMON_KEYS
         if section not in data:
             continue
         body = data[section]
         if not isinstance(body, dict):
             raise source.error([], section, "expected a table")
-        entries = [("", body)] if section in SINGLE_ITEM_SECTIONS else list(body.items())
+        entries = [("", body)] if kind.single_item else list(body.items())
         for key, fields in entries:
             table = [section] + ([key] if key else [])
             if not isinstance(fields, dict):
@@ -264,46 +233,10 @@ def _parse_items(source: _Source) -> tuple[list[ItemSpec], dict, dict, dict]:
                     raise source.error(table, field_name,
                                        f"unknown key (known: {', '.join(sorted(allowed))})")
             _check_common(source, table, fields)
-            _validate_item(source, section, key, table, fields)
+            kind.validate(source, key, table, fields)
             items.append(ItemSpec(section, key or section, dict(fields), source.path,
                                   locate(source.text, table)))
     return items, variables, topology, {"include": include, "description": header.get("description", "")}
-
-
-def _validate_item(source: _Source, section: str, key: str, table: list[str], fields: dict) -> None:
-    if section == "sysctl":
-        if not re.match(r"^[a-z0-9_]+(\.[A-Za-z0-9_*-]+)+$", key):
-            raise source.error([section], key, "not a sysctl name (expected dotted, like vm.swappiness)")
-        _check_scalar(source, table, fields, "value")
-    elif section == "sysfs":
-        _check_scalar(source, table, fields, "path")
-        path = str(fields["path"])
-        if not (path.startswith("/sys/") or path.startswith("/proc/")) or ".." in path:
-            raise source.error(table, "path", "must be an absolute path under /sys or /proc")
-        _check_scalar(source, table, fields, "value")
-        if fields.get("format", "text") not in SYSFS_FORMATS:
-            raise source.error(table, "format", f"expected one of {', '.join(SYSFS_FORMATS)}")
-    elif section == "cpu_governor":
-        _check_scalar(source, table, fields, "value")
-        _check_scalar(source, table, fields, "cpus", required=False)
-    elif section == "irq_affinity":
-        _check_scalar(source, table, fields, "cpus")
-    elif section == "cmdline":
-        fmt = fields.get("format", "text")
-        if fmt not in CMDLINE_FORMATS:
-            raise source.error(table, "format", f"expected one of {', '.join(CMDLINE_FORMATS)}")
-        _check_scalar(source, table, fields, "value", required=fmt != "flag")
-    elif section == "pm_qos":
-        if key != "cpu_dma_latency":
-            raise source.error([section], key, "only cpu_dma_latency is supported")
-        value = fields.get("value_us")
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 2_000_000_000:
-            raise source.error(table, "value_us", "expected an integer number of microseconds (0 = poll)")
-    elif section == "cpuset":
-        if not NAME_PATTERN.match(key):
-            raise source.error([section], key, "cpuset name: use letters, digits, '.', '_' or '-'")
-        _check_scalar(source, table, fields, "cpus")
-        _check_scalar(source, table, fields, "mems", required=False)
 
 
 def load_profile(name: str, profile_dir: Path | None = None, variables: dict[str, str] | None = None,
@@ -409,7 +342,7 @@ def _check_variable(name: str, spec: dict, value: str, where: str) -> str:
 
 def _substitute(item: ItemSpec, values: dict[str, str], chain: list[_Source]) -> ItemSpec:
     source = next(s for s in chain if s.path == item.file)
-    table = [item.section] + ([] if item.section in SINGLE_ITEM_SECTIONS else [item.key])
+    table = [item.section] + ([] if SECTIONS[item.section].single_item else [item.key])
     fields = {}
     for key, value in item.fields.items():
         if isinstance(value, str):
@@ -427,13 +360,7 @@ def _substitute(item: ItemSpec, values: dict[str, str], chain: list[_Source]) ->
                 raise source.error(table, key, f"{fields[key]!r} is not a CPU list (like 2-3,6)") from None
     if item.section == "cmdline" and fields.get("format") == "cpulist":
         try:
-            parse_cpu_list(_cpulist_part(str(fields["value"])))
+            parse_cpu_list(cpulist_part(str(fields["value"])))
         except ValueError:
             raise source.error(table, "value", f"{fields['value']!r} does not end in a CPU list") from None
     return ItemSpec(item.section, item.key, fields, item.file, item.line)
-
-
-def _cpulist_part(value: str) -> str:
-    """isolcpus accepts leading flags: "managed_irq,domain,2-3" -> "2-3"."""
-    parts = [p for p in value.split(",") if p and (p[0].isdigit())]
-    return ",".join(parts)
