@@ -58,7 +58,7 @@ def write_plan(tmp_path: Path, body: str | None = None, **replace: str) -> Path:
     ('adapter = "command"', 'adapter = "nginx"', "traffic.adapter: unknown adapter 'nginx'"),
     ("weight_pct = 100", "weight_pct = 5", "stage[1].weight_pct: weights must increase"),
     ('[prepare]\ncommands = ["touch', '[prepare]\nhooks = ["touch', "prepare.hooks: unknown key"),
-    ('[validate]\ncommands = ["true"]\n', "", "plan.validate: missing"),
+    ('[validate]\ncommands = ["true"]\n', "", ": validate: missing"),
     ("{blue}", "{b}", "traffic.set_weights: must contain"),
     ("dwell_s = 30\n[[stage]]", "[[stage]]", "stage[0].dwell_s: missing"),
     ('url = "http://127.0.0.1:9/"', 'url = "ftp://x/"', "kpi.url"),
