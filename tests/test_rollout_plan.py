@@ -351,3 +351,18 @@ def test_fractional_weight_is_fine_for_a_command_adapter_but_not_haproxy(tmp_pat
     plan.write_text(text)
     with pytest.raises(BadInput, match=r"stage\[0\].weight_pct: 0.5 cannot be set on HAProxy"):
         load_plan(plan)
+
+
+def test_gate_names_a_failing_non_critical_metric_while_a_critical_one_is_undecided():
+    import numpy as np
+
+    from agent.gate.config import GateSettings
+    from agent.gate.kpi import MetricData
+    from agent.gate.verdict import judge
+
+    generator = np.random.default_rng(7)
+    blue = generator.exponential(1.0, 400) + 1.0
+    verdict = judge([MetricData("turns.error_rate", "proportion", "fraction", (0, 30), (0, 30)),
+                     MetricData("syscalls.read.latency_ns", "shift", "ns", blue, blue * 3.0)], GateSettings())
+    assert verdict.verdict == "inconclusive"
+    assert "failed already: syscalls.read.latency_ns" in verdict.reason
