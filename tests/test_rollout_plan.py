@@ -39,6 +39,7 @@ def write_plan(tmp_path: Path, body: str | None = None, **replace: str) -> Path:
         [kpi]
         url = "http://127.0.0.1:9/"
         concurrency = 1
+        baseline_s = 1
         [[stage]]
         weight_pct = 10
         dwell_s = 30
@@ -57,7 +58,7 @@ def write_plan(tmp_path: Path, body: str | None = None, **replace: str) -> Path:
     ('adapter = "command"', 'adapter = "nginx"', "traffic.adapter: unknown adapter 'nginx'"),
     ("weight_pct = 100", "weight_pct = 5", "stage[1].weight_pct: weights must increase"),
     ('[prepare]\ncommands = ["touch', '[prepare]\nhooks = ["touch', "prepare.hooks: unknown key"),
-    ('[validate]\ncommands = ["true"]\n', "", "plan.validate: missing"),
+    ('[validate]\ncommands = ["true"]\n', "", ": validate: missing"),
     ("{blue}", "{b}", "traffic.set_weights: must contain"),
     ("dwell_s = 30\n[[stage]]", "[[stage]]", "stage[0].dwell_s: missing"),
     ('url = "http://127.0.0.1:9/"', 'url = "ftp://x/"', "kpi.url"),
@@ -223,3 +224,145 @@ def test_shadow_replays_pcap_requests_against_blue_and_green(tmp_path):
         for process in processes:
             process.terminate()
             process.wait(timeout=5)
+
+
+def _driver(tmp_path, text_changes: dict | None = None, adapter=None):
+    from agent.rollout.driver import RolloutDriver
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    plan = write_plan(tmp_path)
+    for old, new in (text_changes or {}).items():
+        plan.write_text(plan.read_text().replace(old, new))
+    driver = RolloutDriver(load_plan(plan), adapter=adapter)
+    driver.run_id = "r1"
+    driver.plan.state_dir.mkdir(parents=True)
+    driver.journal.append("start", run_id="r1", pid=os.getpid(), traffic=driver.plan.traffic.as_dict())
+    return driver
+
+
+def _look(stage_index: int, elapsed_s: float, gate_verdict: str, metrics: list[tuple[str, bool, str, int]]):
+    from agent.gate.verdict import GateVerdict, MetricVerdict
+    from agent.rollout.driver import Evaluation
+
+    verdicts = [MetricVerdict(metric=name, kind="shift", unit="ns", critical=critical, threshold_pct=5,
+                              direction="increase", classification=classification, reason="",
+                              baseline_count=500, candidate_count=green)
+                for name, critical, classification, green in metrics]
+    return Evaluation(stage_index, elapsed_s, GateVerdict(gate_verdict, float("nan"), "undecided", verdicts),
+                      "blue in this stage")
+
+
+@pytest.mark.parametrize("policy,metrics,expected", [
+    # A failing non-critical metric is not hidden by an inconclusive critical one, even with advance.
+    ("advance", [("turns.latency_ns", True, "inconclusive", 50), ("turns.latency_ns.p99", False, "fail", 50)],
+     "turns.latency_ns.p99 failed"),
+    # No green sample at all is no evidence, whatever on_inconclusive says.
+    ("advance", [("turns.latency_ns", True, "skipped", 0)], "no green samples"),
+    # The default holds, then rolls back.
+    ("rollback", [("turns.latency_ns", True, "inconclusive", 50)], "still inconclusive"),
+])
+def test_undecided_stage_at_max_dwell(tmp_path, policy, metrics, expected):
+    from agent.rollout.driver import Looks
+
+    driver = _driver(tmp_path, {"evaluate_every_s = 0.2": f'evaluate_every_s = 0.2\non_inconclusive = "{policy}"'})
+    stage = driver.plan.stages[0]
+    assert driver._judge_look(_look(0, stage.max_dwell_s - 1, "inconclusive", metrics), stage, Looks(), False) \
+        is None
+    decision, reason = driver._judge_look(_look(0, stage.max_dwell_s, "inconclusive", metrics), stage, Looks(),
+                                          False)
+    assert decision == "rollback" and expected in reason
+
+
+def test_advance_when_asked_and_pause_for_a_person(tmp_path):
+    from agent.rollout.driver import Looks
+
+    metrics = [("turns.latency_ns", True, "inconclusive", 50)]
+    advance = _driver(tmp_path / "a", {"evaluate_every_s = 0.2": 'evaluate_every_s = 0.2\non_inconclusive = "advance"'})
+    stage = advance.plan.stages[0]
+    assert advance._judge_look(_look(0, stage.max_dwell_s, "inconclusive", metrics), stage, Looks(), False)[0] \
+        == "advance"
+    pause = _driver(tmp_path / "p", {"evaluate_every_s = 0.2": 'evaluate_every_s = 0.2\non_inconclusive = "pause"'})
+    assert pause._judge_look(_look(0, stage.max_dwell_s, "inconclusive", metrics), stage, Looks(), False) is None
+    assert pause.paused and last_run(pause.plan.journal_path).last["event"] == "paused"
+
+
+def test_failed_looks_limit(tmp_path):
+    from agent.rollout.driver import Looks
+
+    driver = _driver(tmp_path, {"evaluate_every_s = 0.2": "evaluate_every_s = 0.2\nmax_failed_looks = 2"})
+    stage, looks = driver.plan.stages[0], Looks()
+    metrics = [("turns.latency_ns", True, "fail", 50)]
+    assert driver._judge_look(_look(0, 1, "fail", metrics), stage, looks, False) is None
+    assert driver._judge_look(_look(0, 2, "fail", metrics), stage, looks, False)[0] == "rollback"
+
+
+def test_adapter_error_during_rollback_still_writes_a_postmortem(tmp_path):
+    from agent.rollout.adapters import TrafficAdapter
+    from agent.rollout.collector import LoadCollector
+    from core.errors import WorkFailed
+    from reports.bundle import Bundle
+
+    class Broken(TrafficAdapter):
+        def check(self):
+            return []
+
+        def set_weights(self, blue_pct, green_pct):
+            raise WorkFailed("balancer socket gone")
+
+    driver = _driver(tmp_path, adapter=Broken())
+    driver.collector = LoadCollector(driver.plan.kpi, "blue", "green")
+    with pytest.raises(WorkFailed, match="the watchdog will retry; post-mortem"):
+        driver.rollback("gate failed", 0)
+    state = last_run(driver.plan.journal_path)
+    assert state.terminal is None and state.last["event"] == "rollback_error"  # the watchdog keeps trying
+    postmortem = next(driver.plan.state_dir.glob("*-postmortem"))
+    assert Bundle(postmortem).manifest["rollout"]["status"] == "rollback_failed"
+
+
+def test_watchdog_record_says_the_driver_is_gone(tmp_path):
+    from agent.rollout.driver import restore_blue_from_journal
+
+    driver = _driver(tmp_path)
+    # Our own pid is alive, as a dying driver's still is for a moment: the watchdog knows better.
+    record = restore_blue_from_journal(driver.plan.journal_path, "driver died", "rolled_back", driver_alive=False)
+    assert record["driver_alive"] is False
+    assert (tmp_path / "weights.txt").read_text().split() == ["100", "0"]
+
+
+def test_traffic_share_checks():
+    from agent.rollout.collector import Sample
+    from agent.rollout.driver import traffic_share_problem
+
+    def samples(green: int, blue: int) -> list[Sample]:
+        return [Sample("green", 0, 0, 1, 200, False, 0, 0)] * green + [Sample("blue", 0, 0, 1, 200, False, 0, 0)] * blue
+
+    # The issue's restart: given 10%, green took 1.3%.
+    assert "green took 1.3%" in traffic_share_problem(samples(13, 987), 0, 0, 10, 1.0)
+    assert traffic_share_problem(samples(620, 380), 0, 0, 50, 1.0) == ""  # bursty round robin, not a fault
+    assert "could not be attributed" in traffic_share_problem(samples(100, 900), 50, 0, 10, 1.0)
+    assert traffic_share_problem(samples(1, 20), 5, 0, 10, 1.0) == ""  # too few to tell
+
+
+def test_fractional_weight_is_fine_for_a_command_adapter_but_not_haproxy(tmp_path):
+    plan = write_plan(tmp_path, **{"weight_pct = 10\n": "weight_pct = 0.5\n"})
+    assert load_plan(plan).stages[0].weight_pct == 0.5
+    text = plan.read_text().replace('adapter = "command"', 'adapter = "haproxy"\nsocket = "/x"\nbackend = "b"')
+    text = text.replace("set_weights = ", "# set_weights = ")
+    plan.write_text(text)
+    with pytest.raises(BadInput, match=r"stage\[0\].weight_pct: 0.5 cannot be set on HAProxy"):
+        load_plan(plan)
+
+
+def test_gate_names_a_failing_non_critical_metric_while_a_critical_one_is_undecided():
+    import numpy as np
+
+    from agent.gate.config import GateSettings
+    from agent.gate.kpi import MetricData
+    from agent.gate.verdict import judge
+
+    generator = np.random.default_rng(7)
+    blue = generator.exponential(1.0, 400) + 1.0
+    verdict = judge([MetricData("turns.error_rate", "proportion", "fraction", (0, 30), (0, 30)),
+                     MetricData("syscalls.read.latency_ns", "shift", "ns", blue, blue * 3.0)], GateSettings())
+    assert verdict.verdict == "inconclusive"
+    assert "failed already: syscalls.read.latency_ns" in verdict.reason

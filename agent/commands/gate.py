@@ -26,13 +26,22 @@ def render_text(verdict) -> str:
     return "\n".join(lines)
 
 
+def rollout_gate_settings(report):
+    """The gate settings the rollout's own plan used (a re-judge starts from what was decided)."""
+    from agent.gate.config import settings_from_mapping
+
+    return settings_from_mapping(report.manifest.get("rollout", {}).get("gate_config", {}),
+                                 source=f"{report.path} (the plan's gate settings)")
+
+
 @click.command()
 @click.option("--baseline", "baseline_path", type=click.Path(path_type=Path),
               help="Bundle of the running version (blue).")
 @click.option("--candidate", "candidate_path", type=click.Path(path_type=Path),
               help="Bundle of the new version (green).")
 @click.option("--rollout", "rollout_path", type=click.Path(path_type=Path),
-              help="Instead of two bundles: a rollout report/post-mortem, blue vs green re-judged.")
+              help="Instead of two bundles: a rollout report/post-mortem, blue vs green re-judged with the "
+                   "plan's own gate settings (or --config), on the samples taken up to each decision.")
 @click.option("--stage", "stage_number", type=int,
               help="With --rollout: the stage to re-judge (1-based; default: the last one green served).")
 @click.option("--config", "config_path", type=click.Path(path_type=Path),
@@ -72,10 +81,12 @@ def gate(baseline_path: Path | None, candidate_path: Path | None, rollout_path: 
         from agent.rollout.driver import rollout_report_metrics
 
         report = Bundle(rollout_path)
-        metrics, stage = rollout_report_metrics(report, stage_number, settings.min_samples)
+        if config_path is None:
+            settings = rollout_gate_settings(report)
+        metrics, stage, scope = rollout_report_metrics(report, stage_number, settings.min_samples)
         baseline_name, candidate_name = f"{rollout_path.resolve()}#blue", f"{rollout_path.resolve()}#green@{stage}"
         baseline_run_id = candidate_run_id = report.run_id
-        context = f"gate --rollout (stage {stage})"
+        context = f"gate --rollout (stage {stage}, baseline: {scope})"
     else:
         baseline, candidate = Bundle(baseline_path), Bundle(candidate_path)
         metrics = bundle_metrics(baseline, candidate)

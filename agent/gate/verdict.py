@@ -249,8 +249,11 @@ def judge(metrics: list[MetricData], settings: GateSettings) -> GateVerdict:
     if critical_open:
         names = ", ".join(v.metric for v in critical_open)
         critical_needed = max(v.samples_needed for v in critical_open)
+        # A failing non-critical metric is said, not hidden behind the undecided critical one.
+        failing = [v.metric for v in verdicts if v.classification == "fail"]
+        also = f"; failed already: {', '.join(failing)}" if failing else ""
         return GateVerdict("inconclusive", score,
-                           f"not enough samples to decide {names}: about {critical_needed} per side needed",
+                           f"not enough samples to decide {names}: about {critical_needed} per side needed{also}",
                            verdicts, critical_needed)
     if not judged:
         return GateVerdict("inconclusive", score, "no metric could be judged (no common data)", verdicts, needed)

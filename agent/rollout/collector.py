@@ -33,6 +33,26 @@ SAMPLES_SCHEMA = pa.schema([
 ])
 
 
+# Stage numbers of samples taken before the first stage: a short warm-up (connections, caches),
+# then blue alone at 100% for kpi.baseline_s, the load-for-load reference of the 100% stage.
+WARMUP_STAGE = -2
+BASELINE_STAGE = -1
+
+
+class Unattributed:
+    """Requests no version can be charged with (no response, or no version header), per stage."""
+
+    def __init__(self) -> None:
+        self.by_stage: dict[int, int] = {}
+
+    def add(self, stage: int) -> None:
+        self.by_stage[stage] = self.by_stage.get(stage, 0) + 1
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_stage.values())
+
+
 @dataclass
 class Sample:
     version: str
@@ -52,9 +72,9 @@ class LoadCollector:
         parts = urlsplit(settings.url)
         self.host, self.port = parts.hostname, parts.port or 80
         self.target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        self.stage = -1  # samples before the first stage are warm-up, kept but not judged
+        self.stage = WARMUP_STAGE
         self.samples: list[Sample] = []
-        self.unattributed = 0
+        self.unattributed = Unattributed()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -111,7 +131,7 @@ class LoadCollector:
         version = self.versions.get(served_by.strip())
         with self._lock:
             if version is None:
-                self.unattributed += 1
+                self.unattributed.add(stage)
             else:
                 self.samples.append(Sample(version, stage, wall_ns, latency_ns, status, status >= 500,
                                            request_bytes, response_bytes))
@@ -121,7 +141,7 @@ class LoadCollector:
         # attributed; counted, and the connection is rebuilt. (A collector that knows its
         # group, like chaos's, records it as an error sample instead.)
         with self._lock:
-            self.unattributed += 1
+            self.unattributed.add(stage)
 
     def snapshot(self) -> list[Sample]:
         with self._lock:
@@ -172,9 +192,9 @@ class HAProxyLogCollector:
         self.versions = {blue_name: "blue", green_name: "green"}
         host, _, port = settings.listen.rpartition(":")
         self.address = (host.strip("[]"), int(port))
-        self.stage = -1
+        self.stage = WARMUP_STAGE
         self.samples: list[Sample] = []
-        self.unattributed = 0
+        self.unattributed = Unattributed()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -217,7 +237,7 @@ class HAProxyLogCollector:
             version = None if parsed is None else self.versions.get(parsed[1])
             with self._lock:
                 if version is None or parsed[2] < 0:
-                    self.unattributed += 1  # not our format, <NOSRV>, or aborted before a response
+                    self.unattributed.add(self.stage)  # not our format, <NOSRV>, or aborted before a response
                     continue
                 _, _, active_ms, status, request_bytes, response_bytes = parsed
                 self.samples.append(Sample(version, self.stage, now, active_ms * 1_000_000, status,

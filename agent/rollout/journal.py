@@ -3,7 +3,11 @@
 Every run starts with a `start` record holding the plan, the traffic adapter settings and the
 driver's pid, so `rollout status`, `rollout abort` and the watchdog can act from the journal alone
 (after a crash, a kill -9 or a reboot) without the plan file.
-Terminal events end a run: promoted, rolled_back, aborted, failed (before any traffic moved).
+Terminal events end a run: promoted, rolled_back, aborted, failed (before any traffic moved),
+undone (a promotion put back). After `promoted` a run may still hold `decommission_pending`,
+`undone` or `decommissioned` records, and a `roles` record swaps blue and green for the next run.
+Operators steer a running driver with `control` records (pause, resume, promote, undo), which
+the driver polls at every evaluation: the journal is the one channel, and it is durable.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from typing import Any
 from core.errors import BadInput
 from core.journal import append_record, read_journal_records
 
-TERMINAL_EVENTS = ("promoted", "rolled_back", "aborted", "failed")
+TERMINAL_EVENTS = ("promoted", "rolled_back", "aborted", "failed", "undone")
+CONTROL_ACTIONS = ("pause", "resume", "promote", "undo")
 
 
 class Journal:
@@ -78,6 +83,22 @@ class RunState:
                 return record["weights"]
         return None
 
+    def last_of(self, event: str) -> dict | None:
+        for record in reversed(self.records):
+            if record["event"] == event:
+                return record
+        return None
+
+    @property
+    def controls(self) -> list[dict]:
+        return [record for record in self.records if record["event"] == "control"]
+
+    @property
+    def split(self) -> bool:
+        """Traffic on both versions, by the journal's last word."""
+        weights = self.weights or {}
+        return bool(weights.get("green")) and bool(weights.get("blue"))
+
     @property
     def status(self) -> str:
         terminal = self.terminal
@@ -113,3 +134,13 @@ def last_run(path: Path) -> RunState:
     first = starts[-1]
     run_records = [r for r in records[first:] if r.get("run_id") == records[first].get("run_id")]
     return RunState(run_id=records[first]["run_id"], start=records[first], records=run_records)
+
+
+def current_roles(path: Path, blue: str, green: str) -> tuple[str, str]:
+    """(blue server, green server) for the next run: swapped by every finalized promotion."""
+    if not Path(path).exists():
+        return blue, green
+    for record in reversed(read_records(path)):
+        if record.get("event") == "roles":
+            return record["blue"], record["green"]
+    return blue, green

@@ -2,7 +2,11 @@
 
     name = "strategy-v2"
     state_dir = "/var/lib/guardian-agent/rollouts"   # journal, post-mortems, decision record
-    on_inconclusive = "advance"      # non-final stage still undecided at max_dwell_s: advance | rollback
+    on_inconclusive = "rollback"     # stage undecided at max_dwell_s: rollback (default) | pause | advance
+    max_failed_looks = 1             # failed evaluations before a rollback
+    max_inconclusive_looks = 0       # undecided evaluations before on_inconclusive acts (0: max_dwell_s)
+    max_unattributed_pct = 1.0       # requests neither version answered, per stage
+    crossover_s = 0.25               # the 100% stage alternates full-load windows of blue and green
 
     [prepare]                        # provision and deploy green (terraform, ansible ...)
     commands = ["ansible-playbook deploy-green.yml"]
@@ -22,7 +26,9 @@
     backend = "app"
     blue = "blue"                    # server names in the backend
     green = "green"
+    wait_up_s = 30                   # green must be UP in the balancer before it gets traffic
     # adapter = "command": set_weights = "lbctl weights --blue {blue} --green {green}"
+    #                      get_weights = "lbctl weights"   (prints BLUE GREEN [STATE]: the read-back)
 
     [kpi]                            # requests through the frontend, attributed by a header
     url = "http://127.0.0.1:8080/"
@@ -41,7 +47,11 @@
     blue_stacks = "/var/tmp/blue-stacks"     # and green, collected by hooks or the daemon; the
     green_stacks = "/var/tmp/green-stacks"   # post-mortem then holds stacks.diff.svg
 
+    [promote] / [undo] / [decommission] (grace_s)   # hooks after promotion (docs/rollout.md)
+    [notify]  command = "..."        # every decision as JSON on stdin
     [gate] / [metrics."..."]         # as in gate.toml
+
+One small function per table; each names the key it refuses.
 """
 
 from __future__ import annotations
@@ -52,12 +62,16 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from core.errors import BadInput
+from core.toml_config import TomlTable
 from agent.gate.config import GateSettings, read_toml, settings_from_mapping
 
 ADAPTERS = ("haproxy", "command")
-TOP_KEYS = {"name", "state_dir", "on_inconclusive", "evaluate_every_s", "prepare", "validate", "traffic",
-            "kpi", "stage", "gate", "metrics", "postmortem"}
+TOP_KEYS = {"name", "state_dir", "on_inconclusive", "evaluate_every_s", "max_failed_looks", "max_inconclusive_looks",
+            "max_unattributed_pct", "crossover_s", "prepare", "validate", "traffic", "kpi", "stage", "gate", "metrics", "postmortem",
+            "promote", "decommission", "undo", "notify"}
+# What a stage still undecided at max_dwell_s does. The default holds (up to max_dwell_s) and then
+# rolls back: no evidence is not a pass (Flagger counts "no values" as a failed check).
+ON_INCONCLUSIVE = ("rollback", "pause", "advance")
 DEFAULT_STATE_DIR = Path("/var/lib/guardian-agent/rollouts")
 
 
@@ -86,7 +100,9 @@ class TrafficSettings:
     blue: str = "blue"
     green: str = "green"
     set_weights: str = ""
+    get_weights: str = ""  # command adapter: prints "BLUE GREEN [GREEN_STATE]" (the read-back)
     timeout_s: float = 5.0
+    wait_up_s: float = 30.0  # how long green may take to be UP in the balancer before traffic moves
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -104,6 +120,14 @@ class KpiSettings:
     concurrency: int = 4
     rate_hz: float = 0.0  # per worker; 0 = back to back
     timeout_s: float = 2.0
+    # Blue alone at 100% before the first stage: the like-for-like load reference of the 100% stage.
+    baseline_s: float = 10.0
+
+
+@dataclass
+class NotifySettings:
+    command: str  # run for every decision with the event as JSON on stdin
+    timeout_s: float = 10.0
 
 
 @dataclass
@@ -120,6 +144,10 @@ class Plan:
     state_dir: Path
     on_inconclusive: str
     evaluate_every_s: float
+    max_failed_looks: int
+    max_inconclusive_looks: int
+    max_unattributed_pct: float
+    crossover_s: float  # the 100% stage alternates full-load windows of this length (0: off)
     prepare: HookSet
     validate: HookSet
     shadow: ShadowSettings | None
@@ -130,6 +158,11 @@ class Plan:
     raw: dict[str, Any] = field(default_factory=dict)
     blue_stacks: Path | None = None
     green_stacks: Path | None = None
+    promote: HookSet = field(default_factory=lambda: HookSet([]))
+    decommission: HookSet = field(default_factory=lambda: HookSet([]))
+    decommission_grace_s: float = 300.0
+    undo: HookSet = field(default_factory=lambda: HookSet([]))
+    notify: NotifySettings | None = None
 
     @property
     def journal_path(self) -> Path:
@@ -140,200 +173,204 @@ class Plan:
         return self.state_dir / "gate-decisions"
 
 
-def _require(table: dict, key: str, where: str, kind: type | tuple[type, ...]) -> Any:
-    if key not in table:
-        raise BadInput(f"{where}.{key}: missing")
-    return _typed(table[key], f"{where}.{key}", kind)
-
-
-def _typed(value: Any, where: str, kind: type | tuple[type, ...]) -> Any:
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    if isinstance(value, bool) and bool not in kinds:
-        raise BadInput(f"{where}: expected {' or '.join(k.__name__ for k in kinds)}, got {value!r}")
-    if not isinstance(value, kinds):
-        raise BadInput(f"{where}: expected {' or '.join(k.__name__ for k in kinds)}, got {value!r}")
-    return value
-
-
-def _check_keys(table: dict, allowed: set[str], where: str) -> None:
-    for key in table:
-        if key not in allowed:
-            raise BadInput(f"{where}.{key}: unknown key (expected one of {', '.join(sorted(allowed))})")
-
-
-def _positive(value: Any, where: str) -> float:
-    value = _typed(value, where, (int, float))
-    if value <= 0:
-        raise BadInput(f"{where}: must be positive, not {value!r}")
-    return float(value)
-
-
-def _commands(table: dict, where: str) -> list[str]:
-    commands = _require(table, "commands", where, list)
+def _commands(table: TomlTable) -> list[str]:
+    commands = list(table.string_list("commands"))
     for index, command in enumerate(commands):
-        _typed(command, f"{where}.commands[{index}]", str)
         try:
-            if not shlex.split(command):
-                raise BadInput(f"{where}.commands[{index}]: empty command")
+            shlex.split(command)
         except ValueError as error:
-            raise BadInput(f"{where}.commands[{index}]: cannot parse ({error})") from None
-    return list(commands)
+            table.fail("commands", f"[{index}] cannot be parsed ({error})")
+    return commands
 
 
-def _http_url(value: Any, where: str) -> str:
-    value = _typed(value, where, str)
+def _http_url(table: TomlTable, key: str) -> str:
+    value = table.string(key)
     parts = urlsplit(value)
     if parts.scheme != "http" or not parts.hostname:
-        raise BadInput(f"{where}: expected an http://host:port/ URL, got {value!r}")
+        table.fail(key, f"expected an http://host:port/ URL, got {value!r}")
     return value
+
+
+def _hooks(plan: TomlTable, key: str, *, required: bool, why: str, extra_keys: tuple[str, ...] = (),
+           default_timeout_s: float = 600.0) -> tuple[HookSet, TomlTable | None]:
+    """A hook table ([prepare], [validate], [promote], [decommission], [undo])."""
+    if key not in plan:
+        if required:
+            plan.fail(key, f"missing ({why})")
+        return HookSet([]), None
+    table = plan.table(key, ("commands", "timeout_s") + extra_keys)
+    commands = _commands(table) if "commands" in table else []
+    return HookSet(commands, table.number("timeout_s", default_timeout_s, positive=True)), table
+
+
+def _top_level(plan: TomlTable, path: Path) -> dict[str, Any]:
+    name = plan.string("name")
+    if not all(c.isalnum() or c in "-_." for c in name):
+        plan.fail("name", f"{name!r} must be letters, digits, '-', '_' or '.'")
+    state_dir = Path(plan.string("state_dir", str(DEFAULT_STATE_DIR)))
+    if not state_dir.is_absolute():
+        state_dir = (path.parent / state_dir).resolve()
+    return {"name": name, "state_dir": state_dir,
+            "on_inconclusive": plan.choice("on_inconclusive", ON_INCONCLUSIVE, "rollback"),
+            "evaluate_every_s": plan.number("evaluate_every_s", 1.0, positive=True),
+            "max_failed_looks": plan.number("max_failed_looks", 1, low=1, integer=True),
+            "max_inconclusive_looks": plan.number("max_inconclusive_looks", 0, low=0, integer=True),
+            "max_unattributed_pct": plan.number("max_unattributed_pct", 1.0, low=0, high=100),
+            "crossover_s": plan.number("crossover_s", 0.25, low=0)}
+
+
+def _prepare(plan: TomlTable) -> HookSet:
+    prepare, table = _hooks(plan, "prepare", required=True, why="the hooks that provision and deploy green")
+    if not prepare.commands:
+        table.fail("commands", "missing or empty (at least one hook must deploy green)")
+    return prepare
+
+
+def _shadow(validate: TomlTable, path: Path) -> ShadowSettings:
+    table = validate.table("shadow", ("pcap", "blue_url", "green_url", "server_port", "max_requests",
+                                      "max_mismatch_pct", "timeout_s"))
+    pcap = Path(table.string("pcap"))
+    if not pcap.is_absolute():
+        pcap = path.parent / pcap
+    if not pcap.is_file():
+        table.fail("pcap", f"{pcap} does not exist")
+    return ShadowSettings(
+        pcap=pcap, blue_url=_http_url(table, "blue_url"), green_url=_http_url(table, "green_url"),
+        server_port=table.number("server_port", None, low=1, high=65535, integer=True),
+        max_requests=table.number("max_requests", 1000, low=1, integer=True),
+        max_mismatch_pct=table.number("max_mismatch_pct", 0.0, low=0, high=100),
+        timeout_s=table.number("timeout_s", 5.0, positive=True))
+
+
+def _validate(plan: TomlTable, path: Path) -> tuple[HookSet, ShadowSettings | None]:
+    validate, table = _hooks(plan, "validate", required=True, why="test hooks and/or [validate.shadow]",
+                             extra_keys=("shadow",))
+    shadow = _shadow(table, path) if "shadow" in table else None
+    if "commands" not in table and shadow is None:
+        table.fail("commands", "missing (give test hooks, a [validate.shadow] replay, or both)")
+    return validate, shadow
+
+
+def _traffic(plan: TomlTable) -> TrafficSettings:
+    if "traffic" not in plan:
+        plan.fail("traffic", "missing (adapter = \"haproxy\" or \"command\")")
+    table = plan.table("traffic", ("adapter", "socket", "backend", "blue", "green", "set_weights", "get_weights",
+                                   "timeout_s", "wait_up_s"))
+    adapter = table.string("adapter")
+    if adapter not in ADAPTERS:
+        table.fail("adapter", f"unknown adapter {adapter!r} (expected {' or '.join(ADAPTERS)})")
+    traffic = TrafficSettings(adapter=adapter, blue=table.string("blue", "blue"), green=table.string("green", "green"),
+                              timeout_s=table.number("timeout_s", 5.0, positive=True),
+                              wait_up_s=table.number("wait_up_s", 30.0, positive=True))
+    if traffic.blue == traffic.green:
+        table.fail("green", f"same name as traffic.blue ({traffic.blue!r})")
+    if adapter == "haproxy":
+        traffic.socket, traffic.backend = table.string("socket"), table.string("backend")
+        return traffic
+    traffic.set_weights = table.string("set_weights")
+    if "{green}" not in traffic.set_weights or "{blue}" not in traffic.set_weights:
+        table.fail("set_weights", "must contain the {blue} and {green} placeholders")
+    traffic.get_weights = table.string("get_weights", "", allow_empty=True)
+    return traffic
+
+
+def _kpi(plan: TomlTable) -> KpiSettings:
+    if "kpi" not in plan:
+        plan.fail("kpi", "missing (url of the frontend to measure blue and green through)")
+    table = plan.table("kpi", ("source", "url", "listen", "version_header", "concurrency", "rate_hz", "timeout_s",
+                               "baseline_s"))
+    source = table.string("source", "load")
+    if source not in KPI_SOURCES:
+        table.fail("source", f"unknown source {source!r} (expected {' or '.join(KPI_SOURCES)})")
+    listen = ""
+    if source == "haproxy-log":
+        listen = table.string("listen")
+        host, _, port = listen.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            table.fail("listen", f"expected HOST:PORT for the UDP syslog listener, got {listen!r}")
+    return KpiSettings(url=_http_url(table, "url") if source == "load" else "", source=source, listen=listen,
+                       version_header=table.string("version_header", "X-Served-By"),
+                       concurrency=table.number("concurrency", 4, low=1, high=64, integer=True),
+                       rate_hz=table.number("rate_hz", 0.0, low=0),
+                       timeout_s=table.number("timeout_s", 2.0, positive=True),
+                       baseline_s=table.number("baseline_s", 10.0, positive=True))
+
+
+def _stage(table: TomlTable, previous: float, integer_weights: bool) -> Stage:
+    weight = table.number("weight_pct")
+    if not 0 < weight <= 100:
+        table.fail("weight_pct", f"{weight:g} outside (0, 100]")
+    if integer_weights and weight != int(weight):
+        table.fail("weight_pct", f"{weight:g} cannot be set on HAProxy (runtime weights are whole numbers; "
+                                 f"it would round to {round(weight):g}): use a whole percent")
+    if weight <= previous:
+        table.fail("weight_pct", f"weights must increase ({weight:g} after {previous:g})")
+    dwell = table.number("dwell_s", positive=True)
+    max_dwell = table.number("max_dwell_s", dwell * 3, positive=True)
+    if max_dwell < dwell:
+        table.fail("max_dwell_s", f"{max_dwell:g} is shorter than dwell_s {dwell:g}")
+    return Stage(weight, dwell, max_dwell)
+
+
+def _stages(plan: TomlTable, integer_weights: bool) -> list[Stage]:
+    if "stage" not in plan:
+        plan.fail("stage", "missing (at least one [[stage]] with weight_pct)")
+    stages: list[Stage] = []
+    tables = plan.table_list("stage", ("weight_pct", "dwell_s", "max_dwell_s"), required=True)
+    for table in tables:
+        stages.append(_stage(table, stages[-1].weight_pct if stages else 0.0, integer_weights))
+    if stages[-1].weight_pct != 100:
+        tables[-1].fail("weight_pct", "the last stage must reach 100 to promote")
+    return stages
+
+
+def _postmortem(plan: TomlTable, path: Path) -> dict[str, Path]:
+    if "postmortem" not in plan:
+        return {}
+    table = plan.table("postmortem", ("blue_stacks", "green_stacks"))
+    stacks = {}
+    for key in ("blue_stacks", "green_stacks"):
+        if key in table:
+            # Not checked for existence: hooks may produce them during the rollout.
+            value = Path(table.string(key))
+            stacks[key] = value if value.is_absolute() else path.parent / value
+    if len(stacks) == 1:
+        table.fail(({"blue_stacks", "green_stacks"} - set(stacks)).pop(), "missing (a differential flame graph "
+                                                                          "needs both)")
+    return stacks
+
+
+def _notify(plan: TomlTable) -> NotifySettings | None:
+    if "notify" not in plan:
+        return None
+    table = plan.table("notify", ("command", "timeout_s"))
+    return NotifySettings(table.string("command"), table.number("timeout_s", 10.0, positive=True))
+
+
+def _decommission(plan: TomlTable) -> tuple[HookSet, float]:
+    decommission, table = _hooks(plan, "decommission", required=False, why="", extra_keys=("grace_s",))
+    return decommission, 300.0 if table is None else table.number("grace_s", 300.0, positive=True)
 
 
 def parse_plan(data: dict[str, Any], path: Path) -> Plan:
-    _check_keys(data, TOP_KEYS, "plan")
-    name = _require(data, "name", "plan", str)
-    if not name or not all(c.isalnum() or c in "-_." for c in name):
-        raise BadInput(f"plan.name: {name!r} must be letters, digits, '-', '_' or '.'")
-    state_dir = Path(_typed(data.get("state_dir", str(DEFAULT_STATE_DIR)), "plan.state_dir", str))
-    if not state_dir.is_absolute():
-        state_dir = (path.parent / state_dir).resolve()
-    on_inconclusive = _typed(data.get("on_inconclusive", "advance"), "plan.on_inconclusive", str)
-    if on_inconclusive not in ("advance", "rollback"):
-        raise BadInput(f"plan.on_inconclusive: {on_inconclusive!r} is not advance or rollback")
-    evaluate_every_s = _positive(data.get("evaluate_every_s", 1.0), "plan.evaluate_every_s")
-
-    if "prepare" not in data:
-        raise BadInput("plan.prepare: missing (the hooks that provision and deploy green)")
-    prepare_table = _typed(data["prepare"], "plan.prepare", dict)
-    _check_keys(prepare_table, {"commands", "timeout_s"}, "prepare")
-    prepare = HookSet(_commands(prepare_table, "prepare"),
-                      _positive(prepare_table.get("timeout_s", 600), "prepare.timeout_s"))
-    if not prepare.commands:
-        raise BadInput("prepare.commands: empty (at least one hook must deploy green)")
-
-    if "validate" not in data:
-        raise BadInput("plan.validate: missing (test hooks and/or [validate.shadow])")
-    validate_table = _typed(data["validate"], "plan.validate", dict)
-    _check_keys(validate_table, {"commands", "timeout_s", "shadow"}, "validate")
-    shadow = None
-    if "shadow" in validate_table:
-        shadow_table = _typed(validate_table["shadow"], "validate.shadow", dict)
-        _check_keys(shadow_table, {"pcap", "blue_url", "green_url", "server_port", "max_requests",
-                                   "max_mismatch_pct", "timeout_s"}, "validate.shadow")
-        pcap = Path(_require(shadow_table, "pcap", "validate.shadow", str))
-        if not pcap.is_absolute():
-            pcap = path.parent / pcap
-        if not pcap.is_file():
-            raise BadInput(f"validate.shadow.pcap: {pcap} does not exist")
-        server_port = shadow_table.get("server_port")
-        if server_port is not None and not (isinstance(server_port, int) and 0 < server_port < 65536):
-            raise BadInput(f"validate.shadow.server_port: {server_port!r} is not a port")
-        shadow = ShadowSettings(
-            pcap=pcap,
-            blue_url=_http_url(_require(shadow_table, "blue_url", "validate.shadow", str), "validate.shadow.blue_url"),
-            green_url=_http_url(_require(shadow_table, "green_url", "validate.shadow", str),
-                                "validate.shadow.green_url"),
-            server_port=server_port,
-            max_requests=int(_positive(shadow_table.get("max_requests", 1000), "validate.shadow.max_requests")),
-            max_mismatch_pct=float(_typed(shadow_table.get("max_mismatch_pct", 0.0),
-                                          "validate.shadow.max_mismatch_pct", (int, float))),
-            timeout_s=_positive(shadow_table.get("timeout_s", 5.0), "validate.shadow.timeout_s"))
-    if "commands" not in validate_table and shadow is None:
-        raise BadInput("validate.commands: missing (give test hooks, a [validate.shadow] replay, or both)")
-    validate = HookSet(_commands(validate_table, "validate") if "commands" in validate_table else [],
-                       _positive(validate_table.get("timeout_s", 600), "validate.timeout_s"))
-
-    traffic_table = _typed(data.get("traffic"), "plan.traffic", dict) if "traffic" in data else None
-    if traffic_table is None:
-        raise BadInput("plan.traffic: missing (adapter = \"haproxy\" or \"command\")")
-    _check_keys(traffic_table, {"adapter", "socket", "backend", "blue", "green", "set_weights", "timeout_s"},
-                "traffic")
-    adapter = _require(traffic_table, "adapter", "traffic", str)
-    if adapter not in ADAPTERS:
-        raise BadInput(f"traffic.adapter: unknown adapter {adapter!r} (expected {' or '.join(ADAPTERS)})")
-    traffic = TrafficSettings(adapter=adapter,
-                              blue=_typed(traffic_table.get("blue", "blue"), "traffic.blue", str),
-                              green=_typed(traffic_table.get("green", "green"), "traffic.green", str),
-                              timeout_s=_positive(traffic_table.get("timeout_s", 5.0), "traffic.timeout_s"))
-    if traffic.blue == traffic.green:
-        raise BadInput(f"traffic.green: same name as traffic.blue ({traffic.blue!r})")
-    if adapter == "haproxy":
-        traffic.socket = _require(traffic_table, "socket", "traffic", str)
-        traffic.backend = _require(traffic_table, "backend", "traffic", str)
-    else:
-        traffic.set_weights = _require(traffic_table, "set_weights", "traffic", str)
-        if "{green}" not in traffic.set_weights or "{blue}" not in traffic.set_weights:
-            raise BadInput("traffic.set_weights: must contain the {blue} and {green} placeholders")
-
-    kpi_table = _typed(data.get("kpi"), "plan.kpi", dict) if "kpi" in data else None
-    if kpi_table is None:
-        raise BadInput("plan.kpi: missing (url of the frontend to measure blue and green through)")
-    _check_keys(kpi_table, {"source", "url", "listen", "version_header", "concurrency", "rate_hz", "timeout_s"},
-                "kpi")
-    source = _typed(kpi_table.get("source", "load"), "kpi.source", str)
-    if source not in KPI_SOURCES:
-        raise BadInput(f"kpi.source: unknown source {source!r} (expected {' or '.join(KPI_SOURCES)})")
-    concurrency = _typed(kpi_table.get("concurrency", 4), "kpi.concurrency", int)
-    if not 1 <= concurrency <= 64:
-        raise BadInput(f"kpi.concurrency: {concurrency} outside 1..64")
-    listen = ""
-    if source == "haproxy-log":
-        listen = _require(kpi_table, "listen", "kpi", str)
-        host, _, port = listen.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise BadInput(f"kpi.listen: expected HOST:PORT for the UDP syslog listener, got {listen!r}")
-    url = _http_url(_require(kpi_table, "url", "kpi", str), "kpi.url") if source == "load" else ""
-    kpi = KpiSettings(url=url, source=source, listen=listen,
-                      version_header=_typed(kpi_table.get("version_header", "X-Served-By"), "kpi.version_header", str),
-                      concurrency=concurrency,
-                      rate_hz=float(_typed(kpi_table.get("rate_hz", 0.0), "kpi.rate_hz", (int, float))),
-                      timeout_s=_positive(kpi_table.get("timeout_s", 2.0), "kpi.timeout_s"))
-
-    stage_tables = _typed(data.get("stage", []), "plan.stage", list)
-    if not stage_tables:
-        raise BadInput("plan.stage: missing (at least one [[stage]] with weight_pct)")
-    stages = []
-    previous = 0.0
-    for index, table in enumerate(stage_tables):
-        key = f"stage[{index}]"
-        _typed(table, key, dict)
-        _check_keys(table, {"weight_pct", "dwell_s", "max_dwell_s"}, key)
-        weight = _typed(_require(table, "weight_pct", key, (int, float)), f"{key}.weight_pct", (int, float))
-        if not 0 < weight <= 100:
-            raise BadInput(f"{key}.weight_pct: {weight!r} outside (0, 100]")
-        if weight <= previous:
-            raise BadInput(f"{key}.weight_pct: weights must increase ({weight:g} after {previous:g})")
-        dwell = _positive(_require(table, "dwell_s", key, (int, float)), f"{key}.dwell_s")
-        max_dwell = _positive(table.get("max_dwell_s", dwell * 3), f"{key}.max_dwell_s")
-        if max_dwell < dwell:
-            raise BadInput(f"{key}.max_dwell_s: {max_dwell:g} is shorter than dwell_s {dwell:g}")
-        stages.append(Stage(float(weight), dwell, max_dwell))
-        previous = weight
-    if stages[-1].weight_pct != 100:
-        raise BadInput(f"stage[{len(stages) - 1}].weight_pct: the last stage must reach 100 to promote")
-
-    gate = settings_from_mapping({key: data[key] for key in ("gate", "metrics") if key in data}, source="plan")
-    stacks = {}
-    if "postmortem" in data:
-        postmortem = _typed(data["postmortem"], "plan.postmortem", dict)
-        _check_keys(postmortem, {"blue_stacks", "green_stacks"}, "postmortem")
-        for key in ("blue_stacks", "green_stacks"):
-            if key in postmortem:
-                # Not checked for existence: hooks may produce them during the rollout.
-                value = Path(_typed(postmortem[key], f"postmortem.{key}", str))
-                stacks[key] = value if value.is_absolute() else path.parent / value
-        if len(stacks) == 1:
-            missing = ({"blue_stacks", "green_stacks"} - set(stacks)).pop()
-            raise BadInput(f"postmortem.{missing}: missing (a differential flame graph needs both)")
-    return Plan(path=path, name=name, state_dir=state_dir, on_inconclusive=on_inconclusive,
-                evaluate_every_s=evaluate_every_s, prepare=prepare, validate=validate, shadow=shadow,
-                traffic=traffic, kpi=kpi, stages=stages, gate=gate, raw=data,
-                blue_stacks=stacks.get("blue_stacks"), green_stacks=stacks.get("green_stacks"))
+    plan = TomlTable.root(data, str(path), known=TOP_KEYS)
+    top = _top_level(plan, path)
+    prepare = _prepare(plan)
+    validate, shadow = _validate(plan, path)
+    traffic = _traffic(plan)
+    kpi = _kpi(plan)
+    stages = _stages(plan, integer_weights=traffic.adapter == "haproxy")
+    gate = settings_from_mapping({key: data[key] for key in ("gate", "metrics") if key in data}, source=str(path))
+    stacks = _postmortem(plan, path)
+    decommission, grace_s = _decommission(plan)
+    return Plan(path=path, **top, prepare=prepare, validate=validate, shadow=shadow, traffic=traffic, kpi=kpi,
+                stages=stages, gate=gate, raw=data, blue_stacks=stacks.get("blue_stacks"),
+                green_stacks=stacks.get("green_stacks"),
+                promote=_hooks(plan, "promote", required=False, why="")[0], decommission=decommission,
+                decommission_grace_s=grace_s, undo=_hooks(plan, "undo", required=False, why="")[0],
+                notify=_notify(plan))
 
 
 def load_plan(path: Path) -> Plan:
     path = Path(path)
-    data = read_toml(path, "--plan")
-    try:
-        return parse_plan(data, path.resolve())
-    except BadInput as error:
-        raise BadInput(f"{path}: {error}") from None
+    return parse_plan(read_toml(path, "--plan"), path.resolve())

@@ -55,10 +55,27 @@ def write_rollout_bundle(driver, status: str, reason: str) -> Path:
     writer.finish(extra={"rollout": {
         "name": plan.name, "status": status, "reason": reason, "plan": str(plan.path),
         "stages": [stage.__dict__ for stage in plan.stages],
-        "unattributed_requests": driver.collector.unattributed if driver.collector else 0,
+        "unattributed_requests": driver.collector.unattributed.total if driver.collector else 0,
         "stacks": stacks_note,
+        # What `gate --rollout` needs to re-judge as the driver judged: the plan's own gate
+        # settings and when each decision was taken (samples after it were not seen).
+        "crossover_s": plan.crossover_s,
+        "gate_config": {key: plan.raw[key] for key in ("gate", "metrics") if key in plan.raw},
+        "decisions": [{"stage": r.get("stage"), "decision": r.get("decision"), "verdict": r.get("verdict"),
+                       "decided_at_ns": r.get("decided_at_ns"), "baseline_scope": r.get("baseline_scope")}
+                      for r in driver_decisions(driver)],
+        "unattributed_by_stage": dict(driver.collector.unattributed.by_stage) if driver.collector else {},
     }})
     return out_dir
+
+
+def driver_decisions(driver) -> list[dict]:
+    from agent.rollout.journal import last_run
+
+    try:
+        return [r for r in last_run(driver.plan.journal_path).records if r["event"] == "decision"]
+    except Exception:  # noqa: BLE001 - the journal is best effort here; the rollback already happened
+        return []
 
 
 def folded_stacks(bundle_dir: Path) -> dict[str, float]:

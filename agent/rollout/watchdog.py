@@ -32,7 +32,7 @@ def main(argv: list[str]) -> int:
             if state.run_id != run_id or state.terminal is not None:
                 return 0
             restore_blue_from_journal(journal_path, "driver died mid-rollout: watchdog restored blue",
-                                      "rolled_back")
+                                      "rolled_back", driver_alive=False)
             return 0
         except Exception as error:  # noqa: BLE001 - keep trying until the deadline
             if time.monotonic() > deadline:
