@@ -29,6 +29,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "agent.commands.rollout",
     "agent.commands.pcap",
     "agent.commands.pglog",
+    "agent.commands.report",
     "agent.commands.stacks",
     "agent.commands.tune",
 )
@@ -124,12 +125,13 @@ def parse_probe_list(text: str | None) -> list[str] | None:
 @click.option("--blocking", is_flag=True, help="Stop the target while sampling for exact stacks (stacks).")
 @click.option("--stack-threads", type=click.Choice(["running", "all", "gil"]), help="Threads to sample: running (default), all (idle too), gil (GIL holder only) (stacks).")
 @click.option("--jitter-cpus", help="CPUs for the jitter busy-loop, e.g. 2-3 (jitter probe).")
+@click.option("--no-html", "no_html", is_flag=True, help="Do not write report.html into the bundle.")
 @click.option("--peer-role", "peer_roles", multiple=True, metavar="PORT[-PORT]|CIDR=ROLE", help="Label TCP peers, e.g. 9100-9199=exchange (tcp probe; 5432=database built in).", callback=lambda context, parameter, values: importlib.import_module("probes.tcp").peer_roles_option(values))
 @click.pass_obj
 def audit(obj: Context, duration_s, out_dir, probe_list, pids, process_names, units, interval_s,
           profile, profile_dir, profile_vars, iface, capture_filter, capture_payload, pg_dsn,
           pg_dsn_file, sample_rate_hz, native, subprocesses, blocking, stack_threads, jitter_cpus,
-          peer_roles=()) -> None:
+          no_html=False, peer_roles=()) -> None:
     """Run probes side by side over one window and write a report bundle.
 
     Prints each probe's status and the findings, most severe first. Exit 0 when the bundle is
@@ -193,6 +195,9 @@ def audit(obj: Context, duration_s, out_dir, probe_list, pids, process_names, un
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     click.echo(render_summary(result, writer.out_dir, verbose=obj.verbose))
+    from agent.commands.report import emit_html_report
+
+    emit_html_report(writer.out_dir, no_html)
 
 
 @cli.command(name="probes")
