@@ -337,7 +337,7 @@ def _top_flows(flow_ids) -> list:
         return [None]
     values, counts = np.unique(flow_ids, return_counts=True)
     order = np.argsort(-counts, kind="stable")[:TOP_FLOWS]
-    return [values[i].item() for i in order]
+    return [values[i].item() if hasattr(values[i], "item") else values[i] for i in order]
 
 
 def _cdf_points(values: np.ndarray) -> tuple[list[float], list[float]]:
