@@ -139,3 +139,22 @@ def test_unknown_format_and_foreign_directories_are_refused(tmp_path):
     with pytest.raises(BadInput, match="unsupported bundle format 99"):
         write_report(tmp_path / "future")
     assert not (tmp_path / "future" / "report.html").exists()
+
+
+def test_terminal_histograms_have_bcc_layout_exactly():
+    """The same counts through bcc's own print_log2_hist (the oracle) and ours."""
+    import contextlib
+    import io
+
+    bcc_table = pytest.importorskip("bcc.table", reason="python3-bpfcc provides bcc's printer")
+    from agent.summary import log2_histogram_lines
+
+    counts = {512: 2, 1024: 7, 65536: 1, 262144: 3}
+    values = [0] * 64
+    for low, count in counts.items():
+        values[low.bit_length()] = count  # bcc slot i holds [2^(i-1), 2^i - 1]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        bcc_table._print_log2_hist(values, "nsecs", True)
+    ours = log2_histogram_lines([(low, low * 2, count) for low, count in sorted(counts.items())])
+    assert ours == printed.getvalue().rstrip("\n").split("\n")

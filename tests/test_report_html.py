@@ -75,6 +75,7 @@ def test_audit_report_shows_the_bundle_numbers(browser, agent_cli, tmp_path):
     assert result.returncode == 0, result.stderr + result.stdout
     page = report_path_from(result.stdout)
     assert page == bundle / "report.html"
+    assert "nsecs" in result.stdout and ": count     distribution" in result.stdout  # bcc-style histograms
     cells = check_page(page, tmp_path)
     manifest = json.loads((bundle / "manifest.json").read_text())
     for record in manifest["probes"]:
