@@ -26,8 +26,9 @@ WHEELHOUSE=build/wheelhouse
 STAGE="$(realpath -m "$BUILD_DIR")/root"
 PACKAGE="$DIST_DIR/guardian-agent_${VERSION}_${ARCH}.deb"
 # Runtime libraries: packaging/pip-requirements.txt (what `make setup` installs, kept current by
-# every probe's author) minus the tools only tests, benchmarks and notebooks use.
-DEV_ONLY='^(pytest|pytest-timeout|pyperf|moto|moto\[server\]|ansible-core|polars|pandas|matplotlib)([<>=!~ ].*)?$'
+# every probe's author) minus the tools only tests, benchmarks and notebooks use (matplotlib is not one:
+# the HTML report draws its charts with it).
+DEV_ONLY='^(pytest|pytest-timeout|pyperf|moto|moto\[server\]|ansible-core|polars|pandas)([<>=!~ ].*)?$'
 EXTRA_RUNTIME=$(grep -vE '^\s*(#|$)' packaging/pip-requirements.txt | sed 's/\s*#.*//' | grep -vE "$DEV_ONLY" | tr '\n' ' ')
 
 rm -rf "$STAGE"

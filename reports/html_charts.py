@@ -97,7 +97,7 @@ def stacked_bars_svg(categories: Sequence[str], stacks: dict[str, Sequence[float
         bottom = [b + (v or 0.0) for b, v in zip(bottom, values)]
     axes.set_ylabel(ylabel)
     axes.set_title(title, loc="left")
-    axes.legend(fontsize=7, ncol=min(len(stacks), 6), loc="upper right")
+    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside, never over the bars
     if len(categories) > 16:
         axes.tick_params(axis="x", labelrotation=90)
     return _svg(figure)
@@ -118,7 +118,7 @@ def grouped_bars_svg(categories: Sequence[str], groups: dict[str, Sequence[float
     axes.set_ylabel(ylabel)
     axes.set_title(title, loc="left")
     if len(groups) > 1:
-        axes.legend(fontsize=7)
+        axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return _svg(figure)
 
 
