@@ -30,6 +30,7 @@ HEATMAP_PIDS = 20
 HEATMAP_SYSCALLS = 15
 TOP_FLOWS = 6
 TOP_QUERIES = 20
+MAX_FINDING_GROUPS = 200
 CDF_POINTS = 400
 # Tables beyond this many rows are summarised (quantiles, buckets), never listed whole.
 AGGREGATE_ABOVE_ROWS = 100_000
@@ -54,7 +55,7 @@ def findings_section(source: ReportSource) -> Section | None:
         counts[group["severity"]] = counts.get(group["severity"], 0) + group["count"]
     section.summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
     rows = []
-    for index, group in enumerate(groups):
+    for index, group in enumerate(groups[:MAX_FINDING_GROUPS]):
         subjects = group["subjects"]
         subject_text = subjects[0] + (f" and {len(subjects) - 1} more" if len(subjects) > 1 else "")
         rows.append([
@@ -65,9 +66,11 @@ def findings_section(source: ReportSource) -> Section | None:
             cell(group["recommendation"]),
             cell(group["count"], key=f"findings:{index}:count"),
         ])
+    shown = (f"the {MAX_FINDING_GROUPS} most severe and frequent groups; all in findings.parquet"
+             if len(groups) > MAX_FINDING_GROUPS else "")
     section.blocks.append(Table(["severity", "probe", "subject", "message", "recommendation", "count"], rows,
                                 caption=f"{table.num_rows:,} findings in {len(groups):,} groups "
-                                        "(one finding repeated across subjects is one row)"))
+                                        "(one finding repeated across subjects is one row)", note=shown))
     return section
 
 
