@@ -243,11 +243,11 @@ class Daemon:
 
     def run(self) -> int:
         probe_classes = resolve_probes(self.settings.probes, self.registry)
+        if self.metrics is not None:  # --listen: a port in use is refused before anything else
+            self.metrics.start_server()
         self.spool.recover()
         self.log(f"daemon started: probes {', '.join(self.settings.probes)}, window {self.settings.window_s:g} s, "
                  f"budget {self.settings.cpu_budget_pct:g}% of a core, dataset {self.store.describe()}")
-        if self.metrics is not None:
-            self.metrics.start_server()
         next_upload = 0.0
         upload_backoff_s = self.settings.upload_interval_s
         exit_code = 0

@@ -12,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute
 import pyarrow.parquet as pq
 import pytest
 
@@ -143,3 +144,23 @@ def test_bad_listen_and_textfile_are_refused_before_any_window(agent_cli, tmp_pa
     result = agent_cli("daemon", "--dataset", str(tmp_path / "d"), "--listen", "nonsense")
     assert result.returncode == 2 and "--listen nonsense: give HOST:PORT" in result.stderr
     assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.live
+def test_collect_textfile_is_written_from_the_window_before_staging(tmp_path):
+    from agent.fleet.collect import collect_once
+    from probes import REGISTRY
+    from tests.test_fleet import make_config
+
+    exporter = TextfileExporter(tmp_path / "textfile")
+    outcome = collect_once(make_config(tmp_path / "dataset", probes=("host",)), REGISTRY, duration_s=1.0,
+                           before_stage=exporter.window_done)
+    assert not outcome.drain.error
+    window = tmp_path / "textfile" / WINDOW_FILE
+    promtool_check(window)
+    families = parse(window.read_text())
+    host = pa.concat_tables([pq.read_table(p) for p in (tmp_path / "dataset").glob("table=host/**/*.parquet")])
+    totals = host.filter(pa.compute.equal(host["cpu"], -1))
+    busy = {s.labels["cpu"]: s.value for s in families["guardian_cpu_busy_ratio"].samples}
+    assert busy["-1"] == pytest.approx(pa.compute.mean(totals["busy_pct"]).as_py() / 100)
+    assert [p.name for p in (tmp_path / "textfile").iterdir()] == [WINDOW_FILE]  # no temp file left
