@@ -85,10 +85,12 @@ def bundle_histograms(out_dir: Path) -> list[str]:
     if pairs is not None and buckets is not None and pairs.num_rows:
         from probes.syscalls import WAITING_SYSCALLS
 
-        worst: dict[str, int] = {}
+        every: dict[str, int] = {}
         for syscall, max_ns in zip(pairs["syscall"].to_pylist(), pairs["max_ns"].to_pylist()):
-            if syscall not in WAITING_SYSCALLS:
-                worst[syscall] = max(worst.get(syscall, 0), max_ns or 0)
+            every[syscall] = max(every.get(syscall, 0), max_ns or 0)
+        # A target that only sleeps or polls still gets its histograms: waits are left out only
+        # when something else ran.
+        worst = {name: value for name, value in every.items() if name not in WAITING_SYSCALLS} or every
         for syscall in sorted(worst, key=lambda name: -worst[name])[:HISTOGRAM_SYSCALLS]:
             histogram = log2_histogram(buckets, pc.equal(buckets["syscall"], syscall))
             if histogram:

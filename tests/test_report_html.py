@@ -75,7 +75,9 @@ def test_audit_report_shows_the_bundle_numbers(browser, agent_cli, tmp_path):
     assert result.returncode == 0, result.stderr + result.stdout
     page = report_path_from(result.stdout)
     assert page == bundle / "report.html"
-    assert "nsecs" in result.stdout and ": count     distribution" in result.stdout  # bcc-style histograms
+    statuses = {r["name"]: (r["status"], r["reason"]) for r in json.loads((bundle / "manifest.json").read_text())["probes"]}
+    assert statuses["syscalls"][0] == "ok", statuses
+    assert "nsecs" in result.stdout and ": count     distribution" in result.stdout, result.stdout  # bcc-style
     cells = check_page(page, tmp_path)
     manifest = json.loads((bundle / "manifest.json").read_text())
     for record in manifest["probes"]:

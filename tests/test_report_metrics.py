@@ -60,6 +60,9 @@ def test_daemon_textfile_and_listen_match_the_window_in_the_dataset(tmp_path, fr
     config = make_config(root, probes=("host", "syscalls", "tcp"))
     config.daemon.window_s = 1.5
     config.daemon.cpu_budget_pct = 100.0
+    # The daemon runs inside pytest here, whose own heap (pyarrow, matplotlib, earlier tests) is
+    # not the daemon's: its RSS limit is for production processes, not this test.
+    config.daemon.rss_limit_mb = 64 * 1024
     exporter = TextfileExporter(textfiles, parse_listen(f"127.0.0.1:{free_port}"))
     daemon = Daemon(config, REGISTRY, max_windows=2, metrics=exporter)
     codes = []
