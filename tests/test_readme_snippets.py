@@ -55,7 +55,7 @@ def snippet_dir(tmp_path_factory):
 
     work = tmp_path_factory.mktemp("snippets")
     audit = run_agent("audit", "--duration", "1", "--probes", "host,syscalls,kernel", "--profile",
-                      "trading-latency", "--out", str(work / "guardian-reports" / "RUN"), "--no-html", timeout=180)
+                      "trading-latency", "--out", str(work / "guardian-reports" / "RUN"), timeout=180)
     assert audit.returncode == 0, audit.stderr
     config = make_config(work / "dataset", probes=("host", "syscalls"))
     outcome = collect_once(config, REGISTRY, duration_s=1.0)

@@ -59,9 +59,15 @@ def degraded_bundle(path: Path) -> Path:
     return path
 
 
-def test_degraded_bundle_with_a_million_rows_stays_under_budget_and_says_so(tmp_path):
-    bundle = degraded_bundle(tmp_path / "degraded")
-    rendered = write_report(bundle)
+@pytest.fixture(scope="module")
+def degraded(tmp_path_factory):
+    """(bundle, rendered report) made once: a million rows take a few seconds to write and draw."""
+    bundle = degraded_bundle(tmp_path_factory.mktemp("degraded") / "bundle")
+    return bundle, write_report(bundle)
+
+
+def test_degraded_bundle_with_a_million_rows_stays_under_budget_and_says_so(degraded):
+    bundle, rendered = degraded
     html = rendered.path.read_text()
     assert rendered.size_bytes < PAGE_BUDGET_BYTES
     assert "turns has 1,000,000 rows: shown as per-flow quantiles" in html
@@ -81,11 +87,11 @@ def test_degraded_bundle_with_a_million_rows_stays_under_budget_and_says_so(tmp_
 
 
 @pytest.mark.live
-def test_degraded_report_loads_in_chromium(tmp_path):
+def test_degraded_report_loads_in_chromium(degraded, tmp_path):
     reason = chromium_missing_reason()
     if reason:
         pytest.skip(reason)
-    rendered = write_report(degraded_bundle(tmp_path / "degraded"))
+    _bundle, rendered = degraded
     loaded = load(rendered.path, screenshot=tmp_path / "degraded.png")
     assert loaded.console == []
     assert non_blank_share(loaded.screenshot) > 0.05

@@ -110,25 +110,49 @@ def test_audit_report_shows_the_bundle_numbers(browser, agent_cli, tmp_path):
 
 
 @pytest.mark.live
-def test_pcap_report_turn_quantiles_equal_the_turns_table(browser, agent_cli, tmp_path):
+def test_pcap_and_gate_record_reports_show_the_parquet_numbers(browser, agent_cli, tmp_path):
+    """Two captures (blue fast, green slow on one flow): the pcap report's turn quantiles equal the
+    turns table; the gate's decision record report shows each metric's effect and counts."""
     from build import conversation, framed, merged, write_pcap
 
-    fast = conversation("10.0.0.1", "10.0.0.2", 40000, 9000, [([100], 200)] * 300, latency_s=0.0002)
-    slow = conversation("10.0.0.3", "10.0.0.2", 40001, 9000, [([100], 200)] * 120, latency_s=0.004, start_s=0.01)
-    capture = write_pcap(tmp_path / "two.pcap", framed(merged(fast, slow)))
-    bundle = tmp_path / "pcap"
-    result = agent_cli("pcap", str(capture), "--out", str(bundle))
-    assert result.returncode == 0, result.stderr
-    cells = check_page(report_path_from(result.stdout), tmp_path)
-    turns = pq.read_table(bundle / "turns.parquet")
+    bundles, printed = {}, {}
+    for name, latency_s in (("blue", 0.0002), ("green", 0.0004)):
+        fast = conversation("10.0.0.1", "10.0.0.2", 40000, 9000, [([100], 200)] * 300, latency_s=latency_s)
+        slow = conversation("10.0.0.3", "10.0.0.2", 40001, 9000, [([100], 200)] * 120, latency_s=0.004,
+                            start_s=0.01)
+        capture = write_pcap(tmp_path / f"{name}.pcap", framed(merged(fast, slow)))
+        bundles[name] = tmp_path / name
+        result = agent_cli("pcap", str(capture), "--out", str(bundles[name]), *(["--no-html"] if name == "green" else []))
+        assert result.returncode == 0, result.stderr
+        printed[name] = result.stdout
+    assert not (bundles["green"] / "report.html").exists()  # --no-html
+    page = report_path_from(printed["blue"])
+    assert page == bundles["blue"] / "report.html"
+    cells = check_page(page, tmp_path)
+    turns = pq.read_table(bundles["blue"] / "turns.parquet")
     for flow in set(turns["flow"].to_pylist()):
         latency = turns.filter(pc.equal(turns["flow"], flow))["latency_ns"].to_numpy()
         assert shown_number(cells[f"turns:flow {flow}:turns"]) == latency.size
         assert shown_number(cells[f"turns:flow {flow}:p50_ns"]) == np.quantile(latency, 0.5, method="higher")
         assert shown_number(cells[f"turns:flow {flow}:max_ns"]) == latency.max()
-    flows = pq.read_table(bundle / "flows.parquet").to_pylist()
-    for row in flows:
+    for row in pq.read_table(bundles["blue"] / "flows.parquet").to_pylist():
         assert shown_number(cells[f"flows:{row['flow']}:packets"]) == row["packets"]
+
+    record = tmp_path / "decisions"
+    gate = agent_cli("gate", "--baseline", str(bundles["blue"]), "--candidate", str(bundles["green"]),
+                     "--record", str(record))
+    assert gate.returncode in (0, 1, 2), gate.stderr
+    out = tmp_path / "gate.html"
+    result = agent_cli("report", str(record), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    cells = check_page(out, tmp_path)
+    decisions = pa.concat_tables([pq.read_table(p) for p in record.glob("*.parquet")]).to_pylist()
+    judged = [row for row in decisions if row["metric"] and row["effect_pct"] is not None]
+    assert judged
+    for row in judged:
+        assert shown_number(cells[f"gate:{row['metric']}:effect_pct"]) == pytest.approx(row["effect_pct"], abs=0.0005)
+        assert shown_number(cells[f"gate:{row['metric']}:baseline_count"]) == row["baseline_count"]
+    assert "per-metric effect with its interval against the threshold" in out.read_text()
 
 
 @pytest.mark.live
@@ -145,33 +169,6 @@ def test_pg_log_report_lists_top_queries_with_their_quantiles(browser, agent_cli
         for column in ("total_ms", "p50_ms", "p99_ms", "p999_ms"):
             assert shown_number(cells[f"pg_queries:{row['fingerprint']}:{column}"]) == pytest.approx(
                 row[column], abs=0.0005)
-
-
-@pytest.mark.live
-def test_gate_decision_record_report_shows_effects_against_thresholds(browser, agent_cli, tmp_path):
-    from build import conversation, framed, write_pcap
-
-    bundles = []
-    for name, latency_s in (("blue", 0.001), ("green", 0.002)):
-        capture = write_pcap(tmp_path / f"{name}.pcap", framed(conversation(
-            "10.0.0.1", "10.0.0.2", 40000, 9000, [([100], 200)] * 200, latency_s=latency_s)))
-        bundles.append(tmp_path / name)
-        assert agent_cli("pcap", str(capture), "--out", str(bundles[-1]), "--no-html").returncode == 0
-    assert not (bundles[0] / "report.html").exists()  # --no-html
-    record = tmp_path / "decisions"
-    gate = agent_cli("gate", "--baseline", str(bundles[0]), "--candidate", str(bundles[1]), "--record", str(record))
-    assert gate.returncode in (0, 1, 2), gate.stderr
-    out = tmp_path / "gate.html"
-    result = agent_cli("report", str(record), "--out", str(out))
-    assert result.returncode == 0, result.stderr
-    cells = check_page(out, tmp_path)
-    decisions = pa.concat_tables([pq.read_table(p) for p in record.glob("*.parquet")]).to_pylist()
-    judged = [row for row in decisions if row["metric"] and row["effect_pct"] is not None]
-    assert judged
-    for row in judged:
-        assert shown_number(cells[f"gate:{row['metric']}:effect_pct"]) == pytest.approx(row["effect_pct"], abs=0.0005)
-        assert shown_number(cells[f"gate:{row['metric']}:baseline_count"]) == row["baseline_count"]
-    assert "per-metric effect with its interval against the threshold" in out.read_text()
 
 
 @pytest.mark.live
