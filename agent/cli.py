@@ -32,6 +32,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "agent.commands.rollout",
     "agent.commands.pcap",
     "agent.commands.pglog",
+    "agent.commands.report",
     "agent.commands.stacks",
     "agent.commands.tune",
 )
@@ -137,8 +138,10 @@ def probe_option_flags(function):
 @click.option("--process", "process_names", multiple=True, help="Target processes by name (repeatable).")
 @click.option("--unit", "units", multiple=True, help="Target a systemd unit's processes (repeatable).")
 @probe_option_flags
+@click.option("--no-html", "no_html", is_flag=True, help="Do not write report.html into the bundle.")
 @click.pass_obj
-def audit(obj: Context, duration_s, out_dir, probe_list, pids, process_names, units, **option_values) -> None:
+def audit(obj: Context, duration_s, out_dir, probe_list, pids, process_names, units, no_html=False,
+          **option_values) -> None:
     """Run probes side by side over one window and write a report bundle.
 
     Prints each probe's status and the findings, most severe first. Exit 0 when the bundle is
@@ -199,6 +202,9 @@ def audit(obj: Context, duration_s, out_dir, probe_list, pids, process_names, un
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     click.echo(render_summary(result, writer.out_dir, verbose=obj.verbose))
+    from agent.commands.report import emit_html_report
+
+    emit_html_report(writer.out_dir, no_html)
     return EXIT_FAILED if nothing_collected(result) else EXIT_OK
 
 

@@ -148,8 +148,10 @@ def budget_pause_s(history: collections.deque, cpu_budget_pct: float) -> float:
 
 class Daemon:
     def __init__(self, config: AgentConfig, registry: tuple, host: Host | None = None,
-                 log: Callable[[str], None] | None = None, max_windows: int | None = None):
+                 log: Callable[[str], None] | None = None, max_windows: int | None = None,
+                 metrics=None):
         self.config = config
+        self.metrics = metrics  # reports.metrics.TextfileExporter (--textfile/--listen) or None
         self.settings = config.daemon
         self.registry = registry
         self.host = host or Host.real()
@@ -204,6 +206,8 @@ class Daemon:
 
     def run(self) -> int:
         probe_classes = resolve_probes(self.settings.probes, self.registry)
+        if self.metrics is not None:  # --listen: a port in use is refused before anything else
+            self.metrics.start_server()
         self.spool.recover()
         self.log(f"daemon started: probes {', '.join(self.settings.probes)}, window {self.settings.window_s:g} s, "
                  f"budget {self.settings.cpu_budget_pct:g}% of a core, dataset {self.store.describe()}")
@@ -263,6 +267,8 @@ class Daemon:
                 "updated_at": datetime.now(timezone.utc).isoformat(),
             })
             self._write_state()
+            if self.metrics is not None:
+                self.metrics.agent_state(self.state)
             if rss_anon > self.state["rss_limit_bytes"]:
                 self.log(f"anonymous RSS {rss_anon / 2**20:.0f} MB (RSS {rss / 2**20:.0f} MB) is over the "
                          f"{self.settings.rss_limit_mb:g} MB limit: exiting so systemd restarts a fresh process")
@@ -274,6 +280,8 @@ class Daemon:
         # Last chance before exit; what does not make it stays in the spool for the next start.
         self._upload(10.0)
         self._write_state()
+        if self.metrics is not None:
+            self.metrics.close()
         self.log(f"daemon stopped after {self.state['windows']} window(s); "
                  f"average CPU {self.state['cpu_pct_avg']:.3f}% of a core")
         return exit_code
@@ -288,6 +296,11 @@ class Daemon:
             # A kept probe whose window failed (or timed out and was abandoned) starts afresh.
             if outcome.status not in ("ok", "interrupted"):
                 self.probes.discard(outcome.name)
+        if self.metrics is not None:
+            try:
+                self.metrics.window_done(self.spool.bundle_dir(run_id))
+            except Exception as error:  # noqa: BLE001 - metrics must never cost a window
+                self.log(f"metrics textfile not written: {type(error).__name__}: {error}")
         self.spool.stage(run_id)
         return run_id, [(o.name, o.status, o.reason) for o in result.outcomes]
 

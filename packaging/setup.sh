@@ -59,4 +59,31 @@ else
     say "python packages present"
 fi
 .venv/bin/python -c 'import bcc' 2>/dev/null || say "WARNING: bcc does not import in .venv (python3-bpfcc missing?)"
+
+# 5. `guardian-agent` on PATH: a symlink in /usr/local/bin to the venv's console script (never
+#    over a file that is not ours, e.g. the .deb's /usr/bin/guardian-agent is left alone).
+link=/usr/local/bin/guardian-agent
+target="$(pwd)/.venv/bin/guardian-agent"
+if [ -L "$link" ] || [ ! -e "$link" ]; then
+    if [ "$(readlink "$link" 2>/dev/null)" != "$target" ]; then
+        ln -sfn "$target" "$link" && say "guardian-agent on PATH: $link -> $target"
+    fi
+else
+    say "WARNING: $link exists and is not a symlink; left alone (run .venv/bin/guardian-agent)"
+fi
+
+# 6. promtool for the metrics tests (`promtool check metrics`), taken from Debian's prometheus
+#    package without installing it: the package would also install and start a Prometheus server.
+tools=/var/lib/guardian-agent/tools
+if ! command -v promtool >/dev/null 2>&1 && [ ! -x "$tools/promtool" ]; then
+    scratch=$(mktemp -d)
+    if (cd "$scratch" && apt-get download -q prometheus >/dev/null 2>&1) \
+        && dpkg-deb -x "$scratch"/prometheus_*.deb "$scratch/x" && [ -x "$scratch/x/usr/bin/promtool" ]; then
+        mkdir -p "$tools" && install -m 0755 "$scratch/x/usr/bin/promtool" "$tools/promtool"
+        say "promtool installed in $tools (from Debian's prometheus package, server not installed)"
+    else
+        say "promtool not available (the metrics tests then skip promtool and still parse with prometheus_client)"
+    fi
+    rm -rf "$scratch"
+fi
 say "ready"

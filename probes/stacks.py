@@ -104,15 +104,15 @@ def python_frame_name(frame: dict) -> str:
     return f"{name} ({where}:{line})" if line else f"{name} ({where})"
 
 
-def pyspy_speedscope_rows(document: dict, default_pid: int) -> list[dict]:
-    """Fold a py-spy speedscope document (recorded with --threads, optionally --subprocesses) into
-    rows {pid, thread, thread_id, stack, samples}. py-spy marks the process and the thread as
-    pseudo-frames at the root of each sample; they become columns, not frames."""
+def _pyspy_samples(document: dict, default_pid: int):
+    """(pid, thread, thread_id, stack, weight) for each sample of a py-spy speedscope document,
+    in py-spy's (time) order. py-spy marks the process and the thread as pseudo-frames at the
+    root of each sample; they become columns, not frames."""
     frames = document.get("shared", {}).get("frames", [])
     names = [python_frame_name(frame) for frame in frames]
-    counts: dict[tuple[int, str, int | None, str], int] = {}
     for profile in document.get("profiles", []):
-        for sample in profile.get("samples", []):
+        weights = profile.get("weights") or []
+        for position, sample in enumerate(profile.get("samples", [])):
             pid, thread, thread_id = default_pid, "", None
             stack: list[str] = []
             for index in sample:
@@ -131,13 +131,39 @@ def pyspy_speedscope_rows(document: dict, default_pid: int) -> list[dict]:
                 stack.append(names[index])
             if not stack:
                 continue
-            key = (pid, thread or (f"tid {thread_id}" if thread_id is not None else ""), thread_id,
-                   ";".join(stack))
-            counts[key] = counts.get(key, 0) + 1
+            weight = weights[position] if position < len(weights) else 1
+            yield (pid, thread or (f"tid {thread_id}" if thread_id is not None else ""), thread_id,
+                   ";".join(stack), weight)
+
+
+def pyspy_speedscope_rows(document: dict, default_pid: int) -> list[dict]:
+    """Fold a py-spy speedscope document (recorded with --threads, optionally --subprocesses) into
+    rows {pid, thread, thread_id, stack, samples}."""
+    counts: dict[tuple[int, str, int | None, str], int] = {}
+    for pid, thread, thread_id, stack, _weight in _pyspy_samples(document, default_pid):
+        key = (pid, thread, thread_id, stack)
+        counts[key] = counts.get(key, 0) + 1
     return [
         {"pid": pid, "thread": thread, "thread_id": thread_id, "stack": stack, "samples": samples}
         for (pid, thread, thread_id, stack), samples in sorted(counts.items(), key=lambda kv: -kv[1])
     ]
+
+
+def pyspy_timeline_rows(document: dict, default_pid: int) -> list[dict]:
+    """py-spy's samples in time order for the speedscope file (its Time Order view), with runs of
+    the same stack on a thread merged into one weighted sample (py-spy weights are seconds)."""
+    rows: list[dict] = []
+    last: dict[tuple, dict] = {}
+    for pid, thread, thread_id, stack, weight in _pyspy_samples(document, default_pid):
+        key = (pid, thread, thread_id)
+        previous = last.get(key)
+        if previous is not None and previous["stack"] == stack:
+            previous["samples"] += weight
+            continue
+        last[key] = {"pid": pid, "thread": thread, "thread_id": thread_id, "stack": stack, "samples": weight,
+                     "source": "py-spy"}
+        rows.append(last[key])
+    return rows
 
 
 _PERF_HEADER = re.compile(r"^(?P<comm>\S.*?)\s+(?P<pid>-?\d+)/(?P<tid>-?\d+)\s*(?::.*)?$")
@@ -270,13 +296,17 @@ def graph_stacks(rows: list[dict]) -> dict[str, int]:
     return folded
 
 
-def speedscope_profiles(rows: list[dict]) -> dict[str, dict[str, int]]:
-    profiles: dict[str, dict[str, int]] = {}
+def speedscope_label(row: dict) -> str:
+    return (f"{row.get('process') or 'pid'} {row['pid']} / {row.get('thread') or 'thread'}"
+            f" ({row.get('thread_id')}) [{row['source']}]")
+
+
+def speedscope_profiles(rows: list[dict]) -> dict[str, list[tuple[str, float]]]:
+    """label -> [(stack, weight)] in the rows' order: time order for py-spy timeline rows, so
+    speedscope's Time Order view shows when each stack ran (perf rows stay aggregated)."""
+    profiles: dict[str, list[tuple[str, float]]] = {}
     for row in rows:
-        label = (f"{row.get('process') or 'pid'} {row['pid']} / {row.get('thread') or 'thread'}"
-                 f" ({row.get('thread_id')}) [{row['source']}]")
-        profile = profiles.setdefault(label, {})
-        profile[row["stack"]] = profile.get(row["stack"], 0) + row["samples"]
+        profiles.setdefault(speedscope_label(row), []).append((row["stack"], row["samples"]))
     return profiles
 
 
@@ -426,6 +456,7 @@ class StacksProbe(ProbeBase):
         self.native_pids: list[int] = []
         self.status_reason = ""
         self._samplers: list[_Sampler] = []
+        self._timelines: list[dict] = []  # py-spy samples in time order, for the speedscope file
         # Targets left out (unreadable, exited, no sampler for them), named in the status reason.
         self._skipped: list[str] = []
         self._workdir: Path | None = None
@@ -538,6 +569,7 @@ class StacksProbe(ProbeBase):
             shutil.rmtree(self._workdir, ignore_errors=True)
 
     def _collect(self, window: Window, workdir: Path) -> dict[str, pa.Table]:
+        self._timelines = []
         binary = find_py_spy()
         for pid in self.python_pids:
             output = workdir / f"pyspy-{pid}.json"
@@ -629,6 +661,7 @@ class StacksProbe(ProbeBase):
             if document is None:
                 return [], pyspy_failure_reason(sampler.stderr, sampler.pids[0], comm_of.get(sampler.pids[0], "")), [], True
             rows = pyspy_speedscope_rows(document, sampler.pids[0])
+            self._timelines.extend(pyspy_timeline_rows(document, sampler.pids[0]))
             samples, errors = pyspy_sample_counts(sampler.stderr)
             if samples and errors / (samples + errors) > SAMPLE_ERROR_WARN_SHARE and not self.blocking:
                 findings.append(finding(NAME, "info", f"pid {pid_text}",
@@ -671,7 +704,13 @@ class StacksProbe(ProbeBase):
                     f"({', '.join(sorted({row['source'] for row in rows}))}, {mode}, threads: {self.thread_mode})")
         write_text_atomic(flamegraph_svg(graph_stacks(rows), title=title, subtitle=subtitle),
                           window.extra_path("stacks.svg"))
-        write_json_atomic(speedscope_profile(speedscope_profiles(rows), name=title),
+        # py-spy's samples in time order (its own weights, in seconds); perf's stay aggregated.
+        process_of = {row["pid"]: row.get("process") for row in rows}
+        timeline = [{**row, "process": process_of.get(row["pid"])} for row in self._timelines]
+        ordered = timeline + [row for row in rows if row["source"] != "py-spy"]
+        profiles = speedscope_profiles(ordered)
+        units = {label: "seconds" for label in speedscope_profiles(timeline)}
+        write_json_atomic(speedscope_profile(profiles, name=title, units=units),
                           window.extra_path("stacks.speedscope.json"))
 
     @staticmethod

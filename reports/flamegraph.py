@@ -306,19 +306,32 @@ def build_differential_tree(baseline: Mapping[str, float], candidate: Mapping[st
     return root
 
 
+def self_shares(node: StackTree) -> tuple[float, float]:
+    """The frame's own (self) share of each profile: samples where it was the leaf, i.e. its
+    inclusive share minus its children's."""
+    children_base = sum(child.baseline_share for child in node.children.values())
+    children_cand = sum(child.candidate_share for child in node.children.values())
+    return max(0.0, node.baseline_share - children_base), max(0.0, node.candidate_share - children_cand)
+
+
 def differential_svg(baseline: Mapping[str, float], candidate: Mapping[str, float],
                      title: str = "Differential flame graph", subtitle: str = "") -> str:
-    """Red frames grew their share of samples from baseline to candidate, blue ones shrank; the
-    deeper the colour, the larger the change (full colour = the largest change in the graph)."""
+    """Red frames grew their own (self) share of samples from baseline to candidate, blue ones
+    shrank; the deeper the colour, the larger the change (full colour = the largest self change
+    in the graph). As in flamegraph.pl's --diff (difffolded.pl), a frame is coloured by the
+    change in the samples where it is on top of the stack: a grown leaf paints itself, not every
+    caller below it (which would paint `main` the deepest red in every graph)."""
     root = build_differential_tree(baseline, candidate)
     boxes, max_depth = _layout(root, lambda node: node.value)
-    largest = max((abs(b.node.candidate_share - b.node.baseline_share) for b in boxes), default=0.0)
+    changes = {id(box.node): self_shares(box.node) for box in boxes}
+    largest = max((abs(cand - base) for base, cand in changes.values()), default=0.0)
     # Below 2 percentage points a change is within sampling noise for typical runs; do not let a
     # graph with no real change paint its noise in full colour.
     scale = max(largest, 0.02)
 
     def fill(node: StackTree) -> str:
-        delta = (node.candidate_share - node.baseline_share) / scale
+        base, cand = changes[id(node)]
+        delta = (cand - base) / scale
         if abs(delta) < 1e-9:  # float noise from normalising, not a change
             delta = 0.0
         strength = min(1.0, abs(delta))
@@ -330,10 +343,13 @@ def differential_svg(baseline: Mapping[str, float], candidate: Mapping[str, floa
         return "rgb(235,235,235)"
 
     def tooltip(node: StackTree) -> str:
+        base_self, cand_self = (100 * share for share in changes[id(node)])
         base, cand = 100 * node.baseline_share, 100 * node.candidate_share
-        return f"{node.name} (baseline {base:.2f}% -> candidate {cand:.2f}%, {cand - base:+.2f} pts)"
+        return (f"{node.name} (self {base_self:.2f}% -> {cand_self:.2f}%, {cand_self - base_self:+.2f} pts; "
+                f"total {base:.2f}% -> {cand:.2f}%, {cand - base:+.2f} pts)")
 
-    subtitle = subtitle or "red: share of samples grew, blue: shrank (width: mean share of both runs)"
+    subtitle = subtitle or ("red: own (self) share of samples grew, blue: shrank "
+                            "(width: mean total share of both runs)")
     return _svg_document(boxes, max_depth, title, subtitle, fill, tooltip)
 
 
@@ -342,9 +358,12 @@ def differential_svg(baseline: Mapping[str, float], candidate: Mapping[str, floa
 
 
 def speedscope_profile(profiles: Mapping[str, Mapping[str, float] | Iterable[tuple[str, float]]],
-                       name: str = "guardian-agent stacks", unit: str = "none") -> dict:
+                       name: str = "guardian-agent stacks", unit: str = "none",
+                       units: Mapping[str, str] | None = None) -> dict:
     """A speedscope document (https://www.speedscope.app/file-format-schema.json) with one
-    "sampled" profile per key (thread or process); each distinct stack is one weighted sample."""
+    "sampled" profile per key (thread or process). A mapping is one weighted sample per distinct
+    stack; a sequence of (stack, weight) keeps its order, which speedscope's Time Order view
+    shows as time. `units` overrides `unit` per profile (py-spy weights are seconds)."""
     frames: list[dict] = []
     index_of: dict[str, int] = {}
     documents = []
@@ -363,7 +382,7 @@ def speedscope_profile(profiles: Mapping[str, Mapping[str, float] | Iterable[tup
             samples.append(indexes)
             weights.append(count)
         documents.append({
-            "type": "sampled", "name": profile_name, "unit": unit,
+            "type": "sampled", "name": profile_name, "unit": (units or {}).get(profile_name, unit),
             "startValue": 0, "endValue": sum(weights), "samples": samples, "weights": weights,
         })
     return {

@@ -159,3 +159,48 @@ def test_speedscope_document_is_consistent():
     assert parse["file"] == "orders.py" and parse["line"] == 5
     # Each frame appears once in the shared table even when used by both profiles.
     assert len(names) == len(frames)
+
+
+def test_differential_colours_frames_by_their_own_change_not_their_callers():
+    """flamegraph.pl --diff convention: the grown leaf is red; `main` and `run`, which only call
+    it (no self samples in either run), stay neutral although their inclusive share grew."""
+    baseline = {"main;run;work": 50, "main;idle": 50}
+    candidate = {"main;run;work": 90, "main;idle": 10}
+    frames = frames_of(differential_svg(baseline, candidate))
+    assert frames["main"]["fill"] == frames["run"]["fill"] == "rgb(235,235,235)"
+    assert frames["work"]["fill"] == "rgb(240,80,80)"  # the largest self change: full red
+    assert frames["idle"]["fill"] == "rgb(80,80,240)"
+    assert "self 0.00% -> 0.00%" in frames["run"]["title"] and "total 50.00% -> 90.00%" in frames["run"]["title"]
+
+
+def test_speedscope_file_keeps_py_spy_samples_in_time_order():
+    """Recorded py-spy output: the speedscope file written from it replays, per thread, the same
+    stacks in the same order with the same total weight (speedscope's Time Order view)."""
+    from pathlib import Path
+
+    from probes.stacks import pyspy_speedscope_rows, pyspy_timeline_rows, speedscope_profiles
+
+    document = json.loads((Path(__file__).parent / "fixtures" / "stacks" / "pyspy_subprocesses.speedscope.json")
+                          .read_text())
+    frames = document["shared"]["frames"]
+    expected = []  # py-spy's own order, pseudo-frames (process, thread: no file) dropped
+    for profile in document["profiles"]:
+        for sample in profile["samples"]:
+            stack = ";".join(frames[i]["name"] for i in sample if frames[i].get("file"))  # function names
+            if stack:
+                expected.append(stack)
+    timeline = pyspy_timeline_rows(document, default_pid=1)
+    written = speedscope_profile(speedscope_profiles(timeline), units={})
+    # py-spy at a fixed rate weighs every sample the same (1 / rate seconds).
+    sample_s = document["profiles"][0]["weights"][0]
+    assert {w for p in document["profiles"] for w in p["weights"]} == {sample_s}
+    replayed = []
+    names = written["shared"]["frames"]
+    for profile in written["profiles"]:
+        for sample, weight in zip(profile["samples"], profile["weights"]):
+            stack = ";".join(names[i]["name"] for i in sample)
+            replayed += [stack] * round(weight / sample_s)
+    assert replayed == expected
+    # Merging runs of one stack loses no sample; the aggregated table still counts the same.
+    assert sum(row["samples"] for row in pyspy_speedscope_rows(document, 1)) == len(expected)
+    assert len(timeline) < len(expected)

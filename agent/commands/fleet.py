@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from agent.commands.metrics import make_exporter, metrics_options, one_shot_metrics_options
 from agent.option_types import WINDOW_SECONDS
 from core.errors import BadInput
 
@@ -59,8 +60,10 @@ spool_option = click.option("--spool", "spool_dir", type=click.Path(path_type=Pa
 @spool_option
 @click.option("--upload-only", is_flag=True, help="Do not audit: only publish the runs waiting in the spool.")
 @click.option("--check", "check_only", is_flag=True, help="Only validate the config (exit 2 naming the bad key).")
+@one_shot_metrics_options
 @click.pass_obj
-def collect(obj, config_path, duration_s, dataset_root, spool_dir, upload_only, check_only):
+def collect(obj, config_path, duration_s, dataset_root, spool_dir, upload_only, check_only,
+            textfile_dir=None, listen=None, gate_record=None):
     """Run one audit window with the configured probes into the fleet dataset.
 
     \b
@@ -81,7 +84,9 @@ def collect(obj, config_path, duration_s, dataset_root, spool_dir, upload_only, 
         click.echo(_drain_line(report))
         return 0
     verbose = bool(obj and obj.verbose)
-    outcome = collect_once(config, REGISTRY, duration_s, progress=progress_printer(stderr_is_tty() or verbose))
+    exporter = make_exporter(textfile_dir, listen, gate_record)
+    outcome = collect_once(config, REGISTRY, duration_s, progress=progress_printer(stderr_is_tty() or verbose),
+                           before_stage=exporter.window_done if exporter else None)
     statuses = ", ".join(f"{o.name} {o.status}" for o in outcome.result.outcomes)
     click.echo(f"run {outcome.run_id}: {statuses}")
     for dropped in outcome.dropped_runs:
@@ -96,7 +101,9 @@ def collect(obj, config_path, duration_s, dataset_root, spool_dir, upload_only, 
 @spool_option
 @click.option("--window", "window_s", type=WINDOW_SECONDS, help="Window length in seconds (default: config, 300).")
 @click.option("--max-windows", type=int, hidden=True, help="Stop after N windows (tests, benchmarks).")
-def daemon(config_path, dataset_root, spool_dir, window_s, max_windows):
+@metrics_options
+def daemon(config_path, dataset_root, spool_dir, window_s, max_windows, textfile_dir=None, listen=None,
+           gate_record=None):
     """Keep the cheap probes (host, syscalls, tcp) running in rolling windows.
 
     Enforces its CPU budget on itself (config daemon.cpu_budget_pct, default 0.5% of one core)
@@ -113,7 +120,8 @@ def daemon(config_path, dataset_root, spool_dir, window_s, max_windows):
         config.daemon.window_s = window_s
     if max_windows is not None and max_windows <= 0:
         raise BadInput("--max-windows must be positive")
-    service = Daemon(config, REGISTRY, log=_say, max_windows=max_windows)
+    service = Daemon(config, REGISTRY, log=_say, max_windows=max_windows,
+                     metrics=make_exporter(textfile_dir, listen, gate_record))
     previous = {}
     for signum in (signal.SIGINT, signal.SIGTERM):
         previous[signum] = signal.signal(signum, lambda s, f: service.stop())

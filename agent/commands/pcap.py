@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from agent.commands.report import NO_HTML_OPTION, emit_html_report
 from core.errors import BadInput
 
 
@@ -15,7 +16,8 @@ from core.errors import BadInput
               help="Bundle directory (created; refused if not empty).")
 @click.option("--block-mib", type=click.IntRange(1, 1024), default=8, show_default=True,
               help="Read the capture in blocks of this size (bounds memory on multi-GB files).")
-def pcap(capture_file: Path, out_dir: Path, block_mib: int) -> None:
+@NO_HTML_OPTION
+def pcap(capture_file: Path, out_dir: Path, block_mib: int, no_html: bool = False) -> None:
     """Analyse a pcap/pcapng capture into a bundle with `flows` and `turns`.
 
     \b
@@ -53,6 +55,7 @@ def pcap(capture_file: Path, out_dir: Path, block_mib: int) -> None:
                f"({rate / 1e6:.2f}M packets/s) → {writer.out_dir}")
     for line in flows_headlines({"flows": flows, "turns": turns}):
         click.echo(line)
+    emit_html_report(writer.out_dir, no_html)
     if summary.partial:
         raise BadInput(f"{summary.error} (partial bundle written to {writer.out_dir})")
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from agent.commands.report import NO_HTML_OPTION, emit_html_report
 from core.errors import BadInput
 
 
@@ -21,8 +22,9 @@ from core.errors import BadInput
               help="Keep one example statement with its literals per fingerprint (sensitive!).")
 @click.option("--top", "top_count", type=int, default=10, show_default=True,
               help="Fingerprints printed in the summary.")
+@NO_HTML_OPTION
 @click.pass_obj
-def pg_log(obj, files, out_dir, log_format, prefix, keep_literals, top_count) -> int:
+def pg_log(obj, files, out_dir, log_format, prefix, keep_literals, top_count, no_html=False) -> int:
     """Slow-query log analysis: per-fingerprint calls, total and p50/p99/p99.9/max at microsecond
     resolution from stderr (any log_line_prefix), syslog, csvlog or jsonlog files, plain, gzip or zstd.
 
@@ -89,6 +91,7 @@ def pg_log(obj, files, out_dir, log_format, prefix, keep_literals, top_count) ->
         click.echo("  no statement durations found: is log_min_duration_statement set (0 logs every "
                    "statement, N logs those slower than N ms)?", err=True)
     click.echo(f"bundle: {writer.out_dir}")
+    emit_html_report(writer.out_dir, no_html)
     return 0
 
 

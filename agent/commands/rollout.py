@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from agent.commands.report import NO_HTML_OPTION, emit_html_report
 from core.errors import BadInput
 
 PLAN_OPTION = click.option("--plan", "plan_path", type=click.Path(path_type=Path), help="rollout.toml")
@@ -42,24 +43,25 @@ def _check(plan) -> int:
     return 0
 
 
-def _report_outcome(name: str, outcome) -> int:
+def _report_outcome(name: str, outcome, no_html: bool = False) -> int:
     line = f"rollout {name}: {outcome.status} — {outcome.reason}"
     if outcome.decision_to_blue_ms is not None:
         line += f" (blue restored {outcome.decision_to_blue_ms:.0f} ms after the decision)"
     click.echo(line)
     if outcome.report_dir:
         click.echo(f"report: {outcome.report_dir}")
+        emit_html_report(outcome.report_dir, no_html)
     return outcome.exit_code
 
 
-def _run(plan_path: Path, check_only: bool) -> int:
+def _run(plan_path: Path, check_only: bool, no_html: bool = False) -> int:
     from agent.rollout.driver import RolloutDriver
     from agent.rollout.plan import load_plan
 
     plan = load_plan(plan_path)
     if check_only:
         return _check(plan)
-    return _report_outcome(plan.name, RolloutDriver(plan, progress=_progress).run())
+    return _report_outcome(plan.name, RolloutDriver(plan, progress=_progress).run(), no_html)
 
 
 def _journal_path(plan_path: Path | None, journal_path: Path | None) -> Path:
@@ -75,8 +77,9 @@ def _journal_path(plan_path: Path | None, journal_path: Path | None) -> Path:
 @click.group(invoke_without_command=True)
 @PLAN_OPTION
 @click.option("--check", "check_only", is_flag=True, help="Validate the plan and exit.")
+@NO_HTML_OPTION
 @click.pass_context
-def rollout(ctx: click.Context, plan_path: Path | None, check_only: bool):
+def rollout(ctx: click.Context, plan_path: Path | None, check_only: bool, no_html: bool = False):
     """Prepare, validate and shift traffic to green stage by stage; promote or roll back.
 
     `rollout --plan FILE` is `rollout run --plan FILE`; `--check` validates the plan and connects to
@@ -88,15 +91,16 @@ def rollout(ctx: click.Context, plan_path: Path | None, check_only: bool):
     if plan_path is None:
         raise BadInput("rollout: give --plan FILE (or a subcommand: run, status, pause, resume, promote, abort, "
                        "undo, retry)")
-    return _run(plan_path, check_only)
+    return _run(plan_path, check_only, no_html)
 
 
 @rollout.command(name="run")
 @click.option("--plan", "plan_path", type=click.Path(path_type=Path), required=True, help="rollout.toml")
 @click.option("--check", "check_only", is_flag=True, help="Validate the plan and exit.")
-def run_command(plan_path: Path, check_only: bool) -> int:
+@NO_HTML_OPTION
+def run_command(plan_path: Path, check_only: bool, no_html: bool = False) -> int:
     """Run a rollout plan."""
-    return _run(plan_path, check_only)
+    return _run(plan_path, check_only, no_html)
 
 
 def _live_view(state) -> dict | None:

@@ -74,7 +74,7 @@ def audit_into_spool(spool: Spool, probe_classes: list[type], probe_cfg: ProbeCo
 
 def collect_once(config: AgentConfig, registry: tuple, duration_s: float | None = None,
                  progress: Callable[[str], None] | None = None, upload: bool = True,
-                 host: Host | None = None) -> CollectOutcome:
+                 host: Host | None = None, before_stage: Callable | None = None) -> CollectOutcome:
     """The `collect` command: validate everything, run one window, publish what is waiting."""
     host = host or Host.real()
     duration_s = config.collect.duration_s if duration_s is None else duration_s
@@ -102,6 +102,8 @@ def collect_once(config: AgentConfig, registry: tuple, duration_s: float | None 
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+    if before_stage is not None:  # e.g. the Prometheus textfile, read from the bundle staging removes
+        before_stage(spool.bundle_dir(run_id))
     objects = spool.stage(run_id)
     outcome = CollectOutcome(run_id, result, len(objects))
     outcome.dropped_runs = spool.enforce_cap(run_id)

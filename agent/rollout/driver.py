@@ -450,11 +450,13 @@ class RolloutDriver:
         # step, not of green, and at 1% it is a large part of green's few samples. Not judged.
         self.collector.set_stage(WARMUP_STAGE)
         self.shift(100 - stage.weight_pct, stage.weight_pct, f"stage {index + 1}")
+        # Journalled as soon as the weights moved: `status` must never show split traffic with
+        # the previous stage's number (the settle below can take a while).
+        self.journal.append("stage_started", run_id=self.run_id, stage=index, weight_pct=stage.weight_pct,
+                            dwell_s=stage.dwell_s, max_dwell_s=stage.max_dwell_s, weights=self.weights)
         if self.stop.wait(min(SETTLE_S, stage.dwell_s / 4)):
             raise Interrupted(self.stop_reason)
         self.collector.set_stage(index)
-        self.journal.append("stage_started", run_id=self.run_id, stage=index, weight_pct=stage.weight_pct,
-                            dwell_s=stage.dwell_s, max_dwell_s=stage.max_dwell_s, weights=self.weights)
         self.progress(f"stage {index + 1}/{len(self.plan.stages)}: green {stage.weight_pct:g}%")
         started = time.monotonic()
         looks = Looks()
