@@ -286,7 +286,7 @@ class Daemon:
             self._current = None
         for outcome in result.outcomes:
             # A kept probe whose window failed (or timed out and was abandoned) starts afresh.
-            if outcome.status not in ("ok", "interrupted"):
+            if outcome.status not in ("ok", "partial", "interrupted"):
                 self.probes.discard(outcome.name)
         self.spool.stage(run_id)
         return run_id, [(o.name, o.status, o.reason) for o in result.outcomes]
