@@ -352,6 +352,9 @@ class SyscallsProbe(LoadedProgram, ProbeBase):
             self._bpf = compile_program(source)
         except Exception as error:
             raise Unavailable(f"BPF program failed to load: {str(error).splitlines()[0]}") from None
+        # The first window opens once attached, as the contract says prepare() ends right before
+        # the window: what runs between the two is counted in the first window.
+        self._open_window()
 
     def _flip(self, next_window: bool = True) -> int:
         """Point the programs at the other buffer; return the retired one, once quiescent. The
