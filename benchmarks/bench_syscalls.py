@@ -69,7 +69,9 @@ EMPTY_PROGRAMS = {
 }
 EMPTY_RUNNER = """
 import signal, sys
-from probes.bpf import compile_program
+from core.host import Host
+from probes.bpf import bpf_prerequisites, compile_program
+bpf_prerequisites(Host.real(), ())  # points BCC at the borrowed headers when the kernel has none
 program = compile_program(sys.argv[1])
 print("ready", flush=True)
 signal.sigwait({signal.SIGINT, signal.SIGTERM})
