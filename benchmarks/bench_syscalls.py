@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout, not the installed copy
+
 import pyperf
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,6 +121,11 @@ def main() -> int:
     if os.geteuid() != 0:
         print("bench_syscalls: needs root (eBPF)", file=sys.stderr)
         return 2
+    from core.host import Host
+    from probes.bpf import bpf_prerequisites
+
+    # Sets BCC_KERNEL_SOURCE when the headers are borrowed: syscount and the floors inherit it.
+    bpf_prerequisites(Host.real(), ())
     RESULTS.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as temp:
         workdir = Path(temp)

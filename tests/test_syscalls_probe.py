@@ -216,3 +216,25 @@ def test_live_counts_stay_with_their_process_when_two_share_a_cpu(watch_first_on
         assert counts.get((child.pid, "getppid")) == n and counts.get((child.pid, "sched_yield")) == n, counts
     if watch_first_only:
         assert {pid for pid, _ in counts} == {children[0].pid}
+
+
+def test_snapshot_rows_maps_each_cpus_row_number_to_its_histogram():
+    """The batch-read maps as the kernel lays them out: row_ids keys with a row number + 1 per
+    CPU (0 = never ran there), histogram rows x CPUs; empty rows are left out."""
+    import numpy as np
+
+    from probes.syscalls import HIST_DTYPE, ROW_KEY_DTYPE, snapshot_rows
+
+    keys = np.array([(7, 0), (8, 1)], dtype=ROW_KEY_DTYPE)
+    rows_plus_one = np.array([[1, 2], [0, 1]], dtype="<u4")  # pid 7 on both CPUs, pid 8 on cpu 1
+    hists = np.zeros((2, 2), dtype=HIST_DTYPE)
+    hists[0, 0]["slots"][10] = 3
+    hists[0, 0]["total_ns"], hists[0, 0]["max_ns"], hists[0, 0]["comm"] = 3000, 1100, b"app"
+    hists[1, 1]["slots"][12] = 2
+    hists[1, 1]["total_ns"], hists[1, 1]["max_ns"] = 8000, 4000
+    hists[0, 1]["slots"][5] = 4  # pid 8's row on cpu 1
+    snapshot = snapshot_rows(keys, rows_plus_one, hists)
+    assert set(snapshot) == {(7, 0, 0), (7, 0, 1), (8, 1, 1)}
+    assert snapshot[(7, 0, 0)]["count"] == 3 and snapshot[(7, 0, 0)]["comm"] == "app"
+    assert snapshot[(7, 0, 1)]["count"] == 2 and snapshot[(7, 0, 1)]["max_ns"] == 4000
+    assert snapshot[(8, 1, 1)]["count"] == 4
