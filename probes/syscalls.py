@@ -403,12 +403,14 @@ class SyscallsProbe(LoadedProgram, ProbeBase):
                 self.prepare()
             except Exception as error:  # the next collect() tries again
                 self.status_reason = f"re-arming failed: {error}"
+        process_names: dict[int, str | None] = {}
         for (pid, _number), hist in histograms.items():
             # The kernel side records the calling thread's name; the process name is what users
-            # search for, so prefer it while the process is still alive.
-            process_name = self.host.read_optional(f"/proc/{pid}/comm")
-            if process_name:
-                hist["comm"] = process_name
+            # search for, so prefer it while the process is still alive (read once per pid).
+            if pid not in process_names:
+                process_names[pid] = self.host.read_optional(f"/proc/{pid}/comm")
+            if process_names[pid]:
+                hist["comm"] = process_names[pid]
         rows, bucket_rows = syscalls_rows(histograms, syscall_name)
         table = rows_to_table(rows, SCHEMA)
         findings = syscall_findings(table, lost_rows, lost_parked, window.elapsed())
