@@ -294,7 +294,7 @@ class Daemon:
             self._current = None
         for outcome in result.outcomes:
             # A kept probe whose window failed (or timed out and was abandoned) starts afresh.
-            if outcome.status not in ("ok", "interrupted"):
+            if outcome.status not in ("ok", "partial", "interrupted"):
                 self.probes.discard(outcome.name)
         if self.metrics is not None:
             try:

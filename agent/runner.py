@@ -219,6 +219,8 @@ class AuditRun:
                 status = "interrupted" if self.window.interrupted else "ok"
                 reason = "window ended early" if status == "interrupted" else ""
                 reason = probe.status_reason or reason
+                if probe.partial and status == "ok":
+                    status = "partial"  # it ran, but its maps dropped data: never `ok`
                 results[probe.name] = ProbeOutcome(probe.name, status, reason, tables or {},
                                                    time.monotonic() - started)
             except Unavailable as error:

@@ -49,6 +49,10 @@ def render_summary(result, out_dir: Path, verbose: bool = False) -> str:
         lines.append(f"  {outcome.name:<{width}}  {outcome.status:<11}  {detail}")
         if verbose and outcome.detail:
             lines.extend("      " + text for text in outcome.detail.rstrip().splitlines())
+    partial = [outcome.name for outcome in result.outcomes if outcome.status == "partial"]
+    if partial:
+        lines.append(f"  partial: {', '.join(partial)} dropped data (maps full): its numbers are lower "
+                     "bounds; see the probe capacity finding")
     if result.headlines:
         lines.append("")
         lines.extend(result.headlines)

@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout, not the installed copy
+
 import pyperf
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,7 +71,9 @@ EMPTY_PROGRAMS = {
 }
 EMPTY_RUNNER = """
 import signal, sys
-from probes.bpf import compile_program
+from core.host import Host
+from probes.bpf import bpf_prerequisites, compile_program
+bpf_prerequisites(Host.real(), ())  # points BCC at the borrowed headers when the kernel has none
 program = compile_program(sys.argv[1])
 print("ready", flush=True)
 signal.sigwait({signal.SIGINT, signal.SIGTERM})
@@ -117,6 +121,11 @@ def main() -> int:
     if os.geteuid() != 0:
         print("bench_syscalls: needs root (eBPF)", file=sys.stderr)
         return 2
+    from core.host import Host
+    from probes.bpf import bpf_prerequisites
+
+    # Sets BCC_KERNEL_SOURCE when the headers are borrowed: syscount and the floors inherit it.
+    bpf_prerequisites(Host.real(), ())
     RESULTS.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as temp:
         workdir = Path(temp)

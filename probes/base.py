@@ -12,6 +12,7 @@ call every hook directly (no getattr), in this order:
     prepare()          compile/attach/start before the window, so the window is exact
     collect(window)    gather over the shared window; return {table name: pa.Table}
     status_reason      read after collect(): why an ok/interrupted run is partial ("" = fine)
+    partial            read after collect(): True when the probe dropped data (status `partial`)
     abandon()          the runner gave up waiting (window + finish_grace_s): stop children now
     headlines(tables)  one-line summaries for the audit's terminal output (a static method)
     extras             extra files the probe writes into the bundle (pcap, svg ...)
@@ -185,6 +186,7 @@ class Probe(Protocol):
     rolling: ClassVar[bool]  # one instance can collect window after window (the daemon)
     extras: ClassVar[tuple[str, ...]]  # extra bundle files the probe may write
     status_reason: str  # set by collect(): why a run is partial ("" when it is not)
+    partial: bool  # set by collect(): data was dropped (maps full): the status is `partial`
 
     def __init__(self, config: ProbeConfig) -> None: ...
     def check(self) -> None: ...  # raise Unavailable("why, and what to do")
@@ -213,6 +215,7 @@ class ProbeBase:
     def __init__(self, config: ProbeConfig | None = None) -> None:
         self.config = config or ProbeConfig()
         self.status_reason = ""
+        self.partial = False
         self.keep_attached = False
 
     @property

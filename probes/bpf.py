@@ -104,3 +104,50 @@ def bpf_prerequisites(host, events: Iterable[str]) -> None:
     for event in events:
         if not host.exists(f"{tracing}/{event}"):
             raise Unavailable(f"tracepoint {event} missing on this kernel")
+
+
+def possible_cpu_count() -> int:
+    """CPUs a per-CPU map holds a value for (the kernel sizes them by possible, not online, CPUs)."""
+    from bcc.utils import get_possible_cpus
+
+    return len(get_possible_cpus())
+
+
+def lookup_batch(table, max_entries: int, key_bytes: int, value_bytes: int,
+                 start: int | None = None) -> tuple[bytes, bytes, int]:
+    """Read up to `max_entries` entries of a BCC map with BPF_MAP_LOOKUP_BATCH (kernel 5.6+):
+    one bpf() call per map instead of one per entry. `value_bytes` is one entry's whole value (a
+    per-CPU map: round_up(size, 8) x possible CPUs; BCC 0.26's own items_lookup_batch sizes
+    values without the CPUs). An array read starts at index `start`. Returns (keys, values,
+    entries read)."""
+    import ctypes
+    import errno
+
+    from bcc.libbcc import lib
+
+    from core.errors import WorkFailed
+
+    keys = ctypes.create_string_buffer(max(key_bytes * max_entries, 1))
+    values = ctypes.create_string_buffer(max(value_bytes * max_entries, 1))
+    # The batch token is the last key read (an array's index; a hash's bucket number).
+    token_in, token_out = ctypes.c_uint32(0), ctypes.c_uint32(0)
+    has_token = False
+    if start:
+        token_in.value, has_token = start - 1, True
+    total = 0
+    while total < max_entries:
+        count = ctypes.c_uint32(max_entries - total)
+        result = lib.bpf_lookup_batch(
+            table.map_fd, ctypes.byref(token_in) if has_token else None, ctypes.byref(token_out),
+            ctypes.c_void_p(ctypes.addressof(keys) + total * key_bytes),
+            ctypes.c_void_p(ctypes.addressof(values) + total * value_bytes), ctypes.byref(count))
+        code = ctypes.get_errno()
+        total += count.value
+        if result != 0:
+            if code == errno.ENOENT or -result == errno.ENOENT:
+                break  # read to the end
+            raise WorkFailed(f"BPF_MAP_LOOKUP_BATCH failed: {os.strerror(code or -result)}")
+        if count.value == 0:
+            break
+        token_in.value, has_token = token_out.value, True
+    return keys.raw[:total * key_bytes], values.raw[:total * value_bytes], total

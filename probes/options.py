@@ -133,6 +133,12 @@ PROBE_OPTIONS: tuple[ProbeOption, ...] = (
     ProbeOption("peer_roles", "strings", None, "Label TCP peers, e.g. 9100-9199=exchange (repeatable; tcp "
                 "probe; 5432=database built in).", ("tcp",), flag="--peer-role",
                 metavar="PORT[-PORT]|CIDR=ROLE", validator="probes.tcp:parse_roles"),
+    # Map sizes for a busy host; past them the probe counts what it drops and reports `partial`.
+    ProbeOption("syscalls_max_rows", "integer", 65536, "Histogram rows per CPU, one per pid x syscall "
+                "seen on that CPU (syscalls probe; default 65536 = 23 MB per CPU).", ("syscalls",),
+                positive=True),
+    ProbeOption("tcp_max_connections", "integer", 131072, "Socket ends tracked at once (tcp probe; "
+                "default 131072, ~80 MB).", ("tcp",), positive=True),
 )
 BY_NAME: dict[str, ProbeOption] = {option.name: option for option in PROBE_OPTIONS}
 

@@ -17,7 +17,6 @@
 // The field is 4 bytes either way and this program does not read it.
 enum sk_rst_reason { SK_RST_REASON_UNREAD = 0 };
 
-#define MAX_CONNECTIONS 16384
 #define SRTT_SLOTS 128  // a power of two: the index is masked for the verifier
 #define COMM_BYTES 16
 #define FAMILY_INET 2
@@ -59,11 +58,13 @@ struct connection_t {
     u32 srtt_slots[SRTT_SLOTS];
 };
 
+// MAX_CONNECTIONS: the tcp_max_connections option (tcp.py), one entry per socket end.
 BPF_HASH(connections, u64, struct connection_t, MAX_CONNECTIONS);
 // A zeroed template in map memory: the entry is too large for the 512-byte BPF stack.
 BPF_ARRAY(template_entry, struct connection_t, 1);
-// 4 MiB: ~6500 closed connections between two 100 ms polls before any is lost (and counted).
-BPF_RINGBUF_OUTPUT(closed_connections, 1024);
+// 16 MiB: ~24,000 closed connections (20,000 socket ends: 10,000 loopback connections closing
+// at once) before the reader catches up; past that each lost close is counted (status partial).
+BPF_RINGBUF_OUTPUT(closed_connections, 4096);
 // 0: connections not tracked (table full), 1: closed connections lost (ring buffer full)
 BPF_ARRAY(lost, u64, 2);
 

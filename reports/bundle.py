@@ -29,9 +29,13 @@ from core.atomic import atomic_path, write_json_atomic
 from core.errors import BadInput, WorkFailed
 from core.host import Host, format_cpu_list
 
-BUNDLE_FORMAT = 1
+# Format 2: `syscalls` is one row per pid x syscall and `syscall_buckets` holds its buckets
+# (format 1 repeated the totals on every bucket row); the reader still reads format 1.
+BUNDLE_FORMAT = 2
+READABLE_FORMATS = (1, 2)
 MANIFEST_NAME = "manifest.json"
-PROBE_STATUSES = ("ok", "unavailable", "failed", "interrupted")
+# partial: it ran but dropped data (maps full); the reason says how much.
+PROBE_STATUSES = ("ok", "partial", "unavailable", "failed", "interrupted")
 
 
 def new_run_id(hostname: str | None = None, now: float | None = None) -> str:
@@ -108,6 +112,29 @@ class ProbeRecord:
             "tables": dict(self.tables),
             "seconds": round(self.seconds, 3),
         }
+
+
+SYSCALL_BUCKETS = "syscall_buckets"
+FORMAT1_BUCKET_COLUMNS = ("bucket_lo_ns", "bucket_hi_ns", "bucket_count")
+
+
+def format1_syscalls(table: pa.Table) -> pa.Table:
+    """A format 1 `syscalls` table (pid x syscall totals repeated on every bucket row) folded to
+    format 2's one row per pid x syscall."""
+    keys = ["pid", "syscall"]
+    repeated = [name for name in table.column_names if name not in keys and name not in FORMAT1_BUCKET_COLUMNS]
+    grouped = table.group_by(keys).aggregate([(name, "max") for name in repeated])
+    grouped = grouped.rename_columns([name[:-4] if name.endswith("_max") and name[:-4] in repeated else name
+                                      for name in grouped.column_names])
+    order = [name for name in table.column_names if name in grouped.column_names]
+    return grouped.select(order).sort_by([("pid", "ascending"), ("syscall", "ascending")])
+
+
+def format1_buckets(table: pa.Table) -> pa.Table:
+    """format 2's `syscall_buckets` from a format 1 `syscalls` table's bucket columns."""
+    columns = [name for name in ("pid", "syscall", "syscall_nr", *FORMAT1_BUCKET_COLUMNS)
+               if name in table.column_names]
+    return table.select(columns)
 
 
 class BundleWriter:
@@ -220,29 +247,40 @@ class Bundle:
             self.manifest: dict[str, Any] = json.loads(manifest_path.read_text())
         except ValueError as error:
             raise BadInput(f"{manifest_path}: unreadable manifest ({error})") from None
-        if self.manifest.get("format") != BUNDLE_FORMAT:
+        if self.manifest.get("format") not in READABLE_FORMATS:
             raise BadInput(f"{manifest_path}: unsupported bundle format {self.manifest.get('format')!r}")
+        self.format: int = self.manifest["format"]
 
     @property
     def run_id(self) -> str:
         return self.manifest["run_id"]
 
     def table_names(self) -> list[str]:
-        return sorted(p.stem for p in self.path.glob("*.parquet"))
+        names = {p.stem for p in self.path.glob("*.parquet")}
+        if self.format == 1 and "syscalls" in names:
+            names.add(SYSCALL_BUCKETS)
+        return sorted(names)
 
     def has(self, table: str) -> bool:
+        if self.format == 1 and table == SYSCALL_BUCKETS:
+            table = "syscalls"
         return (self.path / f"{table}.parquet").exists()
 
     def table(self, name: str) -> pa.Table:
-        file = self.path / f"{name}.parquet"
+        """A table as format 2 defines it, whatever the bundle's format."""
+        stored = "syscalls" if self.format == 1 and name == SYSCALL_BUCKETS else name
+        file = self.path / f"{stored}.parquet"
         if not file.exists():
             raise KeyError(name)
         try:
-            return pq.read_table(file)
+            table = pq.read_table(file)
         except (pa.ArrowException, OSError) as error:
             # A truncated or bit-flipped file (a copy cut short, a bad disk) is the input's fault.
             reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise BadInput(f"{file}: not a readable Parquet file ({reason})") from None
+        if self.format == 1 and stored == "syscalls":
+            return format1_buckets(table) if name == SYSCALL_BUCKETS else format1_syscalls(table)
+        return table
 
     def probe(self, name: str) -> dict[str, Any] | None:
         for record in self.manifest.get("probes", []):

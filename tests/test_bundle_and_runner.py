@@ -15,7 +15,7 @@ import pytest
 from core.errors import BadInput, Unavailable
 from agent.runner import AuditRun, select_probes
 from probes.base import FINDINGS_SCHEMA, ProbeBase, ProbeConfig, finding, findings_table
-from reports.bundle import MANIFEST_NAME, Bundle, BundleWriter, validate_out_dir, write_parquet_atomic
+from reports.bundle import BUNDLE_FORMAT, MANIFEST_NAME, Bundle, BundleWriter, validate_out_dir, write_parquet_atomic
 
 NUMBERS = pa.schema([pa.field("value_ns", pa.int64())])
 
@@ -73,7 +73,7 @@ def test_round_trip_schemas_manifest_and_metadata(tmp_path):
     result, out = run(tmp_path, [GoodProbe, WarningProbe])
     bundle = Bundle(out)
     manifest = bundle.manifest
-    assert manifest["format"] == 1 and manifest["run_id"] == "test-run"
+    assert manifest["format"] == BUNDLE_FORMAT == 2 and manifest["run_id"] == "test-run"
     assert {"hostname", "kernel", "cpu_model", "cores", "isolated_cpus", "cmdline"} <= set(manifest["host"])
     assert [p["name"] for p in manifest["probes"]] == ["good", "warner"]
     good = bundle.probe("good")

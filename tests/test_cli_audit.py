@@ -84,8 +84,10 @@ def test_real_audit_writes_complete_bundle(tmp_path):
     syscalls = bundle.table("syscalls")
     load_calls = {row["syscall"] for row in syscalls.to_pylist() if row["pid"] == load_pid}
     assert {"getppid", "clock_nanosleep"} <= load_calls, load_calls
-    assert {"pid", "comm", "syscall", "count", "total_ns", "max_ns", "bucket_lo_ns", "bucket_count"} <= set(
-        syscalls.schema.names)
+    assert {"pid", "comm", "syscall", "count", "total_ns", "max_ns"} <= set(syscalls.schema.names)
+    buckets = bundle.table("syscall_buckets")  # format 2: buckets apart, sum(count) = calls
+    assert {"pid", "syscall", "bucket_lo_ns", "bucket_hi_ns", "bucket_count"} <= set(buckets.schema.names)
+    assert sum(buckets.column("bucket_count").to_pylist()) == sum(syscalls.column("count").to_pylist())
     assert bundle.table("host").num_rows > 0
     assert 1.5 <= bundle.manifest["duration_s"] < 60
 

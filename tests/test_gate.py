@@ -147,16 +147,18 @@ def test_metric_settings_most_specific_glob_wins():
 # --- KPIs from bundles ----------------------------------------------------------------------------
 
 def test_kpis_from_every_table(tmp_path):
-    syscalls = pa.table({"pid": [1, 1, 2], "comm": ["a", "a", "b"], "syscall": ["read", "read", "read"],
-                         "count": [10, 10, 5], "total_ns": [1, 1, 1], "max_ns": [1, 1, 1],
-                         "bucket_lo_ns": [1024, 2048, 1024], "bucket_count": [6, 4, 5]})
+    syscalls = pa.table({"pid": [1, 2], "comm": ["a", "b"], "syscall": ["read", "read"],
+                         "count": [10, 5], "total_ns": [1, 1], "max_ns": [1, 1]})
+    buckets = pa.table({"pid": [1, 1, 2], "syscall": ["read", "read", "read"],
+                        "bucket_lo_ns": [1024, 2048, 1024], "bucket_hi_ns": [2048, 4096, 2048],
+                        "bucket_count": [6, 4, 5]})
     pg = pa.table({"fingerprint": ["abc"], "query": ["select $1"], "calls": [10], "total_ms": [5.0],
                    "p50_ms": [0.4], "p99_ms": [1.0], "p999_ms": [2.0], "max_ms": [3.0]})
     host = pa.table({"ts": [1, 1, 2, 2], "cpu": [-1, 0, -1, 0], "user_pct": [10.0, 1, 12.0, 1],
                      "system_pct": [5.0, 1, 6.0, 1], "mem_available_bytes": [100, 0, 90, 0]})
     tcp = pa.table({"pid": [1, 2], "retransmits": [0, 3]})
     tables = {"turns": turns([1000, 2000, 3000], [False, True, False]), "syscalls": syscalls,
-              "pg_queries": pg, "host": host, "tcp": tcp}
+              "syscall_buckets": buckets, "pg_queries": pg, "host": host, "tcp": tcp}
     base = Bundle(write_bundle(tmp_path / "a", tables))
     cand = Bundle(write_bundle(tmp_path / "b", tables))
     metrics = {m.name: m for m in bundle_metrics(base, cand)}

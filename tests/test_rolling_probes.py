@@ -145,7 +145,7 @@ def test_syscalls_probe_rolls_exact_windows_without_detaching():
             assert probe._bpf is bpf, "still attached between windows, same program"
             rows = {row["syscall"]: row for row in summarize(tables["syscalls"])}
             counts.append(rows["getppid"]["count"])
-            assert sum(r["bucket_count"] for r in tables["syscalls"].to_pylist() if r["syscall"] == "getppid") \
+            assert sum(r["bucket_count"] for r in tables["syscall_buckets"].to_pylist() if r["syscall"] == "getppid") \
                 == getppids
         assert counts == [300, 700]
         probe.keep_attached = False

@@ -15,7 +15,7 @@ import pytest
 
 from probes.base import ProbeConfig, Window
 from probes.syscalls import (
-    BUCKETS, SCHEMA, SyscallsProbe, bucket_bounds, build_source, histogram_quantile,
+    BUCKETS, BUCKETS_SCHEMA, SCHEMA, SyscallsProbe, bucket_bounds, build_source, histogram_quantile,
     merge_cpu_values, summarize, syscall_findings, syscalls_rows,
 )
 from probes.base import rows_to_table
@@ -51,17 +51,21 @@ def test_rows_findings_flag_fat_tail_but_not_waiting_calls():
             "slots": slots_with(s9=4999, s25=1), "comm": "engine"}
     waiting = {"count": 5000, "total_ns": 9_000_000_000, "max_ns": 20_000_000,
                "slots": slots_with(s9=4999, s25=1), "comm": "engine"}
-    rows = syscalls_rows({(7, 1): tail, (7, 202): waiting},
-                         {1: "write", 202: "futex"}.__getitem__)
+    rows, bucket_rows = syscalls_rows({(7, 1): tail, (7, 202): waiting},
+                                      {1: "write", 202: "futex"}.__getitem__)
     table = rows_to_table(rows, SCHEMA)
-    assert table.num_rows == 4  # two non-empty buckets each
+    buckets = rows_to_table(bucket_rows, BUCKETS_SCHEMA)
+    # Format 2: one row per pid x syscall (sum(count) is the number of calls), buckets apart.
+    assert table.num_rows == 2 and sum(table.column("count").to_pylist()) == 10_000
+    assert buckets.num_rows == 4 and sum(buckets.column("bucket_count").to_pylist()) == 10_000
     assert set(table.column("syscall").to_pylist()) == {"write", "futex"}
     findings = syscall_findings(table, duration_s=10)
     assert len(findings) == 1
     assert findings[0]["subject"] == "engine[7] write" and findings[0]["severity"] == "critical"
     assert "max 20 ms" in findings[0]["message"]
-    lost = syscall_findings(table.slice(0, 0), lost_rows=3)
-    assert lost[0]["severity"] == "warning" and "3 histogram updates" in lost[0]["message"]
+    lost = syscall_findings(table.slice(0, 0), lost_rows=3, lost_parked=2)
+    assert lost[0]["severity"] == "warning" and lost[0]["message"].startswith("partial: ")
+    assert "3 calls not recorded" in lost[0]["message"] and "2 blocking calls lost" in lost[0]["message"]
 
 
 
@@ -71,8 +75,8 @@ def test_headlines_say_so_when_no_syscall_completed():
     empty = SyscallsProbe.headlines({"syscalls": SCHEMA.empty_table()})
     assert len(empty) == 1 and "none completed" in empty[0] and "agent's own calls" in empty[0]
     assert SyscallsProbe.headlines({}) == []
-    rows = syscalls_rows({(7, 1): {"count": 3, "total_ns": 3000, "max_ns": 1500,
-                                   "slots": slots_with(s10=3), "comm": "engine"}}, {1: "write"}.__getitem__)
+    rows, _ = syscalls_rows({(7, 1): {"count": 3, "total_ns": 3000, "max_ns": 1500,
+                                      "slots": slots_with(s10=3), "comm": "engine"}}, {1: "write"}.__getitem__)
     lines = SyscallsProbe.headlines({"syscalls": rows_to_table(rows, SCHEMA)})
     assert lines[0] == "Top syscalls by total time:" and "engine[7] write" in lines[1] and "3 calls" in lines[1]
 
@@ -122,6 +126,7 @@ def prepared_probe(pids: tuple[int, ...], raw: bool) -> SyscallsProbe:
         from probes.bpf import compile_program
 
         probe._bpf = compile_program(build_source(pids, os.getpid(), raw_tracepoints=False))
+        probe._open_window()  # what prepare() does once attached
     return probe
 
 
@@ -147,12 +152,15 @@ def test_live_exact_counts_and_buckets_for_a_known_child(raw):
     mine = {row["syscall"]: row for row in summarize(table)}
     assert mine["getppid"]["count"] == 2000
     assert mine["clock_nanosleep"]["count"] == 40
-    sleeps = table.filter(pc.field("syscall") == "clock_nanosleep").to_pylist()
+    assert table.num_rows == len(mine)  # one row per pid x syscall
+    buckets = tables["syscall_buckets"]
+    assert buckets.schema.equals(BUCKETS_SCHEMA)
+    sleeps = buckets.filter(pc.field("syscall") == "clock_nanosleep").to_pylist()
     # Every 1 ms sleep takes at least 1 ms and, on an idle-enough host, well under 8 ms.
     assert all(row["bucket_lo_ns"] >= 1 << 19 and row["bucket_hi_ns"] <= 1 << 24 for row in sleeps)
     assert sum(row["bucket_count"] for row in sleeps) == 40
     assert mine["clock_nanosleep"]["total_ns"] >= 40 * 1_000_000
-    getppid = table.filter(pc.field("syscall") == "getppid").to_pylist()
+    getppid = buckets.filter(pc.field("syscall") == "getppid").to_pylist()
     assert sum(row["bucket_count"] for row in getppid) == 2000
     # getppid is a few hundred ns; allow for preemption on a busy CI machine in the tail only.
     assert mine["getppid"]["p50_ns"] <= 32_768
@@ -208,3 +216,25 @@ def test_live_counts_stay_with_their_process_when_two_share_a_cpu(watch_first_on
         assert counts.get((child.pid, "getppid")) == n and counts.get((child.pid, "sched_yield")) == n, counts
     if watch_first_only:
         assert {pid for pid, _ in counts} == {children[0].pid}
+
+
+def test_snapshot_rows_maps_each_cpus_row_number_to_its_histogram():
+    """The batch-read maps as the kernel lays them out: row_ids keys with a row number + 1 per
+    CPU (0 = never ran there), histogram rows x CPUs; empty rows are left out."""
+    import numpy as np
+
+    from probes.syscalls import HIST_DTYPE, ROW_KEY_DTYPE, snapshot_rows
+
+    keys = np.array([(7, 0), (8, 1)], dtype=ROW_KEY_DTYPE)
+    rows_plus_one = np.array([[1, 2], [0, 1]], dtype="<u4")  # pid 7 on both CPUs, pid 8 on cpu 1
+    hists = np.zeros((2, 2), dtype=HIST_DTYPE)
+    hists[0, 0]["slots"][10] = 3
+    hists[0, 0]["total_ns"], hists[0, 0]["max_ns"], hists[0, 0]["comm"] = 3000, 1100, b"app"
+    hists[1, 1]["slots"][12] = 2
+    hists[1, 1]["total_ns"], hists[1, 1]["max_ns"] = 8000, 4000
+    hists[0, 1]["slots"][5] = 4  # pid 8's row on cpu 1
+    snapshot = snapshot_rows(keys, rows_plus_one, hists)
+    assert set(snapshot) == {(7, 0, 0), (7, 0, 1), (8, 1, 1)}
+    assert snapshot[(7, 0, 0)]["count"] == 3 and snapshot[(7, 0, 0)]["comm"] == "app"
+    assert snapshot[(7, 0, 1)]["count"] == 2 and snapshot[(7, 0, 1)]["max_ns"] == 4000
+    assert snapshot[(8, 1, 1)]["count"] == 4

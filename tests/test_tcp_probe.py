@@ -177,4 +177,5 @@ def test_findings_keep_the_worst_connections_and_summarise_the_rest():
     assert len(warnings) == MAX_CONNECTION_FINDINGS
     assert warnings[0]["message"] == f"{MAX_CONNECTION_FINDINGS + 3} retransmits"
     assert any(f["subject"] == "3 more connections" for f in findings)
-    assert findings[-1]["subject"] == "tcp probe" and "2 connections not tracked" in findings[-1]["message"]
+    assert findings[-1]["subject"] == "probe capacity" and findings[-1]["message"].startswith("partial: ")
+    assert "2 socket events not tracked" in findings[-1]["message"]

@@ -145,7 +145,7 @@ def query(config_path, dataset_root, output_format, sql):
     \b
     Example:
       guardian-agent query --dataset /srv/fleet \\
-        "SELECT host, syscall, sum(bucket_count) AS calls FROM syscalls GROUP BY ALL ORDER BY calls DESC LIMIT 10"
+        "SELECT host, syscall, sum(count) AS calls FROM syscalls GROUP BY ALL ORDER BY calls DESC LIMIT 10"
     """
     from agent.fleet.query import format_rows, run_query
 

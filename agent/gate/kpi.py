@@ -197,7 +197,8 @@ def bundle_metrics(baseline, candidate) -> list[MetricData]:
 
     metrics = []
     metrics += turns_metrics(*pair("turns"))
-    metrics += syscall_metrics(*pair("syscalls"))
+    # Bundle.table gives format 2's syscall_buckets from format 1 bundles too.
+    metrics += syscall_metrics(*pair("syscall_buckets"))
     metrics += pg_metrics(*pair("pg_queries"))
     metrics += host_metrics(*pair("host"))
     metrics += connection_metrics({"tcp": pair("tcp"), "flows": pair("flows")})
