@@ -194,6 +194,7 @@ def test_as_written_holds_with_a_strategy_that_times_out_and_pauses(tmp_path):
     assert 9.9 <= active_s <= 10.5 and fault["removed_by"] == "runner" and fault["proof_bit"]
     assert pq.read_table(out / "findings.parquet").column("severity").to_pylist() == ["info"]
     assert json.loads((out / "manifest.json").read_text())["chaos"]["verdict"] == "held"
+    assert data["report"] == str(out / "report.html") and "held" in (out / "report.html").read_text()
     runs = ds.dataset(dataset / "table=chaos_runs", format="parquet", partitioning="hive").to_table().to_pylist()
     assert [row["verdict"] for row in runs if row["run_id"] == data["run_id"]] == ["held"]
     assert {row["verdict"] for row in runs} <= {"held", "not-steady"}

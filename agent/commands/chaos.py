@@ -16,6 +16,7 @@ from pathlib import Path
 
 import click
 
+from agent.commands.report import NO_HTML_OPTION, emit_html_report
 from core.errors import BadInput
 
 STATE_DIR_OPTION = click.option("--state-dir", type=click.Path(path_type=Path),
@@ -79,8 +80,9 @@ def chaos():
 @CONFIG_OPTION
 @STATE_DIR_OPTION
 @click.option("--no-publish", is_flag=True, help="Do not add the run to the fleet dataset (chaos_runs).")
+@NO_HTML_OPTION
 def run_command(experiment_path: Path, out_dir: Path | None, as_json: bool, environment: str | None,
-                config_path: Path | None, state_dir: Path | None, no_publish: bool) -> int:
+                config_path: Path | None, state_dir: Path | None, no_publish: bool, no_html: bool = False) -> int:
     """Run one experiment end to end and write its bundle."""
     from agent.chaos.report import summary
     from agent.chaos.session import run_experiment
@@ -90,6 +92,10 @@ def run_command(experiment_path: Path, out_dir: Path | None, as_json: bool, envi
                              progress=_progress if not as_json else (lambda message: None))
     data = summary(outcome)
     if as_json:
+        if not no_html and outcome.bundle_dir is not None:
+            from reports.html import write_report
+
+            data["report"] = str(write_report(Path(outcome.bundle_dir)).path)
         click.echo(json.dumps(data, indent=2, default=str))
         return outcome.exit_code
     click.echo(f"chaos {outcome.title!r}: {outcome.verdict} — {outcome.reason}")
@@ -102,6 +108,7 @@ def run_command(experiment_path: Path, out_dir: Path | None, as_json: bool, envi
     click.echo(f"bundle: {outcome.bundle_dir}")
     if outcome.published:
         click.echo(f"dataset: {outcome.published}")
+    emit_html_report(outcome.bundle_dir, no_html)
     return outcome.exit_code
 
 
