@@ -36,7 +36,10 @@ ROLLED_BACK_RESULTS = ("restored", "unchanged", "forced", "not replayed")
 
 def _kill_point(name: str) -> None:
     if os.environ.get(KILL_AT_ENV) == name:
-        os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get(KILL_SIGNAL_ENV, "KILL")))
+        # raise(3), not kill(2): a process-directed signal may land on another thread (the
+        # children spawner's), and a loaded host could then finish the apply before the main
+        # thread sees it; raise() delivers to this thread, as a Ctrl-C's handler would run here.
+        signal.raise_signal(getattr(signal, "SIG" + os.environ.get(KILL_SIGNAL_ENV, "KILL")))
 
 
 @dataclass
