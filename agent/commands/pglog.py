@@ -32,7 +32,7 @@ def pg_log(obj, files, out_dir, log_format, prefix, keep_literals, top_count) ->
     --keep-literals. Exit 0 done, 1 failed, 2 bad input.
     """
     from core.host import Host
-    from agent.pglog import analyse_logs
+    from probes.pglog import analyse_logs
     from reports.bundle import BundleWriter, ProbeRecord, validate_out_dir
 
     if top_count < 0:
@@ -95,7 +95,7 @@ def pg_log(obj, files, out_dir, log_format, prefix, keep_literals, top_count) ->
 def refuse_foreign_language(files) -> None:
     """Logs whose durations are in another language would parse to nothing: say so up front
     (exit 2, nothing written) instead of reporting zero executions."""
-    from agent.pglog.readers import foreign_durations
+    from probes.pglog.readers import foreign_durations
 
     for path in files:
         found = foreign_durations(path)

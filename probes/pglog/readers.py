@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from core.errors import BadInput
-from agent.pglog.prefix import SEVERITY_PATTERN, detect_prefix, prefix_to_pattern, redact_line
+from probes.pglog.prefix import SEVERITY_PATTERN, detect_prefix, prefix_to_pattern, redact_line
 
 # 8 MB: the same throughput as 32 MB blocks at half the peak memory (measured, see docs).
 BLOCK_BYTES = 8 << 20
@@ -245,7 +245,7 @@ def sample_entry_lines(head: bytes, limit: int = 2000) -> list[str]:
 def resolve_prefix(head: bytes, prefix: str | None, path: Path) -> tuple[str, float]:
     lines = sample_entry_lines(head)
     if prefix is not None:
-        from agent.pglog.prefix import _match_fraction, validate_prefix
+        from probes.pglog.prefix import _match_fraction, validate_prefix
 
         validate_prefix(prefix)
         fraction = _match_fraction(prefix, lines) if lines else 1.0
@@ -309,7 +309,7 @@ def stderr_block_entries(data: bytes, line_pattern: str, line_base: int, problem
                                           pa.py_buffer(data))
     line_numbers = entry_lines + line_base + 1
     if fast is not None:
-        from agent.pglog.fastpath import fast_block_entries
+        from probes.pglog.fastpath import fast_block_entries
 
         columns, unmatched = fast_block_entries(fast, data, offsets[:-1], offsets[1:], line_numbers, entries)
         if len(columns["bare_lines"]) or _has_statement_lines(entries):

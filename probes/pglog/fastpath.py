@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from agent.pglog.prefix import SEVERITY_PATTERN, prefix_to_pattern
+from probes.pglog.prefix import SEVERITY_PATTERN, prefix_to_pattern
 
 DURATION_MARK = "LOG:  duration: "
 NUMBER_WINDOW = 14

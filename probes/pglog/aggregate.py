@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from agent.pglog.fingerprint import FingerprintCache
+from probes.pglog.fingerprint import FingerprintCache
 
 SOURCE_STATEMENT, SOURCE_PLAN = 0, 1
 COUNTED_KINDS = ("statement", "execute")
