@@ -26,12 +26,41 @@ PREKEY_PATTERN = r"(\"(?:[^\"]|\"\")*\")|'(?:[^']|'')*'|\b[0-9]+(?:\.[0-9]*)?(?:
 # The same pre-normalisation in Python's re, for single representatives (RE2 and re agree on
 # this pattern: no look-arounds, no backreferences).
 _PREKEY = re.compile(PREKEY_PATTERN)
-_STRINGS = re.compile(r"'(?:[^']|'')*'")
-_REDACT = re.compile(r"'(?:[^']|'')*'|\b\d+(?:\.\d+)?(?:[eE][-+]?\d+)?\b")
+# One tokenizer for the text that reaches a report. Alternatives are tried left to right at each
+# position, so a quote inside a comment, or `--` inside a string, is read as what it is.
+# libpg_query's normalize (pglast 6 / libpg_query 15) leaves constants of utility statements
+# in place (`EXECUTE foo(123)`, `FETCH 1`, `SET x = 'a'` in some forms, `ALTER SEQUENCE ...
+# RESTART WITH 9`), so its output goes through this too.
+_QUERY_TOKENS = re.compile(
+    r"""(?P<ident>"(?:[^"]|"")*")"""
+    r"""|(?P<param>\$\d+)"""
+    r"""|(?P<dollar>\$(?P<tag>[A-Za-z_][A-Za-z_0-9]*)?\$.*?\$(?P=tag)\$)"""
+    r"""|(?P<estring>[eE]'(?:[^'\\]|\\.|'')*')"""
+    r"""|(?P<string>'(?:[^']|'')*'?)"""
+    r"""|(?P<line_comment>--[^\n]*)"""
+    r"""|(?P<block_comment>/\*.*?(?:\*/|\Z))"""
+    r"""|(?P<number>(?<![A-Za-z_0-9$])(?:0[xXoObB][0-9A-Fa-f_]+|[0-9][0-9_]*(?:\.[0-9_]*)?(?:[eE][-+]?[0-9]+)?|\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?))""",
+    re.DOTALL,
+)
+
+
+def _scrub_token(match: re.Match) -> str:
+    kind = match.lastgroup
+    if kind in ("ident", "param"):
+        return match.group(0)
+    if kind in ("line_comment", "block_comment"):
+        # Comments can hold anything (ids, user names); a `--` comment kept in a statement
+        # collapsed onto one line would also swallow the rest of it.
+        return " "
+    if kind == "number":
+        return "?"
+    return "'?'"
 
 
 def redact_literals(text: str) -> str:
-    return _REDACT.sub("?", text)
+    """Text with every literal (strings, dollar-quoted strings, numbers) replaced and comments
+    removed; quoted identifiers and $n parameters kept. Whitespace collapsed to single spaces."""
+    return " ".join(_QUERY_TOKENS.sub(_scrub_token, text).split())
 
 
 def prekeys(statements: pa.Array) -> pa.Array:
@@ -53,14 +82,12 @@ def fingerprint_statement(text: str) -> tuple[str, str, bool]:
         try:
             normalised = parser.normalize(text)
         except Exception:  # normalise can fail where fingerprint succeeds (rare); never leak
-            normalised = redact_literals(text)
-        # libpg_query leaves strings in some utility statements (LOAD, COPY ... FROM 'file'):
-        # those are redacted too, so nothing quoted ever reaches a report.
-        return fingerprint, _STRINGS.sub("'?'", " ".join(normalised.split())), True
+            normalised = text
+        return fingerprint, redact_literals(normalised), True
     except Exception:
         # Truncated or non-SQL text (e.g. a statement cut by log_parameter_max_length): a stable
         # fingerprint of its literal-free shape, marked so it is never mistaken for libpg_query's.
-        shape = " ".join(redact_literals(text).split())
+        shape = redact_literals(text)
         return "x" + hashlib.sha1(shape.encode()).hexdigest()[:15], shape, False
 
 

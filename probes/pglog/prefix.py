@@ -214,9 +214,8 @@ def detect_prefix(lines: list[str], minimum_fraction: float = 0.5) -> tuple[str,
     return best, best_fraction
 
 
-_LITERALS = re.compile(r"'(?:[^']|'')*'|\b\d+(?:\.\d+)?\b")
-
-
 def redact_line(text: str) -> str:
-    """Replace quoted strings and numbers with '?' (examples in errors must not leak literals)."""
-    return _LITERALS.sub("?", text)
+    """Quoted strings, numbers and comments replaced (examples in errors must not leak literals)."""
+    from probes.pglog.fingerprint import redact_literals
+
+    return redact_literals(text)

@@ -295,8 +295,10 @@ def stderr_block_entries(data: bytes, line_pattern: str, line_base: int, problem
     line_starts[1:] = newlines[:-1] + 1
     first_bytes = bytes_view[line_starts]
     # Continuation lines of a multi-line message start with a tab (elog.c append_with_tabs);
-    # blank lines carry nothing and stay with the entry before them.
-    continuation = (first_bytes == 9) | (first_bytes == 10)
+    # blank lines carry nothing and stay with the entry before them. Log shippers and editors
+    # that expand tabs leave space-indented continuations: an entry starts with its prefix
+    # (%m/%t/%p... never a space), so those are continuations too, not broken lines.
+    continuation = (first_bytes == 9) | (first_bytes == 10) | (first_bytes == 32)
     entry_lines = np.flatnonzero(~continuation)
     orphans = int(entry_lines[0]) if len(entry_lines) else len(line_starts)
     if orphans:
