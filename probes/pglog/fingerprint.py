@@ -18,14 +18,29 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-# Double-quoted identifiers are kept (group 1) so "t1" and "t2" stay apart; single-quoted
-# strings and numbers are dropped. Whitespace is left alone: differing whitespace only costs an
-# extra parser call, never a wrong merge.
-PREKEY_PATTERN = r"(\"(?:[^\"]|\"\")*\")|'(?:[^']|'')*'|\b[0-9]+(?:\.[0-9]*)?(?:[eE][-+]?[0-9]+)?"
+# The pre-normalised key: literals are dropped, everything else is kept verbatim (group 1), so
+# two statements share a key only when libpg_query would fingerprint them alike. Kept whole:
+# double-quoted identifiers ("t1" and "t2" stay apart), comments and $$-quoted bodies (a quote
+# inside them would otherwise open a "string" that swallows real SQL up to the next quote).
+# E'' strings are read with their backslash escapes. Whitespace is left alone: differing
+# whitespace only costs an extra parser call, never a wrong merge.
+PREKEY_PATTERN = (r"(\"(?:[^\"]|\"\")*\"|--[^\n]*|/\*(?s:.*?)\*/|\$\$(?s:.*?)\$\$)"
+                  r"|[eE]'(?:[^'\\]|\\.|'')*'|'(?:[^']|'')*'|\b[0-9]+(?:\.[0-9]*)?(?:[eE][-+]?[0-9]+)?")
 
 # The same pre-normalisation in Python's re, for single representatives (RE2 and re agree on
 # this pattern: no look-arounds, no backreferences).
 _PREKEY = re.compile(PREKEY_PATTERN)
+_DIGIT = re.compile(r"[0-9]")
+# Literals are dropped from the key only for statements whose literals libpg_query (pglast 6)
+# reads as constants and so leaves out of the fingerprint. Utility statements keep some numbers
+# and strings in the tree (`FETCH 1` / `FETCH 2`, `MOVE`, `COPY t FROM 'file'`, `ALTER SEQUENCE
+# ... RESTART WITH 9` fingerprint apart), so any other statement is its own key: an extra parser
+# call per distinct text, never a merge.
+LITERAL_FREE_KEY_PATTERN = r"^[\s(]*(?i:select|insert|update|delete|with|values|execute|declare|prepare|set)\b"
+_LITERAL_FREE_KEY = re.compile(LITERAL_FREE_KEY_PATTERN)
+# A digit key whose statements may differ in more than literals (digits in identifiers: t1/t2).
+AMBIGUOUS = -1
+
 # One tokenizer for the text that reaches a report. Alternatives are tried left to right at each
 # position, so a quote inside a comment, or `--` inside a string, is read as what it is.
 # libpg_query's normalize (pglast 6 / libpg_query 15) leaves constants of utility statements
@@ -64,7 +79,15 @@ def redact_literals(text: str) -> str:
 
 
 def prekeys(statements: pa.Array) -> pa.Array:
-    return pc.replace_substring_regex(statements, PREKEY_PATTERN, r"\1")
+    dropped = pc.replace_substring_regex(statements, PREKEY_PATTERN, r"\1")
+    return pc.if_else(pc.match_substring_regex(statements, LITERAL_FREE_KEY_PATTERN), dropped, statements)
+
+
+def prekey(statement: str) -> str:
+    """The key of one statement, exactly as prekeys() makes it for an array."""
+    if not _LITERAL_FREE_KEY.match(statement):
+        return statement
+    return _PREKEY.sub(lambda m: m.group(1) or "", statement)
 
 
 def clean_statement(text: str) -> str:
@@ -125,7 +148,10 @@ class FingerprintCache:
         `digit_keys` (the statements with every digit turned into '0', from one bytes.translate
         over the block) is a cheaper key than the RE2 pre-normalisation; it is used while it
         stays selective, i.e. while the statements differ mostly in numbers. When many keys are
-        new (string literals that vary), the block falls back to the RE2 key.
+        new (string literals that vary), the block falls back to the RE2 key. A digit key is
+        only trusted when every digit of its statement sat in a literal: `FROM t1` and `FROM t2`
+        share the digit key `FROM t0` but not a fingerprint, so such keys are marked ambiguous
+        and their statements go through the RE2 key instead.
         """
         if len(statements) == 0:
             return pa.array([], pa.int32())
@@ -134,11 +160,20 @@ class FingerprintCache:
             keys = encoded.dictionary.to_pylist()
             new = sum(1 for key in keys if key not in self.by_digit_key)
             if new <= max(256, len(statements) // 50):
-                return self._map(encoded, keys, statements, self.by_digit_key)
+                ids = self._map(encoded, keys, statements, self.by_digit_key, digit_keys=True)
+                ambiguous = np.flatnonzero(ids == AMBIGUOUS)
+                if len(ambiguous) == 0:
+                    return pa.array(ids, pa.int32())
+                ids[ambiguous] = self._by_prekey(statements.take(pa.array(ambiguous)))
+                return pa.array(ids, pa.int32())
+        return pa.array(self._by_prekey(statements), pa.int32())
+
+    def _by_prekey(self, statements: pa.Array) -> np.ndarray:
         encoded = pc.dictionary_encode(prekeys(statements))
         return self._map(encoded, encoded.dictionary.to_pylist(), statements, self.by_prekey)
 
-    def _map(self, encoded, keys: list[str], statements: pa.Array, known: dict[str, int]) -> pa.Array:
+    def _map(self, encoded, keys: list[str], statements: pa.Array, known: dict[str, int],
+             digit_keys: bool = False) -> np.ndarray:
         first_index = None
         mapping = []
         for position, key in enumerate(keys):
@@ -150,12 +185,15 @@ class FingerprintCache:
                     uniques, first = np.unique(encoded.indices.to_numpy(zero_copy_only=False), return_index=True)
                     first_index = dict(zip(uniques.tolist(), first.tolist()))
                 statement = statements[first_index[position]].as_py()
-                # Another digit key may already have met this statement's shape.
-                shape = _PREKEY.sub(lambda m: m.group(1) or "", statement)
-                identifier = self.by_prekey.get(shape)
-                if identifier is None:
-                    identifier = self._id_for(statement)
-                    self.by_prekey[shape] = identifier
+                shape = prekey(statement)
+                if digit_keys and _DIGIT.search(shape):
+                    identifier = AMBIGUOUS
+                else:
+                    # Another digit key may already have met this statement's shape.
+                    identifier = self.by_prekey.get(shape)
+                    if identifier is None:
+                        identifier = self._id_for(statement)
+                        self.by_prekey[shape] = identifier
                 known[key] = identifier
             mapping.append(identifier)
-        return pc.take(pa.array(mapping, pa.int32()), encoded.indices)
+        return np.asarray(mapping, dtype=np.int32)[encoded.indices.to_numpy(zero_copy_only=False)]
