@@ -109,3 +109,17 @@ def test_redaction_keeps_identifiers_and_parameters():
     assert redact_literals('SELECT "col 12", t1.x, $3 FROM t2 WHERE a = 12') == \
         'SELECT "col 12", t1.x, $3 FROM t2 WHERE a = ?'
     assert redact_literals("SELECT 'a -- b' FROM t -- c 'd\nWHERE x = 1") == "SELECT '?' FROM t WHERE x = ?"
+
+
+def test_percentiles_above_100_ms_stay_within_min_and_max(tmp_path):
+    """One statement always taking 123.4567 s: its 4-significant-digit bucket starts at 123.4 s,
+    below the exact minimum; every percentile must be the exact duration."""
+    from probes.pglog import analyse_logs
+
+    log = tmp_path / "slow.log"
+    log.write_text("".join(f"2026-12-01 10:00:0{i}.000 UTC [7] LOG:  duration: 123456.789 ms  "
+                           "statement: SELECT pg_sleep(1)\n" for i in range(5)))
+    row = analyse_logs([log], prefix="%m [%p] ").queries.to_pylist()[0]
+    assert row["min_ms"] == row["max_ms"] == pytest.approx(123456.789)
+    for name in ("p50_ms", "p90_ms", "p99_ms", "p999_ms"):
+        assert row[name] == pytest.approx(123456.789), name

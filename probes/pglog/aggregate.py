@@ -135,6 +135,14 @@ def duration_buckets_us(durations_us: np.ndarray) -> np.ndarray:
     return buckets
 
 
+def bucket_middle_us(bucket_us: int) -> int:
+    """The middle of the histogram bucket whose key (lower edge) is bucket_us."""
+    if bucket_us < EXACT_BELOW_US:
+        return bucket_us
+    step = 10 ** (int(math.floor(math.log10(bucket_us))) - 3)
+    return bucket_us + step // 2
+
+
 class DurationAggregator:
     """Accumulates (fingerprint id, source, minute, duration) blocks into compact partials."""
 
@@ -213,8 +221,11 @@ class DurationAggregator:
                 "parsed": cache.parsed[fp],
                 "example": cache.examples[fp] or None,
             }
+            low_us, high_us = per_query["min_us_min"][index], per_query["max_us_max"][index]
             for name, value in quantiles.get((fp, per_query["source"][index]), {}).items():
-                row[name] = value / 1000.0
+                # A bucket above 100 ms stands for its whole 4-significant-digit step: report its
+                # middle, and never a value outside the exact minimum and maximum.
+                row[name] = min(max(bucket_middle_us(value), low_us), high_us) / 1000.0
             rows.append(row)
         rows.sort(key=lambda row: -row["total_ms"])
         queries = pa.Table.from_pylist(rows, schema=PG_QUERIES_SCHEMA)
