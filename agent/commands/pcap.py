@@ -25,7 +25,7 @@ def pcap(capture_file: Path, out_dir: Path, block_mib: int) -> None:
     """
     from core.host import Host
     from agent.progress import terminal_progress
-    from probes.pcap_analysis import analyse_capture, flows_findings, flows_headlines
+    from probes.pcap_analysis import analyse_capture, capture_findings, flows_findings, flows_headlines
     from probes.pcap_reader import CaptureReader
     from reports.bundle import BundleWriter, ProbeRecord, validate_out_dir
 
@@ -38,7 +38,9 @@ def pcap(capture_file: Path, out_dir: Path, block_mib: int) -> None:
     # Turns beyond a million go to a memory-mapped spill file in DIR (removed as soon as it is
     # mapped), so memory stays bounded by the flows, not by the length of the capture.
     flows, turns, summary = analyse_capture(reader, spill_dir=out_dir)
-    findings = flows_findings(flows, "pcap")
+    import pyarrow as pa
+
+    findings = pa.concat_tables([flows_findings(flows, "pcap"), capture_findings(summary, "pcap")])
     writer = BundleWriter(out_dir, host=Host.real())
     counts = {
         "flows": writer.write_table("flows", flows, "pcap"),
