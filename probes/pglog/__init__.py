@@ -1,4 +1,4 @@
-"""PostgreSQL log analysis: stderr/csvlog/jsonlog (plain, gzip, zstd) -> per-fingerprint latency.
+"""PostgreSQL log analysis: stderr/csvlog/jsonlog (plain, gzip, zstd, bz2) -> per-fingerprint latency.
 
 `analyse_logs(paths, ...)` streams each file in blocks, splits entries without a Python loop per
 line (numpy + Arrow compute: probes/pglog/fastpath.py for stderr prefixes starting with a time,
@@ -31,7 +31,7 @@ from probes.pglog.readers import (BLOCK_BYTES, ParseProblems, csv_entry_batches,
                                  json_entry_batches, open_stream, read_head, resolve_prefix,
                                  stderr_block_entries, stderr_blocks, stderr_line_pattern)
 
-FORMATS = ("auto", "stderr", "csv", "json")
+FORMATS = ("auto", "stderr", "syslog", "csv", "json")
 
 __all__ = ["analyse_logs", "LogAnalysis", "FORMATS", "PG_QUERIES_SCHEMA", "PG_QUERY_MINUTES_SCHEMA",
            "PG_LOG_ERRORS_SCHEMA", "plan_query_text"]

@@ -1,4 +1,4 @@
-"""Streaming readers for PostgreSQL logs: stderr (any prefix), csvlog and jsonlog, plain, gzip or
+"""Streaming readers for PostgreSQL logs: stderr (any prefix), csvlog and jsonlog, plain, gzip, bz2 or
 zstd. Each yields Arrow record batches of *entries* with the same columns, so one vectorised
 aggregation serves every format:
 
@@ -81,6 +81,8 @@ def compression_of(path: Path) -> str | None:
         return "gzip"
     if magic == b"\x28\xb5\x2f\xfd":
         return "zstd"
+    if magic[:3] == b"BZh" and magic[3:4].isdigit():
+        return "bz2"
     return None
 
 
@@ -182,7 +184,7 @@ class SyslogAsStderr:
 
 def detect_format(path: Path, head: bytes) -> str:
     name = path.name.lower()
-    for suffix in (".gz", ".zst", ".zstd"):
+    for suffix in (".gz", ".zst", ".zstd", ".bz2"):
         name = name.removesuffix(suffix)
     if name.endswith(".json"):
         return "json"
@@ -192,7 +194,8 @@ def detect_format(path: Path, head: bytes) -> str:
     if first == b"{":
         return "json"
     first_line = head.split(b"\n", 1)[0]
-    if first_line[:4].isdigit() and first_line.count(b",") >= CSV_MIN_COLUMNS - 1:
+    # csvlog's first field is the time; some shippers (and spreadsheets) quote every field.
+    if first_line.lstrip(b'"')[:4].isdigit() and first_line.count(b",") >= CSV_MIN_COLUMNS - 1:
         return "csv"
     if looks_like_syslog(head):
         return "syslog"

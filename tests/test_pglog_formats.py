@@ -1,0 +1,52 @@
+"""pg-log reads the inputs users really have: bz2, standard input, syslog by --format, csvlog
+with a quoted first field. Every fixture is written here by the test."""
+
+from __future__ import annotations
+
+import bz2
+
+import pyarrow.parquet as pq
+
+STDERR_LOG = "".join(
+    f"2026-12-01 10:00:{i:02d}.000 UTC [{100 + i}] LOG:  duration: {i + 1}.500 ms  statement: SELECT * FROM t WHERE a = {i}\n"
+    for i in range(6))
+
+
+def calls(out) -> int:
+    return sum(pq.read_table(out / "pg_queries.parquet").column("calls").to_pylist())
+
+
+def test_bz2_log(tmp_path, agent_cli):
+    log = tmp_path / "postgresql.log.bz2"
+    log.write_bytes(bz2.compress(STDERR_LOG.encode()))
+    result = agent_cli("pg-log", str(log), "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    assert calls(tmp_path / "out") == 6
+
+
+def test_standard_input(tmp_path, agent_cli):
+    out = tmp_path / "out"
+    result = agent_cli("pg-log", "-", "--out", str(out), input_text=STDERR_LOG)
+    assert result.returncode == 0, result.stderr
+    assert calls(out) == 6
+
+
+def test_syslog_format_option(tmp_path, agent_cli):
+    lines = [f"Dec  1 10:00:{i:02d} db1 postgres[{100 + i}]: [{i + 1}-1] {line}"
+             for i, line in enumerate(STDERR_LOG.splitlines())]
+    log = tmp_path / "messages"
+    log.write_text("\n".join(lines) + "\n")
+    result = agent_cli("pg-log", str(log), "--format", "syslog", "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    assert calls(tmp_path / "out") == 6
+
+
+def test_csvlog_with_quoted_first_field_is_detected(tmp_path, agent_cli):
+    rows = [f'"2026-12-01 10:00:0{i}.000 UTC","u","db",{100 + i},"[local]","s{i}",1,"SELECT","2026-12-01 10:00:00 UTC",'
+            f'3/4,0,"LOG","00000","duration: 1.{i}00 ms  statement: SELECT {i}",,,,,,,,,"psql","client backend",,0'
+            for i in range(4)]
+    log = tmp_path / "postgresql-log"
+    log.write_text("\n".join(rows) + "\n")
+    result = agent_cli("pg-log", str(log), "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    assert calls(tmp_path / "out") == 4
