@@ -31,6 +31,10 @@ def pcap(capture_file: Path, out_dir: Path, block_mib: int) -> None:
 
     if not capture_file.exists():
         raise BadInput(f"{capture_file}: no such file")
+    if not capture_file.is_file():
+        # A FIFO or a pipe (process substitution, /dev/stdin) would block the reader, which
+        # needs the file's size and reads it in blocks: refuse it before anything is written.
+        raise BadInput(f"{capture_file}: not a regular file (a pipe or FIFO?): save the capture to a file first")
     validate_out_dir(out_dir)
     # Opening validates the format and link type before anything is written.
     reader = CaptureReader(capture_file, block_bytes=block_mib << 20,
