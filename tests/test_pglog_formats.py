@@ -50,3 +50,23 @@ def test_csvlog_with_quoted_first_field_is_detected(tmp_path, agent_cli):
     result = agent_cli("pg-log", str(log), "--out", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr
     assert calls(tmp_path / "out") == 4
+
+
+def test_zone_abbreviations_resolved_by_the_tz_database_or_said(tmp_path, agent_cli):
+    log = tmp_path / "zones.log"
+    log.write_text(
+        "2026-07-01 12:10:00.000 CEST [1] LOG:  duration: 1.000 ms  statement: SELECT 1\n"
+        "2026-07-01 13:20:00.000 MSK [2] LOG:  duration: 1.000 ms  statement: SELECT 1\n"
+        "2026-07-01 17:30:00.000 IST [3] LOG:  duration: 1.000 ms  statement: SELECT 1\n")
+    out = tmp_path / "out"
+    result = agent_cli("pg-log", str(log), "--prefix", "%m [%p] ", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    minutes = sorted((row["minute"].hour, row["minute"].minute)
+                     for row in pq.read_table(out / "pg_query_minutes.parquet").to_pylist())
+    # CEST = UTC+2, MSK = UTC+3; IST means India, Ireland or Israel: kept as UTC and said so.
+    assert minutes == [(10, 10), (10, 20), (17, 30)]
+    assert "IST" in result.stderr and "taken as UTC" in result.stderr
+    import json
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["pg_log"]["unknown_zones_assumed_utc"] == ["IST"]

@@ -117,6 +117,10 @@ def _pg_log(obj, files, out_dir, log_format, prefix, keep_literals, top_count) -
         if verbose:
             for example in problem["examples"]:
                 click.echo(f"      {example}", err=True)
+    if analysis.unknown_zones:
+        click.echo(f"  time zone(s) {', '.join(analysis.unknown_zones)} not in the tz database or ambiguous: "
+                   "their times are taken as UTC (said in the manifest as unknown_zones_assumed_utc); "
+                   "set log_timezone = 'UTC' or use %z offsets", err=True)
     if analysis.durations_counted == 0:
         click.echo("  no statement durations found: is log_min_duration_statement set (0 logs every "
                    "statement, N logs those slower than N ms)?", err=True)

@@ -78,7 +78,35 @@ def zone_offset_s(zone: str) -> int | None:
         offset = datetime(2000, 1, 1, tzinfo=ZoneInfo(zone)).utcoffset()
         return int(offset.total_seconds()) if offset is not None else None
     except Exception:
-        return None
+        return abbreviation_offsets_s().get(zone)
+
+
+_ABBREVIATIONS: dict[str, int] | None = None
+
+
+def abbreviation_offsets_s() -> dict[str, int]:
+    """Zone abbreviations (CEST, MSK, EEST, JST...) that mean one UTC offset in every zone of the
+    system's tz database over recent years (January and July of 2020-2026). Abbreviations that
+    mean several offsets (IST: India, Ireland, Israel; CST: America, China) are left out, so
+    they are reported as unknown instead of being guessed."""
+    global _ABBREVIATIONS
+    if _ABBREVIATIONS is None:
+        from zoneinfo import ZoneInfo, available_timezones
+
+        offsets: dict[str, set[int]] = {}
+        for name in available_timezones():
+            try:
+                zone = ZoneInfo(name)
+            except Exception:
+                continue
+            for year in range(2020, 2027):
+                for month in (1, 7):
+                    moment = datetime(year, month, 15, 12, tzinfo=zone)
+                    abbreviation, offset = moment.tzname(), moment.utcoffset()
+                    if abbreviation and abbreviation[0].isalpha() and offset is not None:
+                        offsets.setdefault(abbreviation, set()).add(int(offset.total_seconds()))
+        _ABBREVIATIONS = {abbreviation: found.pop() for abbreviation, found in offsets.items() if len(found) == 1}
+    return _ABBREVIATIONS
 
 
 class MinuteResolver:
