@@ -6,6 +6,7 @@ from __future__ import annotations
 import bz2
 
 import pyarrow.parquet as pq
+import pytest
 
 STDERR_LOG = "".join(
     f"2026-12-01 10:00:{i:02d}.000 UTC [{100 + i}] LOG:  duration: {i + 1}.500 ms  statement: SELECT * FROM t WHERE a = {i}\n"
@@ -70,3 +71,15 @@ def test_zone_abbreviations_resolved_by_the_tz_database_or_said(tmp_path, agent_
 
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["pg_log"]["unknown_zones_assumed_utc"] == ["IST"]
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_rds_prefix_zone_does_not_swallow_the_next_field(tmp_path, fast):
+    from probes.pglog import analyse_logs
+
+    log = tmp_path / "rds.log"
+    log.write_text("2026-11-24 03:10:00 CET:10.0.0.5(51234):app@trading:[5101]:LOG:  duration: 0.300 ms  "
+                   "statement: SELECT 1\n")
+    analysis = analyse_logs([log], prefix="%t:%r:%u@%d:[%p]:", fast=fast)
+    assert analysis.unknown_zones == []
+    assert [(m["minute"].hour, m["minute"].minute) for m in analysis.minutes.to_pylist()] == [(2, 10)]
