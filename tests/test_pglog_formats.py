@@ -83,3 +83,33 @@ def test_rds_prefix_zone_does_not_swallow_the_next_field(tmp_path, fast):
     analysis = analyse_logs([log], prefix="%t:%r:%u@%d:[%p]:", fast=fast)
     assert analysis.unknown_zones == []
     assert [(m["minute"].hour, m["minute"].minute) for m in analysis.minutes.to_pylist()] == [(2, 10)]
+
+
+def test_cloudnativepg_wrapped_records_are_read(tmp_path, agent_cli):
+    import json
+
+    lines = [json.dumps({"level": "info", "ts": "2026-12-01T10:00:0%dZ" % i, "logger": "postgres", "msg": "record",
+                         "logging_pod": "cluster-1", "record": {
+                             "log_time": f"2026-12-01 10:00:0{i}.000 UTC", "user_name": "app", "database_name": "db",
+                             "process_id": str(300 + i), "error_severity": "LOG", "sql_state_code": "00000",
+                             "message": f"duration: 2.500 ms  statement: SELECT * FROM t WHERE a = {i}"}})
+             for i in range(5)]
+    log = tmp_path / "cnpg.json"
+    log.write_text("\n".join(lines) + "\n")
+    result = agent_cli("pg-log", str(log), "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    assert calls(tmp_path / "out") == 5
+
+
+def test_other_json_objects_exit_2_with_one_line(tmp_path, agent_cli):
+    import json
+
+    log = tmp_path / "cloudsql.json"
+    log.write_text("\n".join(json.dumps({"textPayload": f"[{i}]: db=x LOG:  duration: 1.000 ms  statement: SELECT 1",
+                                         "severity": "INFO", "timestamp": "2026-12-01T10:00:00Z"})
+                             for i in range(3)) + "\n")
+    result = agent_cli("pg-log", str(log), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert "neither PostgreSQL's jsonlog nor CloudNativePG" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -395,8 +395,37 @@ def _message_entries(log_time, message, lines, problems: ParseProblems, severity
 
 
 # -- jsonlog -------------------------------------------------------------------------------------
+# CloudNativePG wraps each of the server's records in its own JSON line:
+# {"level":"info","ts":...,"logger":"postgres","msg":"record","record":{"log_time":...,
+#  "process_id":"123","error_severity":"LOG","message":"duration: ..."}}
+CLOUDNATIVEPG_RECORD = pa.struct([("log_time", pa.string()), ("process_id", pa.string()),
+                                  ("error_severity", pa.string()), ("message", pa.string())])
 JSON_SCHEMA = pa.schema([("timestamp", pa.string()), ("pid", pa.int64()), ("error_severity", pa.string()),
-                         ("message", pa.string())])
+                         ("message", pa.string()), ("record", CLOUDNATIVEPG_RECORD)])
+
+
+def _unwrap_cloudnativepg(table: pa.Table) -> pa.Table:
+    """Rows of CloudNativePG's wrapped records take their fields from the record; any other JSON
+    object without PostgreSQL's jsonlog fields (Cloud SQL, a shipper's own) is refused."""
+    record = table.column("record").combine_chunks()
+    wrapped = pc.invert(pc.is_null(record))
+    if pc.any(wrapped).as_py():
+        fields = record.flatten()
+        names = [field.name for field in CLOUDNATIVEPG_RECORD]
+        by_name = dict(zip(names, fields))
+        pid = pc.cast(by_name["process_id"], pa.int64(), safe=False) if len(record) else by_name["process_id"]
+        table = pa.table({
+            "timestamp": pc.if_else(wrapped, by_name["log_time"], table.column("timestamp").combine_chunks()),
+            "pid": pc.if_else(wrapped, pid, table.column("pid").combine_chunks()),
+            "error_severity": pc.if_else(wrapped, by_name["error_severity"],
+                                         table.column("error_severity").combine_chunks()),
+            "message": pc.if_else(wrapped, by_name["message"], table.column("message").combine_chunks()),
+        })
+    if table.num_rows and table.column("message").null_count == table.num_rows:
+        raise BadInput("JSON objects that are neither PostgreSQL's jsonlog nor CloudNativePG records "
+                       "(no 'message' field); point pg-log at the server's own log (stderr, csvlog "
+                       "or jsonlog)")
+    return table
 
 
 def json_entry_batches(stream, problems: ParseProblems, block_bytes: int = BLOCK_BYTES) -> Iterator[pa.Table]:
@@ -420,6 +449,7 @@ def json_entry_batches(stream, problems: ParseProblems, block_bytes: int = BLOCK
                 raise BadInput("not a jsonlog file: no line of the first block is a JSON object "
                                "(use --format stderr or csv)") from None
         line_base += line_count
+        table = _unwrap_cloudnativepg(table)
         if table.num_rows:
             yield _message_entries(table.column("timestamp"), table.column("message"), lines, problems,
                                    table.column("error_severity"), table.column("pid"))
