@@ -407,6 +407,10 @@ class CaptureReader:
                 break
             if code == 9 and length >= 1:
                 resolution = buffer[option + 4]
+                # Units finer than 2^-62 s or 10^-18 s would overflow the int64 arithmetic below
+                # and no clock ticks that fast: a corrupt or hostile option, said as such.
+                if (resolution & 0x80 and resolution & 0x7F > 62) or (not resolution & 0x80 and resolution > 18):
+                    raise self._corrupt(position, base_offset, f"unsupported if_tsresol {resolution:#04x}")
                 if resolution & 0x80:  # power of two
                     multiplier, divisor = 1_000_000_000, 1 << (resolution & 0x7F)
                 elif resolution <= 9:

@@ -79,3 +79,20 @@ def test_fifo_is_refused_without_hanging(tmp_path, agent_cli):
     assert result.returncode == 2
     assert "not a regular file" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("resolution", [0xFF, 0x7F, 0xBF, 19])
+def test_extreme_if_tsresol_is_one_line_exit_2(tmp_path, cli_runner, resolution):
+    packets = build.conversation("10.0.0.1", "10.0.0.2", 40000, 5432, [((10,), 100)] * 2)
+    data = build.write_pcapng(tmp_path / "base.pcapng", build.framed(packets)).read_bytes()
+    section_length = struct.unpack_from("<I", data, 4)[0]
+    # An interface block with an if_tsresol option, replacing scapy's plain one.
+    options = struct.pack("<HHB3x", 9, 1, resolution) + struct.pack("<HH", 0, 0)
+    body = struct.pack("<HHI", 1, 0, 65535) + options
+    interface = struct.pack("<II", 1, 12 + len(body)) + body + struct.pack("<I", 12 + len(body))
+    old_length = struct.unpack_from("<I", data, section_length + 4)[0]
+    path = tmp_path / "tsresol.pcapng"
+    path.write_bytes(data[:section_length] + interface + data[section_length + old_length:])
+    result = cli_runner.invoke(["pcap", str(path), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert "if_tsresol" in result.output and "Traceback" not in result.output
