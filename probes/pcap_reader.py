@@ -313,6 +313,9 @@ class CaptureReader:
                     if len(packet_offsets):
                         yield self._pcapng_block(data, storage, packet_offsets, interface_ids, base_offset,
                                                  base_offset + position)
+                    if isinstance(stop_reason, tuple):
+                        _, bad_position, why = stop_reason
+                        raise self._corrupt(bad_position, base_offset, why)
                     following = None
                     if stop_reason == "section":
                         following = self._read_section_header(storage, position, valid, base_offset)
@@ -327,7 +330,9 @@ class CaptureReader:
 
     def _walk_pcapng(self, buffer: bytearray, position: int, end: int, base_offset: int):
         """Walk blocks from `position`; stop before a section or interface block (handled in
-        Python, rarely) or at the first incomplete block. Returns EPB offsets + interface ids."""
+        Python, rarely) or at the first incomplete block. Returns EPB offsets + interface ids;
+        at a corrupt block the stop reason is ("corrupt", position, why), raised by the caller
+        only after the good packets before it were yielded."""
         header = struct.Struct(self._endian + "II").unpack_from
         offsets = array.array("q")
         interface_ids = array.array("q")
@@ -341,15 +346,17 @@ class CaptureReader:
                 stop = "section"
                 break
             if block_length < 12 or block_length & 3:
-                raise self._corrupt(position, base_offset, f"bad block length {block_length}")
+                stop = ("corrupt", position, f"bad block length {block_length}")
+                break
             if position + block_length > end:
                 if block_length > MAXIMUM_BLOCK_BYTES:
-                    raise self._corrupt(position, base_offset, f"block length {block_length} too large")
+                    stop = ("corrupt", position, f"block length {block_length} too large")
                 break
             if block_type == PCAPNG_EPB:
                 interface = header(buffer, position + 8)[0]
                 if interface >= interface_count:
-                    raise self._corrupt(position, base_offset, f"packet names undefined interface {interface}")
+                    stop = ("corrupt", position, f"packet names undefined interface {interface}")
+                    break
                 append(position)
                 append_interface(interface)
             elif block_type == PCAPNG_IDB:

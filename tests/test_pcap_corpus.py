@@ -96,3 +96,25 @@ def test_extreme_if_tsresol_is_one_line_exit_2(tmp_path, cli_runner, resolution)
     result = cli_runner.invoke(["pcap", str(path), "--out", str(tmp_path / "out")])
     assert result.exit_code == 2, result.output
     assert "if_tsresol" in result.output and "Traceback" not in result.output
+
+
+def test_corrupt_pcapng_block_keeps_the_good_packets_before_it(tmp_path):
+    from probes.pcap_analysis import analyse_capture
+    from probes.pcap_reader import CaptureReader
+
+    packets = build.conversation("10.0.0.1", "10.0.0.2", 40000, 5432, [((10,), 100)] * 20)
+    data = bytearray(build.write_pcapng(tmp_path / "base.pcapng", build.framed(packets)).read_bytes())
+    # Walk to the 30th packet block and break its length; one read block holds the whole file.
+    position, seen = 0, 0
+    while seen < 30:
+        block_type, length = struct.unpack_from("<II", data, position)
+        seen += block_type == 6
+        if seen < 30:
+            position += length
+    struct.pack_into("<I", data, position + 4, 13)
+    path = tmp_path / "corrupt.pcapng"
+    path.write_bytes(bytes(data))
+    _, _, summary = analyse_capture(CaptureReader(path, block_bytes=64 << 20))
+    assert summary.partial and summary.error_offset == position
+    assert summary.packets == 29
+    assert "29 packets before it" in summary.error
