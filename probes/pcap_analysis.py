@@ -31,7 +31,8 @@ import numpy as np
 import pyarrow as pa
 
 from probes.base import finding, findings_table
-from probes.pcap_reader import CaptureCorrupt, CaptureReader, TcpHeaders, decode_tcp, linktype_name
+from probes.pcap_reader import (MAXIMUM_WIRE_BYTES, CaptureCorrupt, CaptureReader, TcpHeaders, decode_tcp,
+                                linktype_name)
 
 FLOWS_SCHEMA = pa.schema([
     pa.field("flow", pa.int64(), nullable=False),
@@ -170,6 +171,8 @@ class CaptureSummary:
     packets: int = 0
     tcp_packets: int = 0
     other_packets: int = 0
+    impossible_wire_lengths: int = 0
+    ip_lengths_beyond_wire: int = 0
     flows: int = 0
     turns: int = 0
     seconds: float = 0.0
@@ -660,6 +663,8 @@ def analyse_capture(reader: CaptureReader, spill_dir: Path | None = None,
             headers = decode_tcp(block)
             summary.tcp_packets += len(headers.ts_ns)
             summary.other_packets += headers.other_packets
+            summary.impossible_wire_lengths += headers.impossible_wire_lengths
+            summary.ip_lengths_beyond_wire += headers.ip_lengths_beyond_wire
             analyzer.add(headers)
     except CaptureCorrupt as error:
         summary.partial = True
@@ -704,6 +709,25 @@ def flows_findings(flows: pa.Table, probe: str) -> pa.Table:
                 probe, "info", f"{notable.num_rows - MAX_FLOW_FINDINGS} more flows",
                 f"{notable.num_rows - MAX_FLOW_FINDINGS} more flows with {column} (see the flows table)",
                 f"query flows where {column} > 0"))
+    return findings_table(rows)
+
+
+def capture_findings(summary: CaptureSummary, probe: str) -> pa.Table:
+    """What the reader clamped instead of counting a wrong number."""
+    rows = []
+    if summary.impossible_wire_lengths:
+        rows.append(finding(
+            probe, "warning", summary.path,
+            f"{summary.impossible_wire_lengths} packets claim an original length beyond "
+            f"{MAXIMUM_WIRE_BYTES} bytes; counted at their IP length",
+            "the capture is corrupt or was rewritten by a tool: check how it was produced"))
+    if summary.ip_lengths_beyond_wire:
+        rows.append(finding(
+            probe, "info", summary.path,
+            f"{summary.ip_lengths_beyond_wire} packets have an IP length longer than the frame "
+            "on the wire; their payload is bounded by the wire length",
+            "bogus IP lengths come from corrupt captures or broken offloads; flows and "
+            "retransmissions count only the bytes on the wire"))
     return findings_table(rows)
 
 

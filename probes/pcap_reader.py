@@ -58,6 +58,9 @@ KNOWN_UNSUPPORTED = {105: "IEEE 802.11", 127: "802.11 radiotap", 9: "PPP", 192: 
 # Largest record we believe: libpcap's own MAXIMUM_SNAPLEN. A bigger length means corruption.
 MAXIMUM_SNAPLEN = 262144
 DEFAULT_BLOCK_BYTES = 8 << 20
+# Largest frame an original length may claim: IPv6 BIG TCP GSO frames reach 512 KiB (Linux 6.3
+# gso_max_size); anything beyond 16 MiB is a corrupt record, not a frame.
+MAXIMUM_WIRE_BYTES = 16 << 20
 # Largest pcapng block we accept (a packet block holds at most one MAXIMUM_SNAPLEN packet plus
 # options); anything bigger is treated as corruption rather than buffered.
 MAXIMUM_BLOCK_BYTES = 4 << 20
@@ -310,6 +313,9 @@ class CaptureReader:
                     if len(packet_offsets):
                         yield self._pcapng_block(data, storage, packet_offsets, interface_ids, base_offset,
                                                  base_offset + position)
+                    if isinstance(stop_reason, tuple):
+                        _, bad_position, why = stop_reason
+                        raise self._corrupt(bad_position, base_offset, why)
                     following = None
                     if stop_reason == "section":
                         following = self._read_section_header(storage, position, valid, base_offset)
@@ -324,7 +330,9 @@ class CaptureReader:
 
     def _walk_pcapng(self, buffer: bytearray, position: int, end: int, base_offset: int):
         """Walk blocks from `position`; stop before a section or interface block (handled in
-        Python, rarely) or at the first incomplete block. Returns EPB offsets + interface ids."""
+        Python, rarely) or at the first incomplete block. Returns EPB offsets + interface ids;
+        at a corrupt block the stop reason is ("corrupt", position, why), raised by the caller
+        only after the good packets before it were yielded."""
         header = struct.Struct(self._endian + "II").unpack_from
         offsets = array.array("q")
         interface_ids = array.array("q")
@@ -338,15 +346,17 @@ class CaptureReader:
                 stop = "section"
                 break
             if block_length < 12 or block_length & 3:
-                raise self._corrupt(position, base_offset, f"bad block length {block_length}")
+                stop = ("corrupt", position, f"bad block length {block_length}")
+                break
             if position + block_length > end:
                 if block_length > MAXIMUM_BLOCK_BYTES:
-                    raise self._corrupt(position, base_offset, f"block length {block_length} too large")
+                    stop = ("corrupt", position, f"block length {block_length} too large")
                 break
             if block_type == PCAPNG_EPB:
                 interface = header(buffer, position + 8)[0]
                 if interface >= interface_count:
-                    raise self._corrupt(position, base_offset, f"packet names undefined interface {interface}")
+                    stop = ("corrupt", position, f"packet names undefined interface {interface}")
+                    break
                 append(position)
                 append_interface(interface)
             elif block_type == PCAPNG_IDB:
@@ -404,6 +414,10 @@ class CaptureReader:
                 break
             if code == 9 and length >= 1:
                 resolution = buffer[option + 4]
+                # Units finer than 2^-62 s or 10^-18 s would overflow the int64 arithmetic below
+                # and no clock ticks that fast: a corrupt or hostile option, said as such.
+                if (resolution & 0x80 and resolution & 0x7F > 62) or (not resolution & 0x80 and resolution > 18):
+                    raise self._corrupt(position, base_offset, f"unsupported if_tsresol {resolution:#04x}")
                 if resolution & 0x80:  # power of two
                     multiplier, divisor = 1_000_000_000, 1 << (resolution & 0x7F)
                 elif resolution <= 9:
@@ -466,6 +480,8 @@ class TcpHeaders:
     flags: np.ndarray  # int64
     payload_bytes: np.ndarray  # int64, from the IP length (snap length does not shorten it)
     other_packets: int  # packets that are not decodable TCP (ARP, UDP, fragments, cut headers)
+    impossible_wire_lengths: int = 0  # original length beyond MAXIMUM_WIRE_BYTES: clamped
+    ip_lengths_beyond_wire: int = 0  # IP length longer than the frame on the wire: clamped
 
 
 def _link_layer(block: PacketBlock, be16: np.ndarray, be32: np.ndarray, le32: np.ndarray,
@@ -574,7 +590,14 @@ def decode_tcp(block: PacketBlock) -> TcpHeaders:
             l4_v6 = np.where(extension, l4_v6 + length, l4_v6)
         keep_v6 = usable & (next_header == 6)
         rows_v6, l3_v6, l4_v6 = rows_v6[keep_v6], l3_v6[keep_v6], np.minimum(l4_v6[keep_v6], limit - 16)
-        ip_payload_v6 = payload_v6[keep_v6] - (l4_v6 - l3_v6 - 40)
+        payload_v6 = payload_v6[keep_v6]
+        # IPv6 BIG TCP (Linux 5.19+): a GSO frame over 64 KiB says payload length 0 (with or
+        # without the RFC 2675 jumbo option, depending on the kernel): its size is on the wire.
+        jumbo = payload_v6 == 0
+        if jumbo.any():
+            wire_v6 = block.wire_bytes[rows_v6] - (l3_v6 - block.data_offset[rows_v6]) - 40
+            payload_v6 = np.where(jumbo, np.maximum(wire_v6, 0), payload_v6)
+        ip_payload_v6 = payload_v6 - (l4_v6 - l3_v6 - 40)
         src_high_v6, src_low_v6 = be64[l3_v6 + 8], be64[l3_v6 + 16]
         dst_high_v6, dst_low_v6 = be64[l3_v6 + 24], be64[l3_v6 + 32]
 
@@ -602,6 +625,19 @@ def decode_tcp(block: PacketBlock) -> TcpHeaders:
         rows, l4, ip_payload = rows[whole], l4[whole], ip_payload[whole]
         src_low, dst_low, src_high, dst_high = src_low[whole], dst_low[whole], src_high[whole], dst_high[whole]
         is_v4_row = None if is_v4_row is None else is_v4_row[whole]
+    wire_bytes = block.wire_bytes[rows]
+    l4_at = l4 - block.data_offset[rows]
+    # An original length no link can carry (0xFFFFFFFF...) is corruption: the frame is taken
+    # as long as its IP header says, and counted so the report says so.
+    impossible_wire = wire_bytes > MAXIMUM_WIRE_BYTES
+    if impossible_wire.any():
+        wire_bytes = np.where(impossible_wire, l4_at + np.maximum(ip_payload, 0), wire_bytes)
+    # The frame's length on the wire bounds the payload: a bogus IP length cannot add bytes
+    # that were never sent. Headers-only captures keep the IP length (the wire length is the
+    # original one, not the snap length).
+    on_wire = wire_bytes - l4_at
+    length_beyond_wire = ip_payload > on_wire
+    ip_payload = np.minimum(ip_payload, on_wire)
     ports = be32[l4]
     sequence = be64[l4 + 4]
     offset_flags = be16[l4 + 12]
@@ -609,7 +645,7 @@ def decode_tcp(block: PacketBlock) -> TcpHeaders:
     return TcpHeaders(
         packet_number=rows + block.first_packet_number,
         ts_ns=block.ts_ns[rows],
-        wire_bytes=block.wire_bytes[rows],
+        wire_bytes=wire_bytes,
         ip_version=np.full(len(rows), 4, np.uint8) if is_v4_row is None else np.where(is_v4_row, 4, 6).astype(np.uint8),
         src_high=src_high,
         src_low=src_low,
@@ -622,4 +658,6 @@ def decode_tcp(block: PacketBlock) -> TcpHeaders:
         flags=(offset_flags & 0xFF).astype(np.int64),
         payload_bytes=np.maximum(ip_payload - tcp_header, 0),
         other_packets=int(count - len(rows)),
+        impossible_wire_lengths=int(impossible_wire.sum()),
+        ip_lengths_beyond_wire=int(length_beyond_wire.sum()),
     )

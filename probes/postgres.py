@@ -672,7 +672,7 @@ def _own_fingerprints() -> set[str]:
 
 def _fingerprint(query: str) -> tuple[str | None, str]:
     """Same fingerprint as the pg-log command, so both sources join on it."""
-    from agent.pglog.fingerprint import fingerprint_statement
+    from probes.pglog.fingerprint import fingerprint_statement
 
     fingerprint, normalised, _ = fingerprint_statement(query)
     return fingerprint, normalised

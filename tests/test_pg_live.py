@@ -82,8 +82,8 @@ def test_pg_log_formats_agree_on_live_logs(pg, tmp_path, agent_cli):
 
 
 def test_log_fingerprints_join_pg_stat_statements(pg, tmp_path):
-    from agent.pglog import analyse_logs
-    from agent.pglog.fingerprint import fingerprint_statement
+    from probes.pglog import analyse_logs
+    from probes.pglog.fingerprint import fingerprint_statement
 
     pg.mark_logs()
     logged = {r["fingerprint"]: r for r in analyse_logs([pg.log_paths()["csv"]]).queries.to_pylist()}

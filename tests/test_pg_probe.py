@@ -26,7 +26,7 @@ def statement(queryid, calls, total, query="SELECT * FROM t WHERE a = $1", **ext
 
 
 def test_statement_deltas_only_what_ran_in_the_window():
-    from agent.pglog.fingerprint import fingerprint_statement
+    from probes.pglog.fingerprint import fingerprint_statement
 
     start = [statement(1, 100, 50.0), statement(2, 7, 3.0, query="SELECT 1")]
     end = [statement(1, 130, 80.5), statement(2, 7, 3.0, query="SELECT 1"),

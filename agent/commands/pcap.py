@@ -27,12 +27,16 @@ def pcap(capture_file: Path, out_dir: Path, block_mib: int, no_html: bool = Fals
     """
     from core.host import Host
     from agent.progress import terminal_progress
-    from probes.pcap_analysis import analyse_capture, flows_findings, flows_headlines
+    from probes.pcap_analysis import analyse_capture, capture_findings, flows_findings, flows_headlines
     from probes.pcap_reader import CaptureReader
     from reports.bundle import BundleWriter, ProbeRecord, validate_out_dir
 
     if not capture_file.exists():
         raise BadInput(f"{capture_file}: no such file")
+    if not capture_file.is_file():
+        # A FIFO or a pipe (process substitution, /dev/stdin) would block the reader, which
+        # needs the file's size and reads it in blocks: refuse it before anything is written.
+        raise BadInput(f"{capture_file}: not a regular file (a pipe or FIFO?): save the capture to a file first")
     validate_out_dir(out_dir)
     # Opening validates the format and link type before anything is written.
     reader = CaptureReader(capture_file, block_bytes=block_mib << 20,
@@ -40,7 +44,9 @@ def pcap(capture_file: Path, out_dir: Path, block_mib: int, no_html: bool = Fals
     # Turns beyond a million go to a memory-mapped spill file in DIR (removed as soon as it is
     # mapped), so memory stays bounded by the flows, not by the length of the capture.
     flows, turns, summary = analyse_capture(reader, spill_dir=out_dir)
-    findings = flows_findings(flows, "pcap")
+    import pyarrow as pa
+
+    findings = pa.concat_tables([flows_findings(flows, "pcap"), capture_findings(summary, "pcap")])
     writer = BundleWriter(out_dir, host=Host.real())
     counts = {
         "flows": writer.write_table("flows", flows, "pcap"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,27 +27,56 @@ from core.errors import BadInput
 @click.pass_obj
 def pg_log(obj, files, out_dir, log_format, prefix, keep_literals, top_count, no_html=False) -> int:
     """Slow-query log analysis: per-fingerprint calls, total and p50/p99/p99.9/max at microsecond
-    resolution from stderr (any log_line_prefix), syslog, csvlog or jsonlog files, plain, gzip or zstd.
+    resolution from stderr (any log_line_prefix), syslog, csvlog or jsonlog files, plain, gzip,
+    bz2 or zstd; FILE `-` reads standard input.
 
     \b
     Writes pg_queries, pg_query_minutes and pg_log_errors. Lines that could not be used are
     counted in pg_log_errors (never silently dropped); literals never reach the bundle unless
     --keep-literals. Exit 0 done, 1 failed, 2 bad input.
     """
-    from core.host import Host
-    from agent.pglog import analyse_logs
-    from reports.bundle import BundleWriter, ProbeRecord, validate_out_dir
+    from reports.bundle import validate_out_dir
 
     if top_count < 0:
         raise BadInput(f"--top must be >= 0, not {top_count}")
+    if sum(str(path) == "-" for path in files) > 1:
+        raise BadInput("- (standard input) can be given once")
+    check_files([path for path in files if str(path) != "-"])
+    if prefix is not None and log_format not in ("auto", "stderr", "syslog"):
+        raise BadInput("--prefix only applies to stderr and syslog logs")
+    validate_out_dir(out_dir)
+    with tempfile.TemporaryDirectory(prefix="guardian-pglog-stdin-") as spool_dir:
+        files = [spool_stdin(Path(spool_dir)) if str(path) == "-" else path for path in files]
+        return _pg_log(obj, files, out_dir, log_format, prefix, keep_literals, top_count)
+
+
+def check_files(files) -> None:
     for path in files:
         if not path.exists():
             raise BadInput(f"{path}: no such file")
         if not path.is_file():
             raise BadInput(f"{path}: not a regular file")
-    if prefix is not None and log_format not in ("auto", "stderr", "syslog"):
-        raise BadInput("--prefix only applies to stderr and syslog logs")
-    validate_out_dir(out_dir)
+
+
+def spool_stdin(spool_dir: Path) -> Path:
+    """The log is read twice (format and prefix detection on its head, then the stream), so
+    standard input is copied to a temporary file first, in 1 MiB pieces (memory stays flat)."""
+    import shutil
+    import sys
+
+    if sys.stdin is None or sys.stdin.isatty():
+        raise BadInput("-: standard input is a terminal; pipe a log into it (e.g. zcat log.gz | ... pg-log -)")
+    path = spool_dir / "stdin"
+    with open(path, "wb") as spool:
+        shutil.copyfileobj(sys.stdin.buffer, spool, 1 << 20)
+    return path
+
+
+def _pg_log(obj, files, out_dir, log_format, prefix, keep_literals, top_count) -> int:
+    from core.host import Host
+    from probes.pglog import analyse_logs
+    from reports.bundle import BundleWriter
+
     refuse_foreign_language(files)
     # The byte-progress line the pcap command draws (one stderr line, terminal only).
     from agent.progress import terminal_progress
@@ -63,6 +93,8 @@ def pg_log(obj, files, out_dir, log_format, prefix, keep_literals, top_count, no
         "pg_query_minutes": writer.write_table("pg_query_minutes", analysis.minutes, "pg-log"),
         "pg_log_errors": writer.write_table("pg_log_errors", analysis.errors, "pg-log"),
     }
+    from reports.bundle import ProbeRecord
+
     writer.add_probe(ProbeRecord("pg-log", "ok", "", counts, seconds))
     writer.finish(extra={"source": "pg-log", "pg_log": analysis.summary()})
 
@@ -87,6 +119,10 @@ def pg_log(obj, files, out_dir, log_format, prefix, keep_literals, top_count, no
         if verbose:
             for example in problem["examples"]:
                 click.echo(f"      {example}", err=True)
+    if analysis.unknown_zones:
+        click.echo(f"  time zone(s) {', '.join(analysis.unknown_zones)} not in the tz database or ambiguous: "
+                   "their times are taken as UTC (said in the manifest as unknown_zones_assumed_utc); "
+                   "set log_timezone = 'UTC' or use %z offsets", err=True)
     if analysis.durations_counted == 0:
         click.echo("  no statement durations found: is log_min_duration_statement set (0 logs every "
                    "statement, N logs those slower than N ms)?", err=True)
@@ -98,7 +134,7 @@ def pg_log(obj, files, out_dir, log_format, prefix, keep_literals, top_count, no
 def refuse_foreign_language(files) -> None:
     """Logs whose durations are in another language would parse to nothing: say so up front
     (exit 2, nothing written) instead of reporting zero executions."""
-    from agent.pglog.readers import foreign_durations
+    from probes.pglog.readers import foreign_durations
 
     for path in files:
         found = foreign_durations(path)

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from agent.pglog.fingerprint import FingerprintCache
+from probes.pglog.fingerprint import FingerprintCache
 
 SOURCE_STATEMENT, SOURCE_PLAN = 0, 1
 COUNTED_KINDS = ("statement", "execute")
@@ -78,7 +78,35 @@ def zone_offset_s(zone: str) -> int | None:
         offset = datetime(2000, 1, 1, tzinfo=ZoneInfo(zone)).utcoffset()
         return int(offset.total_seconds()) if offset is not None else None
     except Exception:
-        return None
+        return abbreviation_offsets_s().get(zone)
+
+
+_ABBREVIATIONS: dict[str, int] | None = None
+
+
+def abbreviation_offsets_s() -> dict[str, int]:
+    """Zone abbreviations (CEST, MSK, EEST, JST...) that mean one UTC offset in every zone of the
+    system's tz database over recent years (January and July of 2020-2026). Abbreviations that
+    mean several offsets (IST: India, Ireland, Israel; CST: America, China) are left out, so
+    they are reported as unknown instead of being guessed."""
+    global _ABBREVIATIONS
+    if _ABBREVIATIONS is None:
+        from zoneinfo import ZoneInfo, available_timezones
+
+        offsets: dict[str, set[int]] = {}
+        for name in available_timezones():
+            try:
+                zone = ZoneInfo(name)
+            except Exception:
+                continue
+            for year in range(2020, 2027):
+                for month in (1, 7):
+                    moment = datetime(year, month, 15, 12, tzinfo=zone)
+                    abbreviation, offset = moment.tzname(), moment.utcoffset()
+                    if abbreviation and abbreviation[0].isalpha() and offset is not None:
+                        offsets.setdefault(abbreviation, set()).add(int(offset.total_seconds()))
+        _ABBREVIATIONS = {abbreviation: found.pop() for abbreviation, found in offsets.items() if len(found) == 1}
+    return _ABBREVIATIONS
 
 
 class MinuteResolver:
@@ -133,6 +161,14 @@ def duration_buckets_us(durations_us: np.ndarray) -> np.ndarray:
         step = 10 ** (np.floor(np.log10(values)).astype(np.int64) - 3)
         buckets[large] = (values // step) * step
     return buckets
+
+
+def bucket_middle_us(bucket_us: int) -> int:
+    """The middle of the histogram bucket whose key (lower edge) is bucket_us."""
+    if bucket_us < EXACT_BELOW_US:
+        return bucket_us
+    step = 10 ** (int(math.floor(math.log10(bucket_us))) - 3)
+    return bucket_us + step // 2
 
 
 class DurationAggregator:
@@ -213,8 +249,11 @@ class DurationAggregator:
                 "parsed": cache.parsed[fp],
                 "example": cache.examples[fp] or None,
             }
+            low_us, high_us = per_query["min_us_min"][index], per_query["max_us_max"][index]
             for name, value in quantiles.get((fp, per_query["source"][index]), {}).items():
-                row[name] = value / 1000.0
+                # A bucket above 100 ms stands for its whole 4-significant-digit step: report its
+                # middle, and never a value outside the exact minimum and maximum.
+                row[name] = min(max(bucket_middle_us(value), low_us), high_us) / 1000.0
             rows.append(row)
         rows.sort(key=lambda row: -row["total_ms"])
         queries = pa.Table.from_pylist(rows, schema=PG_QUERIES_SCHEMA)

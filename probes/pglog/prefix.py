@@ -18,8 +18,10 @@ SEVERITY_PATTERN = "(?P<severity>" + "|".join(SEVERITIES) + "):  "
 
 # Time escapes capture the minute and the zone separately: the per-minute series only needs the
 # minute, and the zone is converted once per distinct value, not once per line.
-_TIME_WITH_MS = (r"(?P<minute>\d{4}-\d\d-\d\d \d\d:\d\d):\d\d\.\d+ (?P<zone>[A-Za-z0-9+:-]+)")
-_TIME_NO_MS = (r"(?P<minute>\d{4}-\d\d-\d\d \d\d:\d\d):\d\d (?P<zone>[A-Za-z0-9+:-]+)")
+_TIME_WITH_MS = (r"(?P<minute>\d{4}-\d\d-\d\d \d\d:\d\d):\d\d\.\d+ (?P<zone>[A-Za-z0-9+-]+)")
+_TIME_NO_MS = (r"(?P<minute>\d{4}-\d\d-\d\d \d\d:\d\d):\d\d (?P<zone>[A-Za-z0-9+-]+)")
+# The server prints the zone with pg_strftime's %Z: an abbreviation or a tzdata numeric one
+# ("+0530", "-03"), never a colon, so a prefix like RDS's '%t:%r:' ends the zone at the ':'.
 _EPOCH = r"(?P<epoch>\d+)\.\d+"
 # Free-text escapes (user, database, application...) match lazily up to the next literal; none of
 # them can hold a newline.
@@ -214,9 +216,8 @@ def detect_prefix(lines: list[str], minimum_fraction: float = 0.5) -> tuple[str,
     return best, best_fraction
 
 
-_LITERALS = re.compile(r"'(?:[^']|'')*'|\b\d+(?:\.\d+)?\b")
-
-
 def redact_line(text: str) -> str:
-    """Replace quoted strings and numbers with '?' (examples in errors must not leak literals)."""
-    return _LITERALS.sub("?", text)
+    """Quoted strings, numbers and comments replaced (examples in errors must not leak literals)."""
+    from probes.pglog.fingerprint import redact_literals
+
+    return redact_literals(text)

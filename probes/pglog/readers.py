@@ -1,4 +1,4 @@
-"""Streaming readers for PostgreSQL logs: stderr (any prefix), csvlog and jsonlog, plain, gzip or
+"""Streaming readers for PostgreSQL logs: stderr (any prefix), csvlog and jsonlog, plain, gzip, bz2 or
 zstd. Each yields Arrow record batches of *entries* with the same columns, so one vectorised
 aggregation serves every format:
 
@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from core.errors import BadInput
-from agent.pglog.prefix import SEVERITY_PATTERN, detect_prefix, prefix_to_pattern, redact_line
+from probes.pglog.prefix import SEVERITY_PATTERN, detect_prefix, prefix_to_pattern, redact_line
 
 # 8 MB: the same throughput as 32 MB blocks at half the peak memory (measured, see docs).
 BLOCK_BYTES = 8 << 20
@@ -81,6 +81,8 @@ def compression_of(path: Path) -> str | None:
         return "gzip"
     if magic == b"\x28\xb5\x2f\xfd":
         return "zstd"
+    if magic[:3] == b"BZh" and magic[3:4].isdigit():
+        return "bz2"
     return None
 
 
@@ -182,7 +184,7 @@ class SyslogAsStderr:
 
 def detect_format(path: Path, head: bytes) -> str:
     name = path.name.lower()
-    for suffix in (".gz", ".zst", ".zstd"):
+    for suffix in (".gz", ".zst", ".zstd", ".bz2"):
         name = name.removesuffix(suffix)
     if name.endswith(".json"):
         return "json"
@@ -192,7 +194,8 @@ def detect_format(path: Path, head: bytes) -> str:
     if first == b"{":
         return "json"
     first_line = head.split(b"\n", 1)[0]
-    if first_line[:4].isdigit() and first_line.count(b",") >= CSV_MIN_COLUMNS - 1:
+    # csvlog's first field is the time; some shippers (and spreadsheets) quote every field.
+    if first_line.lstrip(b'"')[:4].isdigit() and first_line.count(b",") >= CSV_MIN_COLUMNS - 1:
         return "csv"
     if looks_like_syslog(head):
         return "syslog"
@@ -245,7 +248,7 @@ def sample_entry_lines(head: bytes, limit: int = 2000) -> list[str]:
 def resolve_prefix(head: bytes, prefix: str | None, path: Path) -> tuple[str, float]:
     lines = sample_entry_lines(head)
     if prefix is not None:
-        from agent.pglog.prefix import _match_fraction, validate_prefix
+        from probes.pglog.prefix import _match_fraction, validate_prefix
 
         validate_prefix(prefix)
         fraction = _match_fraction(prefix, lines) if lines else 1.0
@@ -295,8 +298,10 @@ def stderr_block_entries(data: bytes, line_pattern: str, line_base: int, problem
     line_starts[1:] = newlines[:-1] + 1
     first_bytes = bytes_view[line_starts]
     # Continuation lines of a multi-line message start with a tab (elog.c append_with_tabs);
-    # blank lines carry nothing and stay with the entry before them.
-    continuation = (first_bytes == 9) | (first_bytes == 10)
+    # blank lines carry nothing and stay with the entry before them. Log shippers and editors
+    # that expand tabs leave space-indented continuations: an entry starts with its prefix
+    # (%m/%t/%p... never a space), so those are continuations too, not broken lines.
+    continuation = (first_bytes == 9) | (first_bytes == 10) | (first_bytes == 32)
     entry_lines = np.flatnonzero(~continuation)
     orphans = int(entry_lines[0]) if len(entry_lines) else len(line_starts)
     if orphans:
@@ -309,7 +314,7 @@ def stderr_block_entries(data: bytes, line_pattern: str, line_base: int, problem
                                           pa.py_buffer(data))
     line_numbers = entry_lines + line_base + 1
     if fast is not None:
-        from agent.pglog.fastpath import fast_block_entries
+        from probes.pglog.fastpath import fast_block_entries
 
         columns, unmatched = fast_block_entries(fast, data, offsets[:-1], offsets[1:], line_numbers, entries)
         if len(columns["bare_lines"]) or _has_statement_lines(entries):
@@ -390,8 +395,37 @@ def _message_entries(log_time, message, lines, problems: ParseProblems, severity
 
 
 # -- jsonlog -------------------------------------------------------------------------------------
+# CloudNativePG wraps each of the server's records in its own JSON line:
+# {"level":"info","ts":...,"logger":"postgres","msg":"record","record":{"log_time":...,
+#  "process_id":"123","error_severity":"LOG","message":"duration: ..."}}
+CLOUDNATIVEPG_RECORD = pa.struct([("log_time", pa.string()), ("process_id", pa.string()),
+                                  ("error_severity", pa.string()), ("message", pa.string())])
 JSON_SCHEMA = pa.schema([("timestamp", pa.string()), ("pid", pa.int64()), ("error_severity", pa.string()),
-                         ("message", pa.string())])
+                         ("message", pa.string()), ("record", CLOUDNATIVEPG_RECORD)])
+
+
+def _unwrap_cloudnativepg(table: pa.Table) -> pa.Table:
+    """Rows of CloudNativePG's wrapped records take their fields from the record; any other JSON
+    object without PostgreSQL's jsonlog fields (Cloud SQL, a shipper's own) is refused."""
+    record = table.column("record").combine_chunks()
+    wrapped = pc.invert(pc.is_null(record))
+    if pc.any(wrapped).as_py():
+        fields = record.flatten()
+        names = [field.name for field in CLOUDNATIVEPG_RECORD]
+        by_name = dict(zip(names, fields))
+        pid = pc.cast(by_name["process_id"], pa.int64(), safe=False) if len(record) else by_name["process_id"]
+        table = pa.table({
+            "timestamp": pc.if_else(wrapped, by_name["log_time"], table.column("timestamp").combine_chunks()),
+            "pid": pc.if_else(wrapped, pid, table.column("pid").combine_chunks()),
+            "error_severity": pc.if_else(wrapped, by_name["error_severity"],
+                                         table.column("error_severity").combine_chunks()),
+            "message": pc.if_else(wrapped, by_name["message"], table.column("message").combine_chunks()),
+        })
+    if table.num_rows and table.column("message").null_count == table.num_rows:
+        raise BadInput("JSON objects that are neither PostgreSQL's jsonlog nor CloudNativePG records "
+                       "(no 'message' field); point pg-log at the server's own log (stderr, csvlog "
+                       "or jsonlog)")
+    return table
 
 
 def json_entry_batches(stream, problems: ParseProblems, block_bytes: int = BLOCK_BYTES) -> Iterator[pa.Table]:
@@ -415,6 +449,7 @@ def json_entry_batches(stream, problems: ParseProblems, block_bytes: int = BLOCK
                 raise BadInput("not a jsonlog file: no line of the first block is a JSON object "
                                "(use --format stderr or csv)") from None
         line_base += line_count
+        table = _unwrap_cloudnativepg(table)
         if table.num_rows:
             yield _message_entries(table.column("timestamp"), table.column("message"), lines, problems,
                                    table.column("error_severity"), table.column("pid"))

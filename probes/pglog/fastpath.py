@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from agent.pglog.prefix import SEVERITY_PATTERN, prefix_to_pattern
+from probes.pglog.prefix import SEVERITY_PATTERN, prefix_to_pattern
 
 DURATION_MARK = "LOG:  duration: "
 NUMBER_WINDOW = 14
@@ -192,8 +192,10 @@ def minute_keys(data_view: np.ndarray, entry_starts: np.ndarray, zone_offset: in
     window = gather(data_view, entry_starts, zone_offset + 8)
     # Blank the seconds (and milliseconds) so rows group by minute.
     window[:, 16:zone_offset] = 0
-    is_space = window[:, zone_offset:] == 32
-    zone_length = np.where(is_space.any(axis=1), is_space.argmax(axis=1), 8)
+    # The zone ends at a space or a ':' (RDS's '%t:%r:'; the server never prints a colon in it).
+    zone_window = window[:, zone_offset:]
+    is_end = (zone_window == 32) | (zone_window == 58)
+    zone_length = np.where(is_end.any(axis=1), is_end.argmax(axis=1), 8)
     window[np.arange(window.shape[1])[None, :] >= (zone_offset + zone_length)[:, None]] = 0
     # A log is (nearly) in time order: compare each row with the one before and only look up
     # where the minute changes, instead of sorting every row's key.

@@ -1,10 +1,10 @@
-"""PostgreSQL log analysis: stderr/csvlog/jsonlog (plain, gzip, zstd) -> per-fingerprint latency.
+"""PostgreSQL log analysis: stderr/csvlog/jsonlog (plain, gzip, zstd, bz2) -> per-fingerprint latency.
 
 `analyse_logs(paths, ...)` streams each file in blocks, splits entries without a Python loop per
-line (numpy + Arrow compute: agent/pglog/fastpath.py for stderr prefixes starting with a time,
+line (numpy + Arrow compute: probes/pglog/fastpath.py for stderr prefixes starting with a time,
 RE2 captures otherwise and for csv/json), fingerprints statements with libpg_query through a
-cache (agent/pglog/fingerprint.py), and aggregates into `pg_queries`, `pg_query_minutes` and
-`pg_log_errors` (agent/pglog/aggregate.py).
+cache (probes/pglog/fingerprint.py), and aggregates into `pg_queries`, `pg_query_minutes` and
+`pg_log_errors` (probes/pglog/aggregate.py).
 """
 
 from __future__ import annotations
@@ -21,17 +21,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from core.errors import BadInput
-from agent.pglog.aggregate import (COUNTED_KINDS, PG_LOG_ERRORS_SCHEMA, PG_QUERIES_SCHEMA,
+from probes.pglog.aggregate import (COUNTED_KINDS, PG_LOG_ERRORS_SCHEMA, PG_QUERIES_SCHEMA,
                                    PG_QUERY_MINUTES_SCHEMA, SOURCE_PLAN, SOURCE_STATEMENT,
                                    DurationAggregator, MinuteResolver)
-from agent.pglog.fastpath import FastPath, fast_path_layout
-from agent.pglog.fingerprint import FingerprintCache
-from agent.pglog.pairing import DurationPairer
-from agent.pglog.readers import (BLOCK_BYTES, ParseProblems, csv_entry_batches, detect_format,
+from probes.pglog.fastpath import FastPath, fast_path_layout
+from probes.pglog.fingerprint import FingerprintCache
+from probes.pglog.pairing import DurationPairer
+from probes.pglog.readers import (BLOCK_BYTES, ParseProblems, csv_entry_batches, detect_format,
                                  json_entry_batches, open_stream, read_head, resolve_prefix,
                                  stderr_block_entries, stderr_blocks, stderr_line_pattern)
 
-FORMATS = ("auto", "stderr", "csv", "json")
+FORMATS = ("auto", "stderr", "syslog", "csv", "json")
 
 __all__ = ["analyse_logs", "LogAnalysis", "FORMATS", "PG_QUERIES_SCHEMA", "PG_QUERY_MINUTES_SCHEMA",
            "PG_LOG_ERRORS_SCHEMA", "plan_query_text"]
@@ -135,7 +135,7 @@ class _Analyser:
             self.consume_plans(entries.filter(plans), problems)
 
     def consume_fast(self, columns: dict, problems: ParseProblems, zone_offset: int) -> None:
-        from agent.pglog.fastpath import (DIGITS_TO_ZERO, KIND_EXECUTE, KIND_PLAN, KIND_STATEMENT,
+        from probes.pglog.fastpath import (DIGITS_TO_ZERO, KIND_EXECUTE, KIND_PLAN, KIND_STATEMENT,
                                           minute_keys, string_views)
 
         self.bind_parse_phases += columns["phases"]
@@ -203,7 +203,7 @@ class _Analyser:
 def _read_file(analyser: _Analyser, path: Path, log_format: str, prefix: str | None,
                problems: ParseProblems, announce: Callable[[str], None],
                block_bytes: int = BLOCK_BYTES, fast: bool = True) -> FileSummary:
-    from agent.pglog.readers import SyslogAsStderr, compression_of, syslog_to_stderr
+    from probes.pglog.readers import SyslogAsStderr, compression_of, syslog_to_stderr
 
     if not path.exists():
         raise BadInput(f"{path}: no such file")
