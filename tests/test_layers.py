@@ -23,9 +23,8 @@ ALLOWED = {
     "probes": {"core", "reports"},
     "agent": {"core", "reports", "probes"},
 }
-# TOLERATED UNTIL THE MOVE LANDS: the `inputs` engineer moves agent/pglog into probes/pglog; until
-# then probes/postgres.py borrows its fingerprinting. Delete this entry with that move.
-TOLERATED = {("probes", "agent.pglog")}
+# Imports allowed against the direction above (none: pg-log analysis moved into probes/pglog).
+TOLERATED: set[tuple[str, str]] = set()
 
 
 def imports_of(path: Path) -> list[tuple[int, str]]:

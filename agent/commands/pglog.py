@@ -47,7 +47,7 @@ def pg_log(obj, files, out_dir, log_format, prefix, keep_literals, top_count, no
     validate_out_dir(out_dir)
     with tempfile.TemporaryDirectory(prefix="guardian-pglog-stdin-") as spool_dir:
         files = [spool_stdin(Path(spool_dir)) if str(path) == "-" else path for path in files]
-        return _pg_log(obj, files, out_dir, log_format, prefix, keep_literals, top_count)
+        return _pg_log(obj, files, out_dir, log_format, prefix, keep_literals, top_count, no_html)
 
 
 def check_files(files) -> None:
@@ -72,7 +72,7 @@ def spool_stdin(spool_dir: Path) -> Path:
     return path
 
 
-def _pg_log(obj, files, out_dir, log_format, prefix, keep_literals, top_count) -> int:
+def _pg_log(obj, files, out_dir, log_format, prefix, keep_literals, top_count, no_html: bool) -> int:
     from core.host import Host
     from probes.pglog import analyse_logs
     from reports.bundle import BundleWriter
