@@ -247,3 +247,64 @@ def jitter_findings(jitter: list[dict], interrupts: list[dict], isolated: list[i
     return rows
 
 
+
+
+# ------------------------------------------------------------------ native meter (rt-tests oslat)
+
+def oslat_command(cpus: list[int], duration_s: int, json_path: str) -> list[str]:
+    """oslat (rt-tests >= 2.x) busy-loops in C on each CPU and histograms every loop gap in 1 us
+    buckets (-b 1024: gaps up to ~1 ms land in their own bucket; the last one includes overflows,
+    and "max" is always exact)."""
+    return ["oslat", "--cpu-list", format_cpu_list(cpus), "-D", str(max(1, int(duration_s))),
+            "-q", "-z", "-b", "1024", f"--json={json_path}"]
+
+
+def _histogram_quantile_us(histogram: list[tuple[int, int]], fraction: float) -> int | None:
+    total = sum(count for _, count in histogram)
+    if not total:
+        return None
+    target, seen = fraction * total, 0
+    for bucket_us, count in histogram:
+        seen += count
+        if seen >= target:
+            return bucket_us
+    return histogram[-1][0]
+
+
+def oslat_rows(report: dict, threshold_ns: int) -> tuple[list[dict], list[dict]]:
+    """oslat's --json report -> (jitter rows, histogram rows). Percentiles are of the gaps above
+    the threshold (as the Python loop reports them), read off the 1 us buckets ("higher": the
+    bucket's upper edge in us, never under the real tail); max comes exact from oslat."""
+    rows, buckets = [], []
+    for thread in report.get("thread", {}).values():
+        histogram = sorted((int(us), int(n)) for us, n in thread.get("histogram", {}).items())
+        elapsed_ns = int(float(thread.get("duration", 0)) * 1e9)
+        iterations = sum(n for _, n in histogram)
+        gaps = [(us, n) for us, n in histogram if us * 1000 >= threshold_ns]
+        gap_count = sum(n for _, n in gaps)
+        gap_total_ns = sum(us * 1000 * n for us, n in gaps)
+        max_ns = int(thread.get("max", 0)) * 1000
+        row = {"cpu": int(thread["cpu"]), "duration_ns": elapsed_ns, "threshold_ns": threshold_ns,
+               "iterations": iterations, "loop_ns_mean": float(thread.get("avg", 0)) * 1000,
+               "gap_count": gap_count, "gap_total_ns": gap_total_ns,
+               "lost_pct": round(100.0 * gap_total_ns / elapsed_ns, 4) if elapsed_ns else None,
+               "gap_p50_ns": None, "gap_p99_ns": None, "gap_p999_ns": None,
+               "gap_max_ns": max_ns if gap_count else None}
+        if gap_count:
+            row.update({name: _histogram_quantile_us(gaps, q) * 1000 for name, q in
+                        (("gap_p50_ns", 0.5), ("gap_p99_ns", 0.99), ("gap_p999_ns", 0.999))})
+        rows.append(row)
+        buckets += [{"cpu": row["cpu"], "bucket_us": us, "count": n} for us, n in histogram]
+    return rows, buckets
+
+
+def run_oslat(cpus: list[int], duration_s: int, threshold_ns: int, workdir: str) -> tuple[list[dict], list[dict]]:
+    json_path = os.path.join(workdir, f"oslat-{os.getpid()}.json")
+    done = subprocess.run(oslat_command(cpus, duration_s, json_path), capture_output=True, text=True,
+                          timeout=duration_s + 30)
+    if done.returncode != 0 or not os.path.exists(json_path):
+        raise RuntimeError(f"oslat failed: {(done.stderr or done.stdout).strip()[-300:]}")
+    try:
+        return oslat_rows(json.loads(Path(json_path).read_text()), threshold_ns)
+    finally:
+        os.unlink(json_path)
