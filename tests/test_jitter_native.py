@@ -27,3 +27,21 @@ def test_oslat_live_one_cpu(tmp_path):
     # 1 us buckets: the meter resolves gaps well under the Python loop's 5 us threshold
     assert min(b["bucket_us"] for b in buckets) <= 1
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.live
+def test_probe_uses_oslat_when_window_allows():
+    from pathlib import Path
+
+    from core.host import Host
+    from probes.base import ProbeConfig, Window
+    from probes.jitter import JitterProbe
+    cpu = Host.real().online_cpus()[-1]
+    probe = JitterProbe(ProbeConfig(options={"jitter_cpus": str(cpu)}))
+    probe.check()
+    tables = probe.collect(Window(1.5, Path("/tmp")))
+    assert probe.status_reason == ""  # the native meter, not the fallback
+    assert tables["jitter_histogram"].num_rows > 0
+    row = tables["jitter"].to_pylist()[0]
+    assert row["cpu"] == cpu and row["loop_ns_mean"] < 100  # the C loop resolves gaps >= 100 ns
+    assert any(r["name"] == "LOC" for r in tables["interrupts"].to_pylist())
