@@ -11,7 +11,7 @@ HISTOGRAM_FLOWS = 2
 HISTOGRAM_WIDTH = 40
 
 
-COLLECTED_STATUSES = ("ok", "interrupted")
+COLLECTED_STATUSES = ("ok", "partial", "interrupted")
 
 
 def nothing_collected(result) -> bool:

@@ -96,7 +96,7 @@ def test_daemon_textfile_and_listen_match_the_window_in_the_dataset(tmp_path, fr
     calls: dict[tuple, int] = {}
     for row in syscalls.to_pylist():
         key = (row["syscall"], row["comm"] or "")
-        calls[key] = calls.get(key, 0) + row["bucket_count"]
+        calls[key] = calls.get(key, 0) + row["count"]  # format 2: one row per pid x syscall
     ranked = sorted(series, key=lambda key: -series[key]["sum"])[:20]
     for key in ranked:
         assert series[key]["count"] == calls[key], key
@@ -120,7 +120,7 @@ def test_findings_tuning_drift_and_gate_verdict_from_a_real_audit(agent_cli, tmp
 
     record = tmp_path / "decisions"
     gate = agent_cli("gate", "--baseline", str(bundle), "--candidate", str(bundle), "--record", str(record))
-    assert gate.returncode in (0, 1, 2), gate.stderr
+    assert gate.returncode in (0, 1, 4), gate.stderr  # pass, fail or inconclusive (4): any verdict is recorded
     path = write_families(tmp_path / "textfile", WINDOW_FILE, window_families(open_source(bundle), record))
     promtool_check(path)
     families = parse(path.read_text())
