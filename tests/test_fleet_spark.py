@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from datetime import date
 
 import pytest
@@ -24,13 +25,24 @@ def spark():
         pytest.skip("SPARK TEST SKIPPED: no java on PATH (apt-get install openjdk-17-jre-headless; make setup does)")
     from pyspark.sql import SparkSession
 
-    os.environ.setdefault("PYSPARK_PYTHON", os.sys.executable)
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     session = (SparkSession.builder.master("local[1]").appName("guardian-agent-test")
                .config("spark.ui.enabled", "false").config("spark.sql.shuffle.partitions", "2")
                .config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")
                .getOrCreate())
     yield session
     session.stop()
+    # stop() leaves the JVM that pyspark launched running until Python exits: end it, by pid.
+    from pyspark import SparkContext
+
+    gateway = SparkContext._gateway
+    process = getattr(gateway, "proc", None)
+    if gateway is not None:
+        gateway.shutdown()
+    if process is not None and process.poll() is None:
+        process.kill()
+        process.wait(timeout=30)
+    SparkContext._gateway = SparkContext._jvm = None
 
 
 def test_spark_reads_the_dataset_before_and_after_compaction(tmp_path, spark):
