@@ -358,7 +358,8 @@ def test_kill_measures_the_restart(tmp_path):
     supervisor = subprocess.Popen(["bash", "-c", SUPERVISOR, "supervisor", str(pid_file)])
     try:
         deadline = time.monotonic() + 3
-        while not pid_file.exists() and time.monotonic() < deadline:
+        # `echo $! > file` creates the file before it writes the pid: wait for the whole line.
+        while not (pid_file.exists() and pid_file.read_text().endswith("\n")) and time.monotonic() < deadline:
             time.sleep(0.01)
         first = int(pid_file.read_text())
         injector = make({"kind": "kill", "pid_file": str(pid_file), "duration_s": 5})

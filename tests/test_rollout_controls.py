@@ -75,7 +75,7 @@ def test_pause_resume_promote_undo_retry_with_ansible_hooks(lb, agent_cli):
     books = playbooks(lb.dir, config)
     hooks = (f'[promote]\ncommands = ["{books["promote"]}"]\n[undo]\ncommands = ["{books["undo"]}"]\n'
              f'[decommission]\ncommands = ["{books["decommission"]}"]\ngrace_s = GRACE\n'
-             f'[notify]\ncommand = "cat >> {lb.dir}/notified.jsonl; echo >> {lb.dir}/notified.jsonl"\n')
+             f'[notify]\ncommand = "cat >> {lb.dir}/notified.jsonl"\n')
     stages = [(10, 1, 60), (100, 1.5, 60)]
     plan = lb.plan(stages, prepare=books["prepare"], extra="", gate=CONTROL_GATE,
                    tables=hooks.replace("GRACE", "60"))

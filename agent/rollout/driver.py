@@ -794,7 +794,9 @@ class Notifier:
         import json
 
         try:
-            result = subprocess.run(self.settings.command, shell=True, input=json.dumps(payload, default=str),
+            # One JSON line: `cat >> decisions.jsonl` as the hook gives one line per decision, and
+            # hooks run side by side append whole lines (one small O_APPEND write each).
+            result = subprocess.run(self.settings.command, shell=True, input=json.dumps(payload, default=str) + "\n",
                                     capture_output=True, text=True, timeout=self.settings.timeout_s)
             failure = f"exit {result.returncode}" if result.returncode else ""
         except (OSError, subprocess.TimeoutExpired) as error:
