@@ -15,7 +15,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "pcap"))
 import build  # noqa: E402
 
-pytest.importorskip("scapy", reason="scapy not installed (it is in packaging/pip-requirements.txt): run `make setup`")
+pytest.importorskip("scapy", reason="scapy not installed (it is in pyproject.toml): run `make setup`")
 
 
 def base_captures(tmp_path: Path) -> dict[str, bytes]:

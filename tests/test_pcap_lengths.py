@@ -16,7 +16,7 @@ from probes.pcap_reader import CaptureReader
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "pcap"))
 import build  # noqa: E402
 
-pytest.importorskip("scapy", reason="scapy not installed (it is in packaging/pip-requirements.txt): run `make setup`")
+pytest.importorskip("scapy", reason="scapy not installed (it is in pyproject.toml): run `make setup`")
 
 PCAP_HEADER_BYTES = 24
 RECORD_HEADER_BYTES = 16
