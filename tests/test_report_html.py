@@ -61,7 +61,7 @@ def report_path_from(stdout: str) -> Path:
 @pytest.mark.live
 def test_audit_report_shows_the_bundle_numbers(browser, agent_cli, tmp_path):
     target = subprocess.Popen([sys.executable, "-c",
-                               "import time\nend = time.time() + 30\n"
+                               "import time\nend = time.time() + 120\n"
                                "def spin():\n    return sum(i * i for i in range(20000))\n"
                                "while time.time() < end:\n    spin(); time.sleep(0.001)\n"])
     try:
