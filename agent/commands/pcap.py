@@ -25,18 +25,16 @@ def pcap(capture_file: Path, out_dir: Path, block_mib: int, no_html: bool = Fals
     A truncated or corrupt file: what came before the bad record is written (the manifest
     says partial) and the command exits 2 naming the byte offset.
     """
+    from agent.input_files import check_input_file
     from core.host import Host
     from agent.progress import terminal_progress
     from probes.pcap_analysis import analyse_capture, capture_findings, flows_findings, flows_headlines
     from probes.pcap_reader import CaptureReader
     from reports.bundle import BundleWriter, ProbeRecord, validate_out_dir
 
-    if not capture_file.exists():
-        raise BadInput(f"{capture_file}: no such file")
-    if not capture_file.is_file():
-        # A FIFO or a pipe (process substitution, /dev/stdin) would block the reader, which
-        # needs the file's size and reads it in blocks: refuse it before anything is written.
-        raise BadInput(f"{capture_file}: not a regular file (a pipe or FIFO?): save the capture to a file first")
+    # A FIFO or a pipe (process substitution, /dev/stdin) would block the reader, which needs
+    # the file's size and reads it in blocks: refused before anything is written.
+    check_input_file(capture_file, not_regular_hint="save the capture to a file first")
     validate_out_dir(out_dir)
     # Opening validates the format and link type before anything is written.
     reader = CaptureReader(capture_file, block_bytes=block_mib << 20,
