@@ -43,15 +43,6 @@ def frames_and_times(turns: int = 4):
     return result
 
 
-def pcap_bytes(records, linktype_field: int = 1) -> bytes:
-    """records: (microseconds, frame bytes, original length[, fraction override])."""
-    data = struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, linktype_field)
-    for ts_us, frame, wire, *fraction in records:
-        data += struct.pack("<IIII", ts_us // 1_000_000, fraction[0] if fraction else ts_us % 1_000_000,
-                            len(frame), wire) + frame
-    return data
-
-
 def analysed(tmp_path: Path, name: str, data: bytes):
     path = tmp_path / name
     path.write_bytes(data)
@@ -61,14 +52,14 @@ def analysed(tmp_path: Path, name: str, data: bytes):
 
 def test_fcs_is_stripped_and_unused_foreign_interfaces_do_not_stop_reading(tmp_path):
     records = frames_and_times()
-    plain, _, _ = analysed(tmp_path, "plain.pcap", pcap_bytes([(ts, f, len(f)) for ts, f in records]))
+    plain, _, _ = analysed(tmp_path, "plain.pcap", build.pcap_bytes([(ts, f, len(f)) for ts, f in records]))
     assert plain[0]["client_payload_bytes"] == 400 and plain[0]["server_payload_bytes"] == 1600
     with_fcs = [(ts, frame + FCS, len(frame) + 4) for ts, frame in records]
     # pcap: FCS length present (bit 26), two 16-bit words (top bits), Ethernet.
-    flows, _, summary = analysed(tmp_path, "fcs.pcap", pcap_bytes(with_fcs, 0x24000001))
+    flows, _, summary = analysed(tmp_path, "fcs.pcap", build.pcap_bytes(with_fcs, 0x24000001))
     assert flows == plain and summary.clamped["fcs_stripped_packets"] == len(records)
     # Without the FCS bits the same frames are taken as they are (4 more bytes each).
-    unflagged, _, _ = analysed(tmp_path, "unflagged.pcap", pcap_bytes(with_fcs, 1))
+    unflagged, _, _ = analysed(tmp_path, "unflagged.pcap", build.pcap_bytes(with_fcs, 1))
     assert unflagged[0]["bytes"] == plain[0]["bytes"] + 4 * len(records)
 
     # pcapng: an unused 802.11 interface first, then Ethernet with if_fcslen 32 (bits), and
@@ -124,15 +115,15 @@ def test_disagreeing_block_lengths_stop_after_the_good_packets(tmp_path, cli_run
 
 def test_invalid_and_backwards_timestamps_are_clamped_and_counted(tmp_path):
     records = [(ts, frame, len(frame)) for ts, frame in frames_and_times()]
-    clean, clean_turns, _ = analysed(tmp_path, "clean.pcap", pcap_bytes(records))
+    clean, clean_turns, _ = analysed(tmp_path, "clean.pcap", build.pcap_bytes(records))
     # A microsecond fraction of 1.5 s on the last packet: kept within its own second.
     invalid = records[:-1] + [(*records[-1], 1_500_000)]
-    flows, _, summary = analysed(tmp_path, "usec.pcap", pcap_bytes(invalid))
+    flows, _, summary = analysed(tmp_path, "usec.pcap", build.pcap_bytes(invalid))
     assert summary.clamped["timestamps_invalid_subsecond"] == 1
     last_second = records[-1][0] // 1_000_000
     assert flows[0]["last_ts"].timestamp() == pytest.approx(last_second + 0.999999, abs=1e-6)
     # Nanosecond files: 1e9 or more is as invalid.
-    nano = bytearray(pcap_bytes(records))
+    nano = bytearray(build.pcap_bytes(records))
     struct.pack_into("<I", nano, 0, 0xA1B23C4D)
     struct.pack_into("<I", nano, 24 + 4, 1_000_000_007)
     _, _, summary = analysed(tmp_path, "nsec.pcap", bytes(nano))
@@ -143,7 +134,7 @@ def test_invalid_and_backwards_timestamps_are_clamped_and_counted(tmp_path):
     request_ts = records[responses[1] - 1][0]
     backwards = list(records)
     backwards[responses[1]] = (request_ts - 3000, *records[responses[1]][1:])
-    flows, turns, summary = analysed(tmp_path, "backwards.pcap", pcap_bytes(backwards))
+    flows, turns, summary = analysed(tmp_path, "backwards.pcap", build.pcap_bytes(backwards))
     latencies = turns.column("latency_ns").to_pylist()
     assert min(latencies) == 0 and len(latencies) == len(clean_turns) == 4
     assert latencies[0] == clean_turns.column("latency_ns").to_pylist()[0]
