@@ -74,9 +74,12 @@ def variants(captures: dict[str, bytes]):
     ether = bytearray(pcap)
     struct.pack_into("<I", ether, 24 + 4, 1_000_000)
     yield "usec-invalid", bytes(ether)
-    reversed_times = bytearray(pcap)
-    struct.pack_into("<I", reversed_times, 24, 1)
-    yield "time-backwards", bytes(reversed_times[:24]) + bytes(reversed_times[24:])
+    backwards = bytearray(pcap)
+    offset = 24
+    for _ in range(9):  # the tenth record is stamped in 1970
+        offset += 16 + struct.unpack_from("<I", backwards, offset + 8)[0]
+    struct.pack_into("<I", backwards, offset, 1)
+    yield "time-backwards", bytes(backwards)
     yield "empty", b""
     yield "text", b"this is not a capture\n" * 10
 
@@ -99,7 +102,7 @@ def test_corpus_never_tracebacks(tmp_path, cli_runner):
         codes[name] = result.exit_code
     assert codes["ether.pcap-whole"] == 0 and codes["ng.pcapng-whole"] == 0 and codes["ng-unknown-block"] == 0
     assert codes["ether.pcap-cut10"] == 2 and codes["linktype105"] == 2 and codes["text"] == 2
-    for name in ("tunnels.pcap-whole", "fcs.pcap-whole", "interfaces.pcapng-whole", "usec-invalid"):
+    for name in ("tunnels.pcap-whole", "fcs.pcap-whole", "interfaces.pcapng-whole", "usec-invalid", "time-backwards"):
         assert codes[name] == 0, name
     assert codes["ng-unknown-block-bad-trailer"] == 2 and codes["ng-packet-bad-trailer"] == 2
 

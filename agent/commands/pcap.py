@@ -21,9 +21,11 @@ def pcap(capture_file: Path, out_dir: Path, block_mib: int, no_html: bool = Fals
     """Analyse a pcap/pcapng capture into a bundle with `flows` and `turns`.
 
     \b
-    Reads Ethernet, Linux cooked (SLL/SLL2), raw IP and loopback captures, IPv4 and IPv6.
-    A truncated or corrupt file: what came before the bad record is written (the manifest
-    says partial) and the command exits 2 naming the byte offset.
+    Reads Ethernet, Linux cooked (SLL/SLL2), raw IP and loopback captures, IPv4 and IPv6,
+    and TCP inside VXLAN, Geneve, GRE/ERSPAN, IP-in-IP, MPLS and PPPoE (flows.encapsulation);
+    packets not decoded are counted by reason in the manifest. A truncated or corrupt file:
+    what came before the bad record is written (the manifest says partial) and the command
+    exits 2 naming the byte offset.
     """
     from agent.input_files import check_input_file
     from core.host import Host
