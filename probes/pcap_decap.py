@@ -65,6 +65,7 @@ CATEGORY_TOO_DEEP = 10
 CATEGORY_IP_VERSION = 11
 CATEGORY_GRE_VERSION = 12
 CATEGORY_GENEVE_PROTOCOL = 13
+CATEGORY_ADDRESS_FAMILY = 14  # BSD loopback header naming neither IPv4 nor IPv6
 STATE_GRE = CATEGORY_GRE_HEADER << 32
 STATE_UDP = CATEGORY_UDP_HEADER << 32
 
@@ -392,6 +393,8 @@ def describe(key: int) -> tuple[str, bool]:
         return f"more than {MAXIMUM_LAYERS} nested encapsulations", True
     if category == CATEGORY_IP_VERSION:
         return f"IP header with version {value}", True
+    if category == CATEGORY_ADDRESS_FAMILY:
+        return f"loopback packets of address family {value} (not IP)", True
     return f"unknown ({key:#x})", True
 
 

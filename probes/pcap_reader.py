@@ -25,8 +25,9 @@ from typing import Callable, Iterator
 import numpy as np
 
 from core.errors import BadInput
-from probes.pcap_decap import (ETHERTYPE_IPV4, ETHERTYPE_IPV6, Views, count_reasons, ethernet_payload, ipv6_upper_layer, reason_keys, unsupported_link_state,
-                                unwrap, wrapped_rows)
+from probes.pcap_decap import (CATEGORY_ADDRESS_FAMILY, CATEGORY_IP_VERSION, ETHERTYPE_IPV4, ETHERTYPE_IPV6, Views,
+                                count_reasons, ethernet_payload, ipv6_upper_layer, reason_keys,
+                                unsupported_link_state, unwrap, wrapped_rows)
 
 PCAP_MAGIC_USEC = 0xA1B2C3D4
 PCAP_MAGIC_NSEC = 0xA1B23C4D
@@ -434,6 +435,9 @@ class CaptureReader:
             raise self._corrupt(position, base_offset, f"bad section header length {block_length}")
         if position + block_length > end:
             return None
+        trailing = struct.unpack_from(self._endian + "I", buffer, position + block_length - 4)[0]
+        if trailing != block_length:
+            raise self._corrupt(position, base_offset, trailing_length_message(trailing, block_length))
         self._interfaces = []
         return position + block_length
 
@@ -611,14 +615,16 @@ def _link_layer_of(linktype: int, base: np.ndarray, views: Views, be32, le32) ->
         family = le32[base].astype(np.int64)
         family = np.where(family > 0xFFFF, be32[base].astype(np.int64), family)
         kind = np.where(family == 2, ETHERTYPE_IPV4,
-                        np.where(np.isin(family, (10, 24, 28, 30)), ETHERTYPE_IPV6, 0))
+                        np.where(np.isin(family, (10, 24, 28, 30)), ETHERTYPE_IPV6,
+                                 (CATEGORY_ADDRESS_FAMILY << 32) | (family & 0xFFFFFFFF)))
         return kind, base + 4
     if linktype == LINKTYPE_IPV4:
         return np.full(len(base), ETHERTYPE_IPV4, dtype=np.int64), base
     if linktype == LINKTYPE_IPV6:
         return np.full(len(base), ETHERTYPE_IPV6, dtype=np.int64), base
-    version = u8[base] >> 4  # raw IP: the version nibble says which
-    return np.where(version == 4, ETHERTYPE_IPV4, np.where(version == 6, ETHERTYPE_IPV6, 0)), base
+    version = (u8[base] >> 4).astype(np.int64)  # raw IP: the version nibble says which
+    return np.where(version == 4, ETHERTYPE_IPV4, np.where(version == 6, ETHERTYPE_IPV6,
+                                                           (CATEGORY_IP_VERSION << 32) | version)), base
 
 
 def decode_tcp(block: PacketBlock) -> TcpHeaders:
