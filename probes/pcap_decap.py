@@ -97,6 +97,7 @@ class Views:
     u8: np.ndarray
     be16: np.ndarray
     be32: np.ndarray
+    be64: np.ndarray
     limit: int  # highest index every view can be read at
 
     def safe(self, offsets: np.ndarray) -> np.ndarray:
@@ -148,158 +149,212 @@ def wrapped_rows(ethertype: np.ndarray, word6: np.ndarray) -> np.ndarray:
     return np.flatnonzero(~plain)
 
 
+@dataclass
+class Unwrapped:
+    """The innermost state of the unwrapped rows. `word0`/`word6` are the IP header words at
+    `offset` where `has_words` (read while looking for a tunnel there), so the TCP decoding
+    does not gather them again: each gather is a pass over the block's memory."""
+
+    state: np.ndarray
+    offset: np.ndarray
+    chain: np.ndarray
+    word0: np.ndarray
+    word6: np.ndarray
+    has_words: np.ndarray
+
+
 def unwrap(views: Views, ethertype: np.ndarray, l3: np.ndarray, captured_end: np.ndarray,
-           rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Peel encapsulations off `rows`. Returns the new state (ethertype or category state) and
-    network offset of those rows, and their encapsulation chains (0 = none)."""
+           rows: np.ndarray) -> Unwrapped:
+    """Peel encapsulations off `rows`: their new state (ethertype or category state), network
+    offset and encapsulation chain (0 = none)."""
     state = ethertype[rows].astype(np.int64)
     offset = l3[rows].astype(np.int64)
     end = captured_end[rows]
     chain = np.zeros(len(rows), dtype=np.int64)
     depth = np.zeros(len(rows), dtype=np.int64)
+    word0 = np.zeros(len(rows), dtype=np.uint32)
+    word6 = np.zeros(len(rows), dtype=np.uint32)
+    has_words = np.zeros(len(rows), dtype=bool)
     active = np.arange(len(rows))
     for _ in range(MAXIMUM_STEPS + 1):
         if not len(active):
             break
-        new_state, new_offset, kind, moved = _peel(views, state[active], offset[active], end[active])
-        state[active], offset[active] = new_state, new_offset
-        layered = kind > 0
-        chain[active[layered]] |= kind[layered] << (4 * depth[active[layered]])
+        step = _peel(views, state[active], offset[active], end[active])
+        state[active], offset[active] = step.state, step.offset
+        read = active[step.has_words]
+        word0[read], word6[read] = step.word0[step.has_words], step.word6[step.has_words]
+        has_words[active] = step.has_words & ~step.moved
+        layered = step.kind > 0
+        chain[active[layered]] |= step.kind[layered] << (4 * depth[active[layered]])
         depth[active[layered]] += 1
-        active = active[moved]
+        active = active[step.moved]
     if len(active):
         state[active] = (CATEGORY_TOO_DEEP << 32) | (state[active] & 0xFFFF)
-    return state, offset, chain
+        has_words[active] = False
+    return Unwrapped(state, offset, chain, word0, word6, has_words)
 
 
-def _peel(views: Views, state: np.ndarray, offset: np.ndarray, end: np.ndarray):
-    """One layer off each packet: (state, offset, kind of the layer removed or 0, moved)."""
-    u8, be16, be32 = views.u8, views.be16, views.be32
-    new_state, new_offset = state.copy(), offset.copy()
-    kind = np.zeros(len(state), dtype=np.int64)
-    moved = np.zeros(len(state), dtype=bool)
+class _Step:
+    """One peeling step over the active rows: each header kind is handled on its own rows
+    (index arrays), so a block of VXLAN packets pays for VXLAN only."""
 
-    def go(mask, to_state, to_offset, layer_kind=0, header_bytes=0):
-        """Rows of `mask` move on, unless the header they need was cut by the snap length."""
-        to_state = np.broadcast_to(to_state, state.shape)
-        to_offset = np.broadcast_to(to_offset, state.shape)
-        cut = mask & (to_offset + header_bytes > end)
-        fine = mask & ~cut
-        new_state[fine], new_offset[fine] = to_state[fine], to_offset[fine]
-        new_state[cut] = (CATEGORY_CUT << 32) | layer_kind
-        kind[mask] = layer_kind
-        moved[fine] = True
+    def __init__(self, state: np.ndarray, offset: np.ndarray, end: np.ndarray):
+        self.end = end
+        self.state, self.offset = state.copy(), offset.copy()
+        self.kind = np.zeros(len(state), dtype=np.int64)
+        self.moved = np.zeros(len(state), dtype=bool)
+        self.word0 = np.zeros(len(state), dtype=np.uint32)
+        self.word6 = np.zeros(len(state), dtype=np.uint32)
+        self.has_words = np.zeros(len(state), dtype=bool)
 
+    def go(self, rows: np.ndarray, to_state, to_offset: np.ndarray, layer_kind: int = 0,
+           header_bytes: int = 0) -> None:
+        """`rows` move on to `to_state` at `to_offset`, unless the header they need there was
+        cut by the snap length (then they stop, counted as cut inside this layer)."""
+        if not len(rows):
+            return
+        cut = to_offset + header_bytes > self.end[rows]
+        fine = ~cut
+        rows_fine = rows[fine]
+        self.state[rows_fine] = to_state[fine] if isinstance(to_state, np.ndarray) else to_state
+        self.offset[rows_fine] = to_offset[fine]
+        self.state[rows[cut]] = (CATEGORY_CUT << 32) | layer_kind
+        self.kind[rows] = layer_kind
+        self.moved[rows_fine] = True
+
+    def stop(self, rows: np.ndarray, category: int, value) -> None:
+        self.state[rows] = (category << 32) | value
+
+
+def _peel(views: Views, state: np.ndarray, offset: np.ndarray, end: np.ndarray) -> _Step:
+    """One layer off each packet."""
+    step = _Step(state, offset, end)
+    ip_rows = np.flatnonzero((state == ETHERTYPE_IPV4) | (state == ETHERTYPE_IPV6))
+    if len(ip_rows):
+        _peel_ip(views, step, ip_rows, state[ip_rows], offset[ip_rows])
+    for value, peel in ((STATE_GRE, _peel_gre), (STATE_UDP, _peel_udp),
+                        (ETHERTYPE_TRANSPARENT_ETHERNET, _peel_ethernet), (ETHERTYPE_MPLS[0], _peel_mpls),
+                        (ETHERTYPE_MPLS[1], _peel_mpls), (ETHERTYPE_PPPOE_SESSION, _peel_pppoe)):
+        rows = np.flatnonzero(state == value)
+        if len(rows):
+            peel(views, step, rows, offset[rows])
+    return step
+
+
+def _peel_ip(views: Views, step: _Step, rows, state, offset) -> None:
+    """IPv4 / IPv6 carrying a tunnel protocol: on to the inner IP, GRE or UDP header. The two
+    header words read here (as decode_tcp reads them) are kept for the TCP decoding."""
     at = views.safe(offset)
-    # IPv4 and IPv6 carrying a tunnel protocol.
-    v4 = (state == ETHERTYPE_IPV4) & ((u8[at] >> 4) == 4)
-    v6 = (state == ETHERTYPE_IPV6) & ((u8[at] >> 4) == 6)
-    protocol = np.full(len(state), -1, dtype=np.int64)
+    word0, word6 = views.be32[at], views.be32[at + 6]
+    step.word0[rows], step.word6[rows], step.has_words[rows] = word0, word6, True
+    version = word0 >> 28
+    protocol = np.full(len(rows), -1, dtype=np.int64)
     upper = offset.copy()
-    if v4.any():
-        first_fragment = (be16[at + 6] & 0x1FFF) == 0
-        v4 &= first_fragment
-        protocol = np.where(v4, u8[at + 9], protocol)
-        upper = np.where(v4, offset + (u8[at] & 0x0F).astype(np.int64) * 4, upper)
-    if v6.any():
-        rows_v6 = np.flatnonzero(v6)
-        next_header, upper_v6, later = ipv6_upper_layer(views, offset[rows_v6])
-        protocol[rows_v6] = np.where(later, -1, next_header)
-        upper[rows_v6] = upper_v6
-    go(protocol == 4, ETHERTYPE_IPV4, upper, KIND_IP_IN_IP, 20)
-    go(protocol == 41, ETHERTYPE_IPV6, upper, KIND_IPV6_IN_IP, 40)
-    go(protocol == 47, STATE_GRE, upper, 0, 4)
-    go(protocol == 17, STATE_UDP, upper, 0, 8)
-
-    if (state == STATE_GRE).any():
-        _peel_gre(views, state, offset, go, new_state)
-    udp = state == STATE_UDP
-    if udp.any():
-        port = be16[views.safe(offset + 2)].astype(np.int64)
-        vxlan = udp & (port == UDP_PORT_VXLAN) & ((u8[views.safe(offset + 8)] & 0x08) != 0)
-        go(vxlan, ETHERTYPE_TRANSPARENT_ETHERNET, offset + 16, KIND_VXLAN, 14)
-        geneve = udp & (port == UDP_PORT_GENEVE) & ((u8[views.safe(offset + 8)] >> 6) == 0)
-        if geneve.any():
-            inner = offset + 16 + (u8[views.safe(offset + 8)] & 0x3F).astype(np.int64) * 4
-            geneve_protocol = be16[views.safe(offset + 10)].astype(np.int64)
-            known = np.isin(geneve_protocol, (ETHERTYPE_TRANSPARENT_ETHERNET, ETHERTYPE_IPV4, ETHERTYPE_IPV6))
-            go(geneve & known, geneve_protocol, inner, KIND_GENEVE, 14)
-            unknown = geneve & ~known
-            new_state[unknown] = (CATEGORY_GENEVE_PROTOCOL << 32) | geneve_protocol[unknown]
-        # Plain UDP: a packet that is simply not TCP.
-        plain = udp & ~vxlan & ~geneve
-        new_state[plain] = (CATEGORY_IP_PROTOCOL << 32) | 17
-    inner_ethernet = state == ETHERTYPE_TRANSPARENT_ETHERNET
-    if inner_ethernet.any():
-        inner_kind, inner_offset = ethernet_payload(views, offset)
-        go(inner_ethernet, inner_kind, inner_offset, 0, 0)
-    mpls = np.isin(state, ETHERTYPE_MPLS)
-    if mpls.any():
-        _peel_mpls(views, offset, mpls, go, new_state)
-    pppoe = state == ETHERTYPE_PPPOE_SESSION
-    if pppoe.any():
-        ppp = be16[views.safe(offset + 6)].astype(np.int64)
-        go(pppoe & (ppp == 0x0021), ETHERTYPE_IPV4, offset + 8, KIND_PPPOE, 20)
-        go(pppoe & (ppp == 0x0057), ETHERTYPE_IPV6, offset + 8, KIND_PPPOE, 40)
-        other = pppoe & (ppp != 0x0021) & (ppp != 0x0057)
-        new_state[other] = (CATEGORY_PPP_PROTOCOL << 32) | ppp[other]
-    del be32
-    return new_state, new_offset, kind, moved
+    v4 = (state == ETHERTYPE_IPV4) & (version == 4) & (((word6 >> 16) & 0x1FFF) == 0)  # first fragments
+    protocol[v4] = word6[v4] & 0xFF
+    upper[v4] = offset[v4] + ((word0[v4] >> 24) & 0x0F).astype(np.int64) * 4
+    v6 = np.flatnonzero((state == ETHERTYPE_IPV6) & (version == 6))
+    if len(v6):
+        next_header, upper_v6, later = ipv6_upper_layer(views, offset[v6])
+        protocol[v6] = np.where(later, -1, next_header)
+        upper[v6] = upper_v6
+    for number, to_state, kind, header_bytes in ((4, ETHERTYPE_IPV4, KIND_IP_IN_IP, 20),
+                                                 (41, ETHERTYPE_IPV6, KIND_IPV6_IN_IP, 40),
+                                                 (47, STATE_GRE, 0, 4), (17, STATE_UDP, 0, 8)):
+        match = protocol == number
+        if match.any():
+            step.go(rows[match], to_state, upper[match], kind, header_bytes)
 
 
-def _peel_gre(views: Views, state, offset, go, new_state) -> None:
+def _peel_udp(views: Views, step: _Step, rows, offset) -> None:
+    # Destination port (bytes 2-3) and the tunnel header's first byte (8) in one load.
+    head = views.be64[views.safe(offset + 2)]
+    port = (head >> np.uint64(48)).astype(np.int64)
+    flags = ((head >> np.uint64(8)) & np.uint64(0xFF)).astype(np.int64)
+    vxlan = (port == UDP_PORT_VXLAN) & ((flags & 0x08) != 0)
+    step.go(rows[vxlan], ETHERTYPE_TRANSPARENT_ETHERNET, offset[vxlan] + 16, KIND_VXLAN, 14)
+    geneve = (port == UDP_PORT_GENEVE) & ((flags >> 6) == 0)
+    if geneve.any():
+        at = offset[geneve]
+        inner = at + 16 + (flags[geneve] & 0x3F).astype(np.int64) * 4
+        protocol = views.be16[views.safe(at + 10)].astype(np.int64)
+        known = ((protocol == ETHERTYPE_TRANSPARENT_ETHERNET) | (protocol == ETHERTYPE_IPV4)
+                 | (protocol == ETHERTYPE_IPV6))
+        step.go(rows[geneve][known], protocol[known], inner[known], KIND_GENEVE, 14)
+        step.stop(rows[geneve][~known], CATEGORY_GENEVE_PROTOCOL, protocol[~known])
+    # Plain UDP: a packet that is simply not TCP.
+    step.stop(rows[~vxlan & ~geneve], CATEGORY_IP_PROTOCOL, 17)
+
+
+def _peel_ethernet(views: Views, step: _Step, rows, offset) -> None:
+    inner_kind, inner_offset = ethernet_payload(views, views.safe(offset))
+    step.go(rows, inner_kind, inner_offset)
+
+
+def _peel_pppoe(views: Views, step: _Step, rows, offset) -> None:
+    ppp = views.be16[views.safe(offset + 6)].astype(np.int64)
+    v4, v6 = ppp == 0x0021, ppp == 0x0057
+    step.go(rows[v4], ETHERTYPE_IPV4, offset[v4] + 8, KIND_PPPOE, 20)
+    step.go(rows[v6], ETHERTYPE_IPV6, offset[v6] + 8, KIND_PPPOE, 40)
+    other = ~v4 & ~v6
+    step.stop(rows[other], CATEGORY_PPP_PROTOCOL, ppp[other])
+
+
+def _peel_gre(views: Views, step: _Step, rows, offset) -> None:
     be16 = views.be16
-    gre = state == STATE_GRE
     at = views.safe(offset)
     flags = be16[at].astype(np.int64)
     protocol = be16[at + 2].astype(np.int64)
     version = flags & 0x7
     # RFC 2784/2890 fields that follow the 4 fixed bytes: checksum+reserved (C), key (K),
     # sequence number (S). Routing (R, RFC 1701) and version 1 (PPTP) are not read.
-    header = 4 + 4 * (((flags >> 15) & 1) + ((flags >> 13) & 1) + ((flags >> 12) & 1))
-    readable = gre & (version == 0) & ((flags & 0x4000) == 0)
-    payload = offset + header
-    go(readable & (protocol == ETHERTYPE_IPV4), ETHERTYPE_IPV4, payload, KIND_GRE, 20)
-    go(readable & (protocol == ETHERTYPE_IPV6), ETHERTYPE_IPV6, payload, KIND_GRE, 40)
-    go(readable & (protocol == ETHERTYPE_TRANSPARENT_ETHERNET), ETHERTYPE_TRANSPARENT_ETHERNET, payload,
-       KIND_GRE, 14)
-    mpls = readable & np.isin(protocol, ETHERTYPE_MPLS)
-    go(mpls, protocol, payload, KIND_GRE, 4)
+    payload = offset + 4 + 4 * (((flags >> 15) & 1) + ((flags >> 13) & 1) + ((flags >> 12) & 1))
+    readable = (version == 0) & ((flags & 0x4000) == 0)
+    known = np.zeros(len(rows), dtype=bool)
+
+    def go(match, to_state, to_offset, header_bytes, kind=KIND_GRE):
+        match = readable & match
+        known[match] = True
+        step.go(rows[match], to_state if np.isscalar(to_state) else to_state[match], to_offset[match], kind,
+                header_bytes)
+
+    go(protocol == ETHERTYPE_IPV4, ETHERTYPE_IPV4, payload, 20)
+    go(protocol == ETHERTYPE_IPV6, ETHERTYPE_IPV6, payload, 40)
+    go(protocol == ETHERTYPE_TRANSPARENT_ETHERNET, ETHERTYPE_TRANSPARENT_ETHERNET, payload, 14)
+    go((protocol == ETHERTYPE_MPLS[0]) | (protocol == ETHERTYPE_MPLS[1]), protocol, payload, 4)
     # ERSPAN: type I has no sequence number and no header of its own; type II an 8-byte
     # header; type III a 12-byte one plus an 8-byte platform sub-header when its O bit is set.
-    erspan_2 = readable & (protocol == ETHERTYPE_ERSPAN_2)
     with_sequence = ((flags >> 12) & 1) == 1
-    go(erspan_2, ETHERTYPE_TRANSPARENT_ETHERNET, np.where(with_sequence, payload + 8, payload), KIND_ERSPAN, 14)
-    erspan_3 = readable & (protocol == ETHERTYPE_ERSPAN_3)
+    go(protocol == ETHERTYPE_ERSPAN_2, ETHERTYPE_TRANSPARENT_ETHERNET, np.where(with_sequence, payload + 8, payload),
+       14, KIND_ERSPAN)
+    erspan_3 = protocol == ETHERTYPE_ERSPAN_3
     if erspan_3.any():
         subheader = (views.u8[views.safe(payload + 11)] & 1).astype(np.int64) * 8
-        go(erspan_3, ETHERTYPE_TRANSPARENT_ETHERNET, payload + 12 + subheader, KIND_ERSPAN, 14)
-    known = (protocol == ETHERTYPE_IPV4) | (protocol == ETHERTYPE_IPV6) | (
-        protocol == ETHERTYPE_TRANSPARENT_ETHERNET) | mpls | erspan_2 | erspan_3
+        go(erspan_3, ETHERTYPE_TRANSPARENT_ETHERNET, payload + 12 + subheader, 14, KIND_ERSPAN)
     unknown = readable & ~known
-    new_state[unknown] = (CATEGORY_GRE_PROTOCOL << 32) | protocol[unknown]
-    unread = gre & ~readable
-    new_state[unread] = (CATEGORY_GRE_VERSION << 32) | np.where(flags[unread] & 0x4000, 0x100, version[unread])
+    step.stop(rows[unknown], CATEGORY_GRE_PROTOCOL, protocol[unknown])
+    unread = ~readable
+    step.stop(rows[unread], CATEGORY_GRE_VERSION, np.where(flags[unread] & 0x4000, 0x100, version[unread]))
 
 
-def _peel_mpls(views: Views, offset, mpls, go, new_state) -> None:
+def _peel_mpls(views: Views, step: _Step, rows, offset) -> None:
     label = offset.copy()
-    bottom = np.zeros(len(offset), dtype=bool)
+    bottom = np.zeros(len(rows), dtype=bool)
     for _ in range(MAXIMUM_MPLS_LABELS):
         bottom_here = ~bottom & ((views.u8[views.safe(label + 2)] & 1) == 1)
         label = np.where(bottom, label, label + 4)
         bottom |= bottom_here
-        if bottom[mpls].all():
+        if bottom.all():
             break
     # The payload has no type field: IP says so in its version nibble; an Ethernet pseudowire
     # (RFC 4448) usually starts with a zero control word.
     nibble = (views.u8[views.safe(label)] >> 4).astype(np.int64)
-    stacked = mpls & bottom
-    go(stacked & (nibble == 4), ETHERTYPE_IPV4, label, KIND_MPLS, 20)
-    go(stacked & (nibble == 6), ETHERTYPE_IPV6, label, KIND_MPLS, 40)
-    go(stacked & (nibble == 0), ETHERTYPE_TRANSPARENT_ETHERNET, label + 4, KIND_MPLS, 14)
-    other = mpls & ~(stacked & np.isin(nibble, (0, 4, 6)))
-    new_state[other] = (CATEGORY_MPLS_PAYLOAD << 32) | np.where(bottom[other], nibble[other], 0x100)
+    for match, to_state, to_offset, header_bytes in (
+            (bottom & (nibble == 4), ETHERTYPE_IPV4, label, 20), (bottom & (nibble == 6), ETHERTYPE_IPV6, label, 40),
+            (bottom & (nibble == 0), ETHERTYPE_TRANSPARENT_ETHERNET, label + 4, 14)):
+        step.go(rows[match], to_state, to_offset[match], KIND_MPLS, header_bytes)
+    other = ~(bottom & ((nibble == 0) | (nibble == 4) | (nibble == 6)))
+    step.stop(rows[other], CATEGORY_MPLS_PAYLOAD, np.where(bottom[other], nibble[other], 0x100))
 
 
 def chain_name(chain: int) -> str:

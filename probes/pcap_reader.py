@@ -640,7 +640,7 @@ def decode_tcp(block: PacketBlock) -> TcpHeaders:
     le32 = unaligned_view(data, "<u4")
     be64 = unaligned_view(data, ">u8")
     limit = len(be64) - 1
-    views = Views(u8, be16, be32, limit)
+    views = Views(u8, be16, be32, be64, limit)
     count = len(block)
     captured_end = block.data_offset + block.captured_bytes
     ethertype, l3 = _link_layer(block, views, be32, le32)
@@ -653,14 +653,17 @@ def decode_tcp(block: PacketBlock) -> TcpHeaders:
     chain = None
     wrapped = wrapped_rows(ethertype, word6)
     if len(wrapped):
-        state, inner, wrapped_chain = unwrap(views, ethertype, l3, captured_end, wrapped)
+        inner = unwrap(views, ethertype, l3, captured_end, wrapped)
         ethertype, l3 = ethertype.astype(np.int64), l3.copy()
-        ethertype[wrapped], l3[wrapped] = state, inner
+        ethertype[wrapped], l3[wrapped] = inner.state, inner.offset
         word0, word6 = word0.copy(), word6.copy()
-        word0[wrapped], word6[wrapped] = be32[views.safe(inner)], be32[views.safe(inner) + 6]
-        if wrapped_chain.any():
+        known, unknown = wrapped[inner.has_words], wrapped[~inner.has_words]
+        word0[known], word6[known] = inner.word0[inner.has_words], inner.word6[inner.has_words]
+        at = views.safe(l3[unknown])
+        word0[unknown], word6[unknown] = be32[at], be32[at + 6]
+        if inner.chain.any():
             chain = np.zeros(count, dtype=np.int64)
-            chain[wrapped] = wrapped_chain
+            chain[wrapped] = inner.chain
     is_v4 = (ethertype == ETHERTYPE_IPV4) & ((word0 >> 28) == 4)
     tcp_v4 = is_v4 & ((word6 & 0xFF) == 6) & (((word6 >> 16) & 0x1FFF) == 0) & (((word0 >> 24) & 0x0F) >= 5)
     is_v6 = (ethertype == ETHERTYPE_IPV6) & ((word0 >> 28) == 6)
