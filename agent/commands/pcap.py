@@ -57,7 +57,9 @@ def pcap(capture_file: Path, out_dir: Path, block_mib: int, no_html: bool = Fals
     writer.add_probe(ProbeRecord("pcap", status, summary.error, counts, summary.seconds))
     writer.finish(extra={"source": {"kind": "pcap", **summary.as_dict()}, "partial": summary.partial})
     rate = summary.packets / summary.seconds if summary.seconds > 0 else 0.0
-    click.echo(f"{summary.packets} packets ({summary.tcp_packets} TCP) in {summary.seconds:.2f} s "
+    not_decoded = sum(summary.not_decoded.values())
+    said = f", {not_decoded} not decoded: see findings" if not_decoded else ""
+    click.echo(f"{summary.packets} packets ({summary.tcp_packets} TCP{said}) in {summary.seconds:.2f} s "
                f"({rate / 1e6:.2f}M packets/s) → {writer.out_dir}")
     for line in flows_headlines({"flows": flows, "turns": turns}):
         click.echo(line)
