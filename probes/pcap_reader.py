@@ -11,6 +11,10 @@ The file is read in blocks (default 32 MiB); a record cut by a block edge is car
 next block, so memory stays bounded on multi-GB captures. A record that runs past the end of
 the file, or a length that cannot be right, raises CaptureCorrupt naming the byte offset after
 every complete block before it has been yielded.
+
+What a file says that cannot be taken literally is clamped and counted in `CaptureReader.clamps`
+(said by `clamp_findings`): frame check sequences are stripped, sub-second fields of a second or
+more and timestamps going backwards are clamped. Tunnels are unwrapped by probes/pcap_decap.py.
 """
 
 from __future__ import annotations
@@ -69,7 +73,6 @@ MAXIMUM_WIRE_BYTES = 16 << 20
 MAXIMUM_BLOCK_BYTES = 4 << 20
 # Zero padding after each block so header gathers near the end never index past the buffer.
 GATHER_PADDING = 4096
-
 
 
 class CaptureCorrupt(BadInput):
@@ -181,7 +184,8 @@ class CaptureReader:
 
     def _check_first_interfaces(self) -> None:
         """Refuse a pcapng whose interfaces before the first packet all have a link type we do
-        not read, before anything is written (later ones are reported as a partial result)."""
+        not read, before anything is written (packets of such an interface next to a supported
+        one are counted as not decoded)."""
         with open(self.path, "rb") as handle:
             head = handle.read(1 << 16)
         endian = "<" if struct.unpack_from("<I", head, 8)[0] == PCAPNG_BYTE_ORDER_MAGIC else ">"
