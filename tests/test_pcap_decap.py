@@ -128,6 +128,7 @@ def test_what_was_not_decoded_is_counted_by_reason_and_said(tmp_path, cli_runner
         "ethertype 0x88e5 (MACsec)": 1,
         "headers cut by the snap length inside vxlan": 1,
     }
+    assert sum(summary.not_tcp.values()) + sum(summary.not_decoded.values()) == summary.other_packets == 26
     messages = capture_findings(summary, "pcap").column("message").to_pylist()
     assert "12 packets (34%) not decoded: IP protocol 50 (ESP)" in messages
     assert not any("ARP" in message or "UDP" in message for message in messages)
