@@ -135,7 +135,7 @@ def test_what_was_not_decoded_is_counted_by_reason_and_said(tmp_path, cli_runner
 
     result = cli_runner.invoke(["pcap", str(path), "--out", str(tmp_path / "bundle")])
     assert result.exit_code == 0, result.output
-    assert "35 packets (9 TCP, 21 not decoded: see findings)" in result.output
+    assert "35 packets (9 TCP, 21 not decoded: by reason in the manifest)" in result.output
     from reports.bundle import Bundle
 
     source = Bundle(tmp_path / "bundle").manifest["source"]

@@ -58,7 +58,7 @@ def pcap(capture_file: Path, out_dir: Path, block_mib: int, no_html: bool = Fals
     writer.finish(extra={"source": {"kind": "pcap", **summary.as_dict()}, "partial": summary.partial})
     rate = summary.packets / summary.seconds if summary.seconds > 0 else 0.0
     not_decoded = sum(summary.not_decoded.values())
-    said = f", {not_decoded} not decoded: see findings" if not_decoded else ""
+    said = f", {not_decoded} not decoded: by reason in the manifest" if not_decoded else ""
     click.echo(f"{summary.packets} packets ({summary.tcp_packets} TCP{said}) in {summary.seconds:.2f} s "
                f"({rate / 1e6:.2f}M packets/s) → {writer.out_dir}")
     for line in flows_headlines({"flows": flows, "turns": turns}):
