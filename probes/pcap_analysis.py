@@ -31,8 +31,9 @@ import numpy as np
 import pyarrow as pa
 
 from probes.base import finding, findings_table
-from probes.pcap_reader import (MAXIMUM_WIRE_BYTES, CaptureCorrupt, CaptureReader, TcpHeaders, decode_tcp,
-                                linktype_name)
+from probes.pcap_decap import add_counts, chain_name, count_chains, not_decoded_findings
+from probes.pcap_reader import (MAXIMUM_WIRE_BYTES, CaptureCorrupt, CaptureReader, TcpHeaders, clamp_findings,
+                                decode_tcp, linktype_name)
 
 FLOWS_SCHEMA = pa.schema([
     pa.field("flow", pa.int64(), nullable=False),
@@ -62,6 +63,8 @@ FLOWS_SCHEMA = pa.schema([
     pa.field("latency_ns_p50", pa.int64()),
     pa.field("latency_ns_p99", pa.int64()),
     pa.field("latency_ns_max", pa.int64()),
+    # Tunnels around the flow's first packet, outermost first ("vxlan", "mpls+gre"); null if none.
+    pa.field("encapsulation", pa.string()),
 ])
 
 TURNS_SCHEMA = pa.schema([
@@ -173,6 +176,10 @@ class CaptureSummary:
     other_packets: int = 0
     impossible_wire_lengths: int = 0
     ip_lengths_beyond_wire: int = 0
+    not_tcp: dict[str, int] = field(default_factory=dict)  # packets by kind (ARP, UDP...)
+    not_decoded: dict[str, int] = field(default_factory=dict)  # packets that may hide TCP, by reason
+    encapsulations: dict[str, int] = field(default_factory=dict)  # TCP packets by tunnel chain
+    clamped: dict[str, int] = field(default_factory=dict)  # CaptureReader.clamps
     flows: int = 0
     turns: int = 0
     seconds: float = 0.0
@@ -203,6 +210,7 @@ class FlowAnalyzer:
             "client_is_a": 0, "first_ts": 0, "last_ts": 0, "packets": 0, "bytes": 0,
             "client_packets": 0, "client_payload": 0, "server_payload": 0, "syn_ts": -1,
             "synack_ts": -1, "resets": 0, "isn": -1,  # isn: the client SYN's sequence number
+            "encapsulation": 0,  # pcap_decap chain code of the flow's first packet
         })
         # Per flow-direction (flow * 2 + from_client): sequence tracking across blocks.
         self.directions = _Grow({"seq_base": -1, "last_relative": 0, "wraps": 0, "max_end": -1,
@@ -326,6 +334,7 @@ class FlowAnalyzer:
             self._decide_clients(local, local_to_global, new_locals, src_is_a, syn, synack)
             new_global = local_to_global[new_locals]
             flows["first_ts"][new_global] = ts[first_index[new_locals]]
+            flows["encapsulation"][new_global] = headers.encapsulation[first_index[new_locals]]
         from_client = src_is_a == flows["client_is_a"][local_to_global][local].astype(bool)
 
         # One stable sort by (flow, direction) serves every per-direction reduction. Block-local
@@ -631,6 +640,8 @@ class FlowAnalyzer:
             "latency_ns_p50": nullable(p50),
             "latency_ns_p99": nullable(p99),
             "latency_ns_max": nullable(maximum),
+            "encapsulation": pa.array([chain_name(code) or None for code in flows["encapsulation"][:count].tolist()],
+                                      pa.string()),
         }, schema=FLOWS_SCHEMA)
         return table, turns
 
@@ -665,11 +676,15 @@ def analyse_capture(reader: CaptureReader, spill_dir: Path | None = None,
             summary.other_packets += headers.other_packets
             summary.impossible_wire_lengths += headers.impossible_wire_lengths
             summary.ip_lengths_beyond_wire += headers.ip_lengths_beyond_wire
+            add_counts(summary.not_tcp, headers.not_tcp)
+            add_counts(summary.not_decoded, headers.not_decoded)
+            add_counts(summary.encapsulations, count_chains(headers.encapsulation))
             analyzer.add(headers)
     except CaptureCorrupt as error:
         summary.partial = True
         summary.error = str(error)
         summary.error_offset = error.offset
+    summary.clamped = dict(reader.clamps)
     flows, turns = analyzer.tables()
     summary.flows = flows.num_rows
     summary.turns = turns.num_rows
@@ -728,6 +743,8 @@ def capture_findings(summary: CaptureSummary, probe: str) -> pa.Table:
             "on the wire; their payload is bounded by the wire length",
             "bogus IP lengths come from corrupt captures or broken offloads; flows and "
             "retransmissions count only the bytes on the wire"))
+    rows += not_decoded_findings(summary.not_decoded, summary.packets, summary.path, probe)
+    rows += clamp_findings(summary.clamped, summary.path, probe)
     return findings_table(rows)
 
 

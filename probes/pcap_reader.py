@@ -11,6 +11,10 @@ The file is read in blocks (default 32 MiB); a record cut by a block edge is car
 next block, so memory stays bounded on multi-GB captures. A record that runs past the end of
 the file, or a length that cannot be right, raises CaptureCorrupt naming the byte offset after
 every complete block before it has been yielded.
+
+What a file says that cannot be taken literally is clamped and counted in `CaptureReader.clamps`
+(said by `clamp_findings`): frame check sequences are stripped, sub-second fields of a second or
+more and timestamps going backwards are clamped. Tunnels are unwrapped by probes/pcap_decap.py.
 """
 
 from __future__ import annotations
@@ -18,13 +22,16 @@ from __future__ import annotations
 import array
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 
 from core.errors import BadInput
+from probes.pcap_decap import (CATEGORY_ADDRESS_FAMILY, CATEGORY_IP_VERSION, ETHERTYPE_IPV4, ETHERTYPE_IPV6, Views,
+                                count_reasons, ethernet_payload, ipv6_upper_layer, reason_keys,
+                                unsupported_link_state, unwrap, wrapped_rows)
 
 PCAP_MAGIC_USEC = 0xA1B2C3D4
 PCAP_MAGIC_NSEC = 0xA1B23C4D
@@ -66,10 +73,6 @@ MAXIMUM_WIRE_BYTES = 16 << 20
 MAXIMUM_BLOCK_BYTES = 4 << 20
 # Zero padding after each block so header gathers near the end never index past the buffer.
 GATHER_PADDING = 4096
-
-ETHERTYPE_IPV4 = 0x0800
-ETHERTYPE_IPV6 = 0x86DD
-ETHERTYPE_VLAN = (0x8100, 0x88A8, 0x9100)
 
 
 class CaptureCorrupt(BadInput):
@@ -169,16 +172,20 @@ class CaptureReader:
                                      len(head))
             _major, _minor, _zone, _sigfigs, self.snaplen, linktype_field = struct.unpack(
                 self.endian + "HHiIII", head[4:24])
-            # The upper bits of the link-type field carry FCS flags (pcap-linktype(7)).
-            self.pcap_linktype = linktype_field & 0x0FFFFFFF
+            self.pcap_linktype, self.pcap_fcs_bytes = pcap_linktype_and_fcs(linktype_field)
             check_linktype(self.pcap_linktype, str(self.path))
         else:
             raise BadInput(f"{self.path}: not a pcap or pcapng file (magic 0x{big:08x})")
         self.packets_read = 0
+        # What the reader clamped instead of passing on a wrong number (see clamp_findings).
+        self.clamps = {"timestamps_backwards": 0, "timestamps_backwards_max_ns": 0,
+                       "timestamps_invalid_subsecond": 0, "fcs_stripped_packets": 0}
+        self._latest_ts_ns = np.int64(np.iinfo(np.int64).min)
 
     def _check_first_interfaces(self) -> None:
         """Refuse a pcapng whose interfaces before the first packet all have a link type we do
-        not read, before anything is written (later ones are reported as a partial result)."""
+        not read, before anything is written (packets of such an interface next to a supported
+        one are counted as not decoded)."""
         with open(self.path, "rb") as handle:
             head = handle.read(1 << 16)
         endian = "<" if struct.unpack_from("<I", head, 8)[0] == PCAPNG_BYTE_ORDER_MAGIC else ">"
@@ -281,13 +288,22 @@ class CaptureReader:
                     end_file_offset: int) -> PacketBlock:
         seconds = u32[offsets].astype(np.int64)
         fraction = u32[offsets + 4].astype(np.int64)
+        # A fraction of a second of 1e6 us / 1e9 ns or more is no time at all: taken as the
+        # last instant of its second (and counted) rather than spilling into the next ones.
+        units_per_second = 1_000_000_000 if self.nanosecond else 1_000_000
+        invalid = fraction >= units_per_second
+        if invalid.any():
+            self.clamps["timestamps_invalid_subsecond"] += int(invalid.sum())
+            fraction = np.minimum(fraction, units_per_second - 1)
         ts_ns = seconds * 1_000_000_000 + (fraction if self.nanosecond else fraction * 1000)
+        captured, wire = self._strip_fcs(u32[offsets + 8].astype(np.int64), u32[offsets + 12].astype(np.int64),
+                                         self.pcap_fcs_bytes)
         block = PacketBlock(
             data=data,
             data_offset=offsets + 16,
-            captured_bytes=u32[offsets + 8].astype(np.int64),
-            wire_bytes=u32[offsets + 12].astype(np.int64),
-            ts_ns=ts_ns,
+            captured_bytes=captured,
+            wire_bytes=wire,
+            ts_ns=self._in_time_order(ts_ns),
             linktype=np.full(len(offsets), self.pcap_linktype, dtype=np.int32),
             first_packet_number=self.packets_read,
             end_file_offset=end_file_offset,
@@ -295,10 +311,35 @@ class CaptureReader:
         self.packets_read += len(offsets)
         return block
 
+    def _strip_fcs(self, captured: np.ndarray, wire: np.ndarray, fcs_bytes) -> tuple[np.ndarray, np.ndarray]:
+        """Drop the frame check sequence at the end of each frame (fcs_bytes: an int or one per
+        packet): it is not part of the frame the analysis counts, and a capture cut by its snap
+        length may not hold it at all."""
+        if not np.any(fcs_bytes):
+            return captured, wire
+        stripped_wire = np.maximum(wire - fcs_bytes, 0)
+        self.clamps["fcs_stripped_packets"] += int(np.count_nonzero(wire != stripped_wire))
+        return np.minimum(captured, stripped_wire), stripped_wire
+
+    def _in_time_order(self, ts_ns: np.ndarray) -> np.ndarray:
+        """Timestamps never go backwards: a packet stamped before the latest one seen is given
+        that latest time (counted, with the largest step back), so no turn or handshake comes
+        out negative."""
+        if not len(ts_ns):
+            return ts_ns
+        ordered = np.maximum(np.maximum.accumulate(ts_ns), self._latest_ts_ns)
+        behind = ordered - ts_ns
+        if behind.any():
+            self.clamps["timestamps_backwards"] += int(np.count_nonzero(behind))
+            self.clamps["timestamps_backwards_max_ns"] = max(self.clamps["timestamps_backwards_max_ns"],
+                                                             int(behind.max()))
+        self._latest_ts_ns = ordered[-1]
+        return ordered
+
     def _pcapng_blocks(self) -> Iterator[PacketBlock]:
         # Interfaces are numbered per section; each maps to (linktype, multiplier, divisor) that
         # turn its timestamp units into nanoseconds.
-        self._interfaces: list[tuple[int, int, int]] = []
+        self._interfaces: list[tuple[int, int, int, int]] = []
         self._endian = "<"
         storage, view = self._buffer()
         data = np.frombuffer(storage, dtype=np.uint8)
@@ -311,8 +352,12 @@ class CaptureReader:
                     position, packet_offsets, interface_ids, stop_reason = self._walk_pcapng(
                         storage, position, valid, base_offset)
                     if len(packet_offsets):
-                        yield self._pcapng_block(data, storage, packet_offsets, interface_ids, base_offset,
-                                                 base_offset + position)
+                        block, bad = self._pcapng_block(data, storage, packet_offsets, interface_ids, base_offset,
+                                                        base_offset + position)
+                        if len(block):
+                            yield block
+                        if bad is not None:
+                            stop_reason = ("corrupt", *bad)
                     if isinstance(stop_reason, tuple):
                         _, bad_position, why = stop_reason
                         raise self._corrupt(bad_position, base_offset, why)
@@ -352,6 +397,11 @@ class CaptureReader:
                 if block_length > MAXIMUM_BLOCK_BYTES:
                     stop = ("corrupt", position, f"block length {block_length} too large")
                 break
+            if block_type != PCAPNG_EPB and header(buffer, position + block_length - 4)[0] != block_length:
+                # Packet blocks are checked the same way, all at once, in _pcapng_block.
+                stop = ("corrupt", position, trailing_length_message(
+                    header(buffer, position + block_length - 4)[0], block_length))
+                break
             if block_type == PCAPNG_EPB:
                 interface = header(buffer, position + 8)[0]
                 if interface >= interface_count:
@@ -389,6 +439,9 @@ class CaptureReader:
             raise self._corrupt(position, base_offset, f"bad section header length {block_length}")
         if position + block_length > end:
             return None
+        trailing = struct.unpack_from(self._endian + "I", buffer, position + block_length - 4)[0]
+        if trailing != block_length:
+            raise self._corrupt(position, base_offset, trailing_length_message(trailing, block_length))
         self._interfaces = []
         return position + block_length
 
@@ -397,15 +450,11 @@ class CaptureReader:
         block_length = struct.unpack_from(self._endian + "I", buffer, position + 4)[0]
         if block_length < 20:
             raise self._corrupt(position, base_offset, f"bad interface block length {block_length}")
+        # An interface of a link type we do not read is kept: its packets are counted as not
+        # decoded, the other interfaces' packets are analysed.
         linktype = struct.unpack_from(self._endian + "H", buffer, position + 8)[0]
-        try:
-            check_linktype(linktype, f"{self.path}: interface {len(self._interfaces)} at byte offset "
-                                     f"{base_offset + position}")
-        except BadInput as error:
-            # Found mid-file: what came before is still analysed (a partial result).
-            raise CaptureCorrupt(str(error), base_offset + position) from None
         # Options: if_tsresol (code 9) sets the timestamp unit; default microseconds.
-        multiplier, divisor = 1000, 1
+        multiplier, divisor, fcs_bytes = 1000, 1, 0
         option = position + 16
         option_end = position + block_length - 4
         while option + 4 <= option_end:
@@ -424,41 +473,93 @@ class CaptureReader:
                     multiplier, divisor = 10 ** (9 - resolution), 1
                 else:
                     multiplier, divisor = 1, 10 ** (resolution - 9)
+            if code == 13 and length >= 1:
+                fcs_bytes = pcapng_fcs_bytes(buffer[option + 4])
             option += 4 + ((length + 3) & ~3)
-        self._interfaces.append((linktype, multiplier, divisor))
+        self._interfaces.append((linktype, multiplier, divisor, fcs_bytes))
         return position + block_length
 
     def _pcapng_block(self, data: np.ndarray, storage: bytearray, offsets: np.ndarray,
-                      interface_ids: np.ndarray, base_offset: int, end_file_offset: int) -> PacketBlock:
+                      interface_ids: np.ndarray, base_offset: int, end_file_offset: int):
+        """The packets at `offsets` as a PacketBlock, cut before the first bad packet block;
+        plus (position, why) of that block, or None."""
         u32 = unaligned_view(storage, self._endian + "u4")
+        captured = u32[offsets + 20].astype(np.int64)
+        block_lengths = u32[offsets + 4].astype(np.int64)
+        trailing = u32[offsets + block_lengths - 4].astype(np.int64)
+        too_long = captured + 32 > block_lengths
+        bad = too_long | (trailing != block_lengths)
+        problem = None
+        if bad.any():
+            first = int(np.argmax(bad))
+            position = int(offsets[first])
+            why = ("captured length exceeds its block" if too_long[first]
+                   else trailing_length_message(int(trailing[first]), int(block_lengths[first])))
+            problem = (position, why)
+            offsets, interface_ids, captured = offsets[:first], interface_ids[:first], captured[:first]
+            end_file_offset = base_offset + position
         high = u32[offsets + 12].astype(np.int64)
         low = u32[offsets + 16].astype(np.int64)
         units = (high << 32) | low
-        linktypes = np.array([entry[0] for entry in self._interfaces], dtype=np.int32)
-        multipliers = np.array([entry[1] for entry in self._interfaces], dtype=np.int64)
-        divisors = np.array([entry[2] for entry in self._interfaces], dtype=np.int64)
-        multiplier = multipliers[interface_ids]
-        divisor = divisors[interface_ids]
+        interfaces = np.array(self._interfaces, dtype=np.int64).reshape(-1, 4)
+        linktype, multiplier, divisor, fcs_bytes = (interfaces[interface_ids, column] for column in range(4))
         # Split the product so units * 1e9 never leaves int64 (tsresol can be 2^-30 etc.).
         ts_ns = (units // divisor) * multiplier + ((units % divisor) * multiplier) // divisor
-        captured = u32[offsets + 20].astype(np.int64)
-        block_lengths = u32[offsets + 4].astype(np.int64)
-        bad = captured + 32 > block_lengths
-        if bad.any():
-            first = int(offsets[np.argmax(bad)])
-            raise self._corrupt(first, base_offset, "captured length exceeds its block")
+        captured, wire = self._strip_fcs(captured, u32[offsets + 24].astype(np.int64), fcs_bytes)
         block = PacketBlock(
             data=data,
             data_offset=offsets + 28,
             captured_bytes=captured,
-            wire_bytes=u32[offsets + 24].astype(np.int64),
-            ts_ns=ts_ns,
-            linktype=linktypes[interface_ids],
+            wire_bytes=wire,
+            ts_ns=self._in_time_order(ts_ns),
+            linktype=linktype.astype(np.int32),
             first_packet_number=self.packets_read,
             end_file_offset=end_file_offset,
         )
         self.packets_read += len(offsets)
-        return block
+        return block, problem
+
+
+def trailing_length_message(trailing: int, leading: int) -> str:
+    return (f"its trailing length {trailing} disagrees with its leading length {leading}; reading "
+            "stopped there (the blocks after it cannot be trusted)")
+
+
+def pcap_linktype_and_fcs(field_value: int) -> tuple[int, int]:
+    """pcap header link-type field: the link type is its low 16 bits; when bit 26 is set (the
+    'FCS length present' bit of pcap-savefile(5) / libpcap LT_FCS_DATALINK_EXT), its top four
+    bits give the FCS length in 16-bit words. Other bits are reserved and ignored."""
+    fcs_bytes = ((field_value >> 28) & 0xF) * 2 if field_value & 0x04000000 else 0
+    return field_value & 0xFFFF, fcs_bytes
+
+
+def pcapng_fcs_bytes(value: int) -> int:
+    """if_fcslen: the pcapng drafts say bits, some writers put bytes (pcapng/pcapng issue 60);
+    an Ethernet FCS is 2 or 4 bytes, so 16/32 are bits and 2/4 are bytes. Anything else is
+    not a length we can trust: nothing is stripped."""
+    return {16: 2, 32: 4, 2: 2, 4: 4}.get(value, 0)
+
+
+def clamp_findings(clamps: dict, subject: str, probe: str) -> list[dict]:
+    """Findings for what the reader clamped (CaptureReader.clamps)."""
+    from probes.base import finding
+
+    rows = []
+    if clamps.get("timestamps_backwards"):
+        rows.append(finding(
+            probe, "warning", subject,
+            f"{clamps['timestamps_backwards']} packets are stamped earlier than a packet before them "
+            f"(by up to {clamps['timestamps_backwards_max_ns'] / 1e6:.3f} ms); each was given the "
+            "latest time seen, so no latency comes out negative",
+            "the capture host's clock stepped (NTP, a VM migration) or files were merged out of "
+            "order: latencies around those packets are lower bounds"))
+    if clamps.get("timestamps_invalid_subsecond"):
+        rows.append(finding(
+            probe, "warning", subject,
+            f"{clamps['timestamps_invalid_subsecond']} packets have a sub-second timestamp of a whole "
+            "second or more; taken as the last instant of their second",
+            "the capture is corrupt or was written by a broken tool: check how it was produced"))
+    return rows
 
 
 @dataclass
@@ -482,34 +583,33 @@ class TcpHeaders:
     other_packets: int  # packets that are not decodable TCP (ARP, UDP, fragments, cut headers)
     impossible_wire_lengths: int = 0  # original length beyond MAXIMUM_WIRE_BYTES: clamped
     ip_lengths_beyond_wire: int = 0  # IP length longer than the frame on the wire: clamped
+    # Encapsulation chain per packet (pcap_decap.chain_name; 0 = plain TCP/IP).
+    encapsulation: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    not_tcp: dict = field(default_factory=dict)  # packets that are something else, by kind
+    not_decoded: dict = field(default_factory=dict)  # packets that may hide TCP, by reason
 
 
-def _link_layer(block: PacketBlock, be16: np.ndarray, be32: np.ndarray, le32: np.ndarray,
-                u8: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _link_layer(block: PacketBlock, views: Views, be32: np.ndarray, le32: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per packet: ethertype-like protocol (0x0800 / 0x86DD / other) and network header offset."""
     start = block.data_offset
     linktypes = np.unique(block.linktype)
     if len(linktypes) == 1:
-        return _link_layer_of(int(linktypes[0]), start, be16, be32, le32, u8)
+        return _link_layer_of(int(linktypes[0]), start, views, be32, le32)
     ethertype = np.zeros(len(start), dtype=np.int64)
     l3 = np.zeros(len(start), dtype=np.int64)
     for linktype in linktypes.tolist():
         rows = np.flatnonzero(block.linktype == linktype)
-        ethertype[rows], l3[rows] = _link_layer_of(linktype, start[rows], be16, be32, le32, u8)
+        ethertype[rows], l3[rows] = _link_layer_of(linktype, start[rows], views, be32, le32)
     return ethertype, l3
 
 
-def _link_layer_of(linktype: int, base: np.ndarray, be16, be32, le32, u8) -> tuple[np.ndarray, np.ndarray]:
+def _link_layer_of(linktype: int, base: np.ndarray, views: Views, be32, le32) -> tuple[np.ndarray, np.ndarray]:
+    be16, u8 = views.be16, views.u8
+    if linktype not in SUPPORTED_LINKTYPES:
+        # Packets of a pcapng interface we cannot read: counted, never decoded.
+        return np.full(len(base), unsupported_link_state(linktype), dtype=np.int64), base
     if linktype == LINKTYPE_ETHERNET:
-        kind = be16[base + 12].astype(np.int64)
-        offset = base + 14
-        for _ in range(2):  # 802.1Q and QinQ tags
-            tagged = (kind == 0x8100) | (kind == 0x88A8) | (kind == 0x9100)
-            if not tagged.any():
-                break
-            kind = np.where(tagged, be16[offset + 2], kind)
-            offset = np.where(tagged, offset + 4, offset)
-        return kind, offset
+        return ethernet_payload(views, base)
     if linktype == LINKTYPE_LINUX_SLL:
         return be16[base + 14].astype(np.int64), base + 16
     if linktype == LINKTYPE_LINUX_SLL2:
@@ -519,14 +619,16 @@ def _link_layer_of(linktype: int, base: np.ndarray, be16, be32, le32, u8) -> tup
         family = le32[base].astype(np.int64)
         family = np.where(family > 0xFFFF, be32[base].astype(np.int64), family)
         kind = np.where(family == 2, ETHERTYPE_IPV4,
-                        np.where(np.isin(family, (10, 24, 28, 30)), ETHERTYPE_IPV6, 0))
+                        np.where(np.isin(family, (10, 24, 28, 30)), ETHERTYPE_IPV6,
+                                 (CATEGORY_ADDRESS_FAMILY << 32) | (family & 0xFFFFFFFF)))
         return kind, base + 4
     if linktype == LINKTYPE_IPV4:
         return np.full(len(base), ETHERTYPE_IPV4, dtype=np.int64), base
     if linktype == LINKTYPE_IPV6:
         return np.full(len(base), ETHERTYPE_IPV6, dtype=np.int64), base
-    version = u8[base] >> 4  # raw IP: the version nibble says which
-    return np.where(version == 4, ETHERTYPE_IPV4, np.where(version == 6, ETHERTYPE_IPV6, 0)), base
+    version = (u8[base] >> 4).astype(np.int64)  # raw IP: the version nibble says which
+    return np.where(version == 4, ETHERTYPE_IPV4, np.where(version == 6, ETHERTYPE_IPV6,
+                                                           (CATEGORY_IP_VERSION << 32) | version)), base
 
 
 def decode_tcp(block: PacketBlock) -> TcpHeaders:
@@ -542,13 +644,30 @@ def decode_tcp(block: PacketBlock) -> TcpHeaders:
     le32 = unaligned_view(data, "<u4")
     be64 = unaligned_view(data, ">u8")
     limit = len(be64) - 1
+    views = Views(u8, be16, be32, be64, limit)
     count = len(block)
     captured_end = block.data_offset + block.captured_bytes
-    ethertype, l3 = _link_layer(block, be16, be32, le32, u8)
+    ethertype, l3 = _link_layer(block, views, be32, le32)
 
     # IPv4: version/IHL/total length in one load, fragment/TTL/protocol in another.
     word0 = be32[l3]
     word6 = be32[l3 + 6]
+    # Tunnels and link encapsulations (probes/pcap_decap.py): only the packets that are not
+    # plain TCP/IP are looked at; their inner headers then go through the decoding below.
+    chain = None
+    wrapped = wrapped_rows(ethertype, word6)
+    if len(wrapped):
+        inner = unwrap(views, ethertype, l3, captured_end, wrapped)
+        ethertype, l3 = ethertype.astype(np.int64), l3.copy()
+        ethertype[wrapped], l3[wrapped] = inner.state, inner.offset
+        word0, word6 = word0.copy(), word6.copy()
+        known, unknown = wrapped[inner.has_words], wrapped[~inner.has_words]
+        word0[known], word6[known] = inner.word0[inner.has_words], inner.word6[inner.has_words]
+        at = views.safe(l3[unknown])
+        word0[unknown], word6[unknown] = be32[at], be32[at + 6]
+        if inner.chain.any():
+            chain = np.zeros(count, dtype=np.int64)
+            chain[wrapped] = inner.chain
     is_v4 = (ethertype == ETHERTYPE_IPV4) & ((word0 >> 28) == 4)
     tcp_v4 = is_v4 & ((word6 & 0xFF) == 6) & (((word6 >> 16) & 0x1FFF) == 0) & (((word0 >> 24) & 0x0F) >= 5)
     is_v6 = (ethertype == ETHERTYPE_IPV6) & ((word0 >> 28) == 6)
@@ -574,22 +693,10 @@ def decode_tcp(block: PacketBlock) -> TcpHeaders:
     # -- IPv6 rows, with up to three extension headers (hop-by-hop, routing, fragment, dest)
     if len(rows_v6):
         l3_v6 = l3[rows_v6]
-        next_header = u8[np.minimum(l3_v6 + 6, limit)].astype(np.int64)
         payload_v6 = be16[l3_v6 + 4].astype(np.int64)
-        l4_v6 = l3_v6 + 40
-        usable = np.ones(len(rows_v6), dtype=bool)
-        for _ in range(3):
-            extension = np.isin(next_header, (0, 43, 44, 60))
-            if not extension.any():
-                break
-            at = np.minimum(l4_v6, limit - 2)
-            length = np.where(next_header == 44, 8, (u8[at + 1].astype(np.int64) + 1) * 8)
-            later_fragment = (next_header == 44) & ((be16[at + 2].astype(np.int64) & 0xFFF8) != 0)
-            usable &= ~(extension & later_fragment)
-            next_header = np.where(extension, u8[at], next_header)
-            l4_v6 = np.where(extension, l4_v6 + length, l4_v6)
-        keep_v6 = usable & (next_header == 6)
-        rows_v6, l3_v6, l4_v6 = rows_v6[keep_v6], l3_v6[keep_v6], np.minimum(l4_v6[keep_v6], limit - 16)
+        next_header, l4_v6, later_fragment = ipv6_upper_layer(views, l3_v6)
+        keep_v6 = ~later_fragment & (next_header == 6)
+        rows_v6, l3_v6, l4_v6 = rows_v6[keep_v6], l3_v6[keep_v6], l4_v6[keep_v6]
         payload_v6 = payload_v6[keep_v6]
         # IPv6 BIG TCP (Linux 5.19+): a GSO frame over 64 KiB says payload length 0 (with or
         # without the RFC 2675 jumbo option, depending on the kernel): its size is on the wire.
@@ -642,6 +749,10 @@ def decode_tcp(block: PacketBlock) -> TcpHeaders:
     sequence = be64[l4 + 4]
     offset_flags = be16[l4 + 12]
     tcp_header = ((offset_flags >> 12) * 4).astype(np.int64)
+    decoded = np.zeros(count, dtype=bool)
+    decoded[rows] = True
+    other = np.flatnonzero(~decoded)
+    not_tcp, not_decoded = count_reasons(reason_keys(views, ethertype[other], l3[other], captured_end[other]))
     return TcpHeaders(
         packet_number=rows + block.first_packet_number,
         ts_ns=block.ts_ns[rows],
@@ -660,4 +771,7 @@ def decode_tcp(block: PacketBlock) -> TcpHeaders:
         other_packets=int(count - len(rows)),
         impossible_wire_lengths=int(impossible_wire.sum()),
         ip_lengths_beyond_wire=int(length_beyond_wire.sum()),
+        encapsulation=np.zeros(len(rows), dtype=np.int64) if chain is None else chain[rows],
+        not_tcp=not_tcp,
+        not_decoded=not_decoded,
     )

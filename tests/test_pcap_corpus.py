@@ -26,6 +26,20 @@ def base_captures(tmp_path: Path) -> dict[str, bytes]:
     for link in ("ether", "sll", "raw"):
         captures[f"{link}.pcap"] = build.write_pcap(tmp_path / f"base-{link}.pcap", build.framed(packets, link), link).read_bytes()
     captures["ng.pcapng"] = build.write_pcapng(tmp_path / "base.pcapng", build.framed(packets)).read_bytes()
+    # Every encapsulation pcap_decap unwraps, one flow each: cut and bit-flipped below too.
+    tunnelled = [frame for index, kind in enumerate(build.ENCAPSULATIONS) for frame in build.encapsulated(
+        build.conversation("10.0.0.1", "10.0.0.2", 41000 + index, 5432, [((10,), 100)], start_s=index * 0.01),
+        kind)]
+    tunnelled.sort(key=lambda frame: float(frame.time))
+    captures["tunnels.pcap"] = build.write_pcap(tmp_path / "tunnels.pcap", tunnelled).read_bytes()
+    records = [(int(float(frame.time) * 1e6), bytes(frame), len(frame)) for frame in build.framed(packets)]
+    # Frames with a frame check sequence, said in the pcap header; a pcapng with an unused
+    # 802.11 interface before the Ethernet one (if_fcslen 32 bits).
+    with_fcs = [(ts, frame + b"\xfc\x5c\xfc\x5c", wire + 4) for ts, frame, wire in records]
+    captures["fcs.pcap"] = build.pcap_bytes(with_fcs, 0x24000001)
+    fcs_option = build.pcapng_option(13, b"\x20") + build.pcapng_option(0, b"")
+    captures["interfaces.pcapng"] = build.pcapng_bytes([(105, b""), (1, fcs_option)],
+                                                       [(1, *record) for record in with_fcs])
     return captures
 
 
@@ -51,6 +65,21 @@ def variants(captures: dict[str, bytes]):
     head = section_length + idb_length
     unknown = struct.pack("<II", 0x0BAD, 16) + b"abcd" + struct.pack("<I", 16)
     yield "ng-unknown-block", ng[:head] + unknown + ng[head:]
+    bad_trailer = struct.pack("<II", 0x0BAD, 16) + b"abcd" + struct.pack("<I", 24)
+    yield "ng-unknown-block-bad-trailer", ng[:head] + bad_trailer + ng[head:]
+    first_packet_length = struct.unpack_from("<I", ng, head + 4)[0]
+    yield "ng-packet-bad-trailer", (ng[:head + first_packet_length - 4] + struct.pack("<I", first_packet_length + 4)
+                                    + ng[head + first_packet_length:])
+    # Sub-second fields of a whole second or more, and a capture whose timestamps run backwards.
+    ether = bytearray(pcap)
+    struct.pack_into("<I", ether, 24 + 4, 1_000_000)
+    yield "usec-invalid", bytes(ether)
+    backwards = bytearray(pcap)
+    offset = 24
+    for _ in range(9):  # the tenth record is stamped in 1970
+        offset += 16 + struct.unpack_from("<I", backwards, offset + 8)[0]
+    struct.pack_into("<I", backwards, offset, 1)
+    yield "time-backwards", bytes(backwards)
     yield "empty", b""
     yield "text", b"this is not a capture\n" * 10
 
@@ -61,7 +90,10 @@ def test_corpus_never_tracebacks(tmp_path, cli_runner):
     for index, (name, data) in enumerate(variants(captures)):
         path = tmp_path / f"{index}-{name}"
         path.write_bytes(data)
-        result = cli_runner.invoke(["pcap", str(path), "--out", str(tmp_path / f"out{index}")])
+        # The HTML report is rendered for the whole captures only: it reads the bundle, not the
+        # capture, and would double the corpus' time.
+        html = [] if name.endswith("-whole") else ["--no-html"]
+        result = cli_runner.invoke(["pcap", str(path), "--out", str(tmp_path / f"out{index}"), *html])
         output = result.output
         assert "Traceback" not in output and "internal error" not in output, (name, output)
         assert result.exit_code in (0, 2), (name, result.exit_code, output)
@@ -70,6 +102,9 @@ def test_corpus_never_tracebacks(tmp_path, cli_runner):
         codes[name] = result.exit_code
     assert codes["ether.pcap-whole"] == 0 and codes["ng.pcapng-whole"] == 0 and codes["ng-unknown-block"] == 0
     assert codes["ether.pcap-cut10"] == 2 and codes["linktype105"] == 2 and codes["text"] == 2
+    for name in ("tunnels.pcap-whole", "fcs.pcap-whole", "interfaces.pcapng-whole", "usec-invalid", "time-backwards"):
+        assert codes[name] == 0, name
+    assert codes["ng-unknown-block-bad-trailer"] == 2 and codes["ng-packet-bad-trailer"] == 2
 
 
 def test_fifo_is_refused_without_hanging(tmp_path, agent_cli):

@@ -21,22 +21,22 @@ def pcap(capture_file: Path, out_dir: Path, block_mib: int, no_html: bool = Fals
     """Analyse a pcap/pcapng capture into a bundle with `flows` and `turns`.
 
     \b
-    Reads Ethernet, Linux cooked (SLL/SLL2), raw IP and loopback captures, IPv4 and IPv6.
-    A truncated or corrupt file: what came before the bad record is written (the manifest
-    says partial) and the command exits 2 naming the byte offset.
+    Reads Ethernet, Linux cooked (SLL/SLL2), raw IP and loopback captures, IPv4 and IPv6,
+    and TCP inside VXLAN, Geneve, GRE/ERSPAN, IP-in-IP, MPLS and PPPoE (flows.encapsulation);
+    packets not decoded are counted by reason in the manifest. A truncated or corrupt file:
+    what came before the bad record is written (the manifest says partial) and the command
+    exits 2 naming the byte offset.
     """
+    from agent.input_files import check_input_file
     from core.host import Host
     from agent.progress import terminal_progress
     from probes.pcap_analysis import analyse_capture, capture_findings, flows_findings, flows_headlines
     from probes.pcap_reader import CaptureReader
     from reports.bundle import BundleWriter, ProbeRecord, validate_out_dir
 
-    if not capture_file.exists():
-        raise BadInput(f"{capture_file}: no such file")
-    if not capture_file.is_file():
-        # A FIFO or a pipe (process substitution, /dev/stdin) would block the reader, which
-        # needs the file's size and reads it in blocks: refuse it before anything is written.
-        raise BadInput(f"{capture_file}: not a regular file (a pipe or FIFO?): save the capture to a file first")
+    # A FIFO or a pipe (process substitution, /dev/stdin) would block the reader, which needs
+    # the file's size and reads it in blocks: refused before anything is written.
+    check_input_file(capture_file, not_regular_hint="save the capture to a file first")
     validate_out_dir(out_dir)
     # Opening validates the format and link type before anything is written.
     reader = CaptureReader(capture_file, block_bytes=block_mib << 20,
@@ -57,7 +57,9 @@ def pcap(capture_file: Path, out_dir: Path, block_mib: int, no_html: bool = Fals
     writer.add_probe(ProbeRecord("pcap", status, summary.error, counts, summary.seconds))
     writer.finish(extra={"source": {"kind": "pcap", **summary.as_dict()}, "partial": summary.partial})
     rate = summary.packets / summary.seconds if summary.seconds > 0 else 0.0
-    click.echo(f"{summary.packets} packets ({summary.tcp_packets} TCP) in {summary.seconds:.2f} s "
+    not_decoded = sum(summary.not_decoded.values())
+    said = f", {not_decoded} not decoded: by reason in the manifest" if not_decoded else ""
+    click.echo(f"{summary.packets} packets ({summary.tcp_packets} TCP{said}) in {summary.seconds:.2f} s "
                f"({rate / 1e6:.2f}M packets/s) → {writer.out_dir}")
     for line in flows_headlines({"flows": flows, "turns": turns}):
         click.echo(line)

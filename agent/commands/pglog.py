@@ -51,11 +51,10 @@ def pg_log(obj, files, out_dir, log_format, prefix, keep_literals, top_count, no
 
 
 def check_files(files) -> None:
+    from agent.input_files import check_input_file
+
     for path in files:
-        if not path.exists():
-            raise BadInput(f"{path}: no such file")
-        if not path.is_file():
-            raise BadInput(f"{path}: not a regular file")
+        check_input_file(path, not_regular_hint="pipe it into `pg-log -` instead")
 
 
 def spool_stdin(spool_dir: Path) -> Path:
