@@ -105,6 +105,9 @@ PROBE_OPTIONS: tuple[ProbeOption, ...] = (
     ProbeOption("profile_dir", "path", None, "Extra directory searched for profiles.", ("kernel",)),
     ProbeOption("profile_vars", "variables", None, "Profile variable (repeatable).", ("kernel",),
                 flag="--var", metavar="KEY=VALUE"),
+    ProbeOption("tuning_state_dir", "path", None, "Tune state directory whose impact ledger (tune experiment) "
+                "gives each kernel row its last measured effect (default: tune's --state-dir default).",
+                ("kernel",)),
     ProbeOption("iface", "string", None, "Capture interface (capture probe).", ("capture",)),
     ProbeOption("capture_filter", "string", None, "BPF capture filter (capture probe).", ("capture",)),
     ProbeOption("capture_payload", "boolean", False, "Capture full payloads (default: headers only).",

@@ -97,3 +97,69 @@ def test_the_bundle_rows_join_the_fleet_dataset_as_tuning_impact(tmp_path):
     table = ds.dataset(dataset / "table=tuning_impact", format="parquet", partitioning="hive").to_table()
     assert sorted(table.column("item").to_pylist()) == ["kernel.numa_balancing", "vm.stat_interval"]
     assert set(table.column("run_id").to_pylist()) == {writer.run_id}
+
+
+# ------------------------------------------------------------------------------------------
+# audit --profile: the last measured effect beside each kernel row
+
+def test_kernel_probe_carries_the_last_effect_and_warns_on_an_applied_item_that_worsens(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    from probes.base import ProbeConfig, Window
+    from probes.kernel import KernelProbe
+
+    root = tmp_path / "root"
+    shutil.copytree(Path(__file__).resolve().parent / "fixtures" / "proc_fake", root, symlinks=True)
+    host = Host(root)
+    (root / "proc/sys/vm/swappiness").write_text("10\n")  # compliant with trading-latency
+    state = tmp_path / "state"
+    append_impact([row("vm.swappiness", host=host.hostname(), verdict="worsens", effect=12.5),
+                   row("kernel.timer_migration", host=host.hostname(), verdict="improves", effect=-21.0),
+                   row("vm.stat_interval", host="some-other-host")], state_dir=state)
+    probe = KernelProbe(ProbeConfig(host=host, options={"profile": "trading-latency", "tuning_state_dir": state}))
+    tables = probe.collect(Window(0.1, tmp_path))
+    rows = {r["item"]: r for r in tables["kernel"].to_pylist()}
+    assert rows["vm.swappiness"]["compliant"] is True
+    assert rows["vm.swappiness"]["measured_verdict"] == "worsens"
+    assert rows["vm.swappiness"]["measured_effect_pct"] == 12.5
+    assert rows["vm.swappiness"]["measured_effect_low_pct"] == 5.5 and rows["vm.swappiness"]["measured_run_id"] == "run-1"
+    assert rows["kernel.timer_migration"]["measured_verdict"] == "improves"
+    assert rows["vm.stat_interval"]["measured_verdict"] is None  # measured on another host only
+    findings = {(f["subject"], f["severity"]): f for f in tables["findings"].to_pylist()}
+    worse = findings[("vm.swappiness", "warning")]
+    assert "worsens: p99_ns +12.5% [+5.5%, +20.5%]" in worse["message"] and "rollback" in worse["recommendation"]
+    drifted = next(f for f in tables["findings"].to_pylist() if f["subject"] == "kernel.timer_migration")
+    assert "measured here: improves: p99_ns -21.0%" in drifted["message"]
+    headlines = KernelProbe.headlines(tables)
+    assert headlines[1].startswith("kernel: measured on this host: 2/") and "1 improves, 1 worsens" in headlines[1]
+    assert headlines[2].startswith("  kernel.timer_migration: improves")  # largest effect first
+
+    (state / FILE_NAME).write_bytes(b"garbage")
+    damaged = probe.collect(Window(0.1, tmp_path))
+    assert damaged["kernel"].column("measured_verdict").null_count == damaged["kernel"].num_rows
+    assert any(f["subject"] == "tuning impact ledger" for f in damaged["findings"].to_pylist())
+
+
+def test_audit_profile_shows_measured_effects_in_bundle_summary_and_html(tmp_path):
+    import socket
+
+    from reports.bundle import Bundle
+    from tests.conftest import run_agent
+    from tests.report_browser import keyed_cells
+
+    state, out = tmp_path / "state", tmp_path / "bundle"
+    hostname = Host.real().hostname() or socket.gethostname()
+    append_impact([row("vm.swappiness", host=hostname, verdict="no measurable effect", effect=0.3)], state_dir=state)
+    result = run_agent("audit", "--duration", "0.5", "--probes", "kernel", "--profile", "postgres-oltp",
+                       "--out", str(out), env={"GUARDIAN_AGENT_STATE_DIR": str(state)})
+    assert result.returncode == 0, result.stderr
+    kernel = {r["item"]: r for r in Bundle(out).table("kernel").to_pylist()}
+    assert kernel["vm.swappiness"]["measured_verdict"] == "no measurable effect"
+    assert {"item", "current", "expected", "compliant", "source", "reboot_required"} <= set(next(iter(kernel.values())))
+    assert "kernel: measured on this host: 1/" in result.stdout
+    assert "vm.swappiness: no measurable effect: p99_ns +0.3% [-6.7%, +8.3%]" in result.stdout
+    cells = keyed_cells((out / "report.html").read_text())
+    assert cells["kernel:vm.swappiness:measured"] == "no measurable effect: p99_ns +0.3% [-6.7%, +8.3%]"
+    other = next(item for item in kernel if item != "vm.swappiness")
+    assert cells[f"kernel:{other}:measured"] == "not measured"

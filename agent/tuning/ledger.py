@@ -14,7 +14,8 @@ gate and hands its rows to `append_impact`, which writes them twice:
 
 Both files are rewritten whole through core/atomic (a reader sees the old ledger or the new one,
 never half of it); appends are serialised by a lock file of their own, not the journal's lock,
-which an experiment holds for its whole run.
+which an experiment holds for its whole run. The schema and the reader live in
+reports/tuning_impact.py, where the kernel probe can use them too.
 """
 
 from __future__ import annotations
@@ -26,34 +27,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from agent import __version__
 from core.errors import BadInput, WorkFailed
 from reports.bundle import write_parquet_atomic
+from reports.tuning_impact import (  # noqa: F401 - re-exported for tune experiment
+    FILE_NAME, IMPACT_SCHEMA, TABLE, VERDICTS, last_effects, read_ledger)
 
-TABLE = "tuning_impact"
-FILE_NAME = f"{TABLE}.parquet"
 LOCK_NAME = f"{TABLE}.lock"
-VERDICTS = ("improves", "no measurable effect", "worsens", "inconclusive")
-
-IMPACT_SCHEMA = pa.schema([
-    pa.field("ts", pa.timestamp("us", tz="UTC"), nullable=False),
-    pa.field("run_id", pa.string(), nullable=False),
-    pa.field("host", pa.string(), nullable=False),
-    pa.field("kernel", pa.string()),
-    pa.field("profile", pa.string()),
-    pa.field("item", pa.string(), nullable=False),
-    pa.field("value_before", pa.string()),
-    pa.field("value_after", pa.string()),
-    pa.field("workload", pa.string()),
-    pa.field("metric", pa.string()),
-    pa.field("effect_pct", pa.float64()),  # (B - A) / A of the metric: negative = lower latency
-    pa.field("effect_low_pct", pa.float64()),
-    pa.field("effect_high_pct", pa.float64()),
-    pa.field("p_value", pa.float64()),
-    pa.field("verdict", pa.string(), nullable=False),
-])
 REQUIRED = tuple(field.name for field in IMPACT_SCHEMA if not field.nullable and field.name != "ts")
 STRINGS = tuple(field.name for field in IMPACT_SCHEMA if pa.types.is_string(field.type))
 NUMBERS = tuple(field.name for field in IMPACT_SCHEMA if pa.types.is_floating(field.type))
@@ -93,24 +74,6 @@ def impact_table(rows: list[dict], ts: datetime | None = None) -> pa.Table:
     checked = [_checked_row(row, ts) for row in rows]
     return pa.Table.from_pydict({name: [row[name] for row in checked] for name in IMPACT_SCHEMA.names},
                                 schema=IMPACT_SCHEMA)
-
-
-def read_ledger(path: Path) -> pa.Table:
-    """A ledger file as IMPACT_SCHEMA (columns a newer agent added are dropped); empty if absent."""
-    if not path.exists():
-        return IMPACT_SCHEMA.empty_table()
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowException, OSError) as error:
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise WorkFailed(f"{path}: unreadable tuning impact ledger ({reason}); move it aside") from None
-    columns = {}
-    for field in IMPACT_SCHEMA:
-        if field.name in table.column_names:
-            columns[field.name] = table.column(field.name).cast(field.type)
-        else:
-            columns[field.name] = pa.nulls(table.num_rows, field.type)
-    return pa.Table.from_pydict(columns, schema=IMPACT_SCHEMA)
 
 
 def _append(path: Path, table: pa.Table, run_id: str) -> None:
@@ -155,14 +118,12 @@ def append_impact(rows: list[dict], *, state_dir: Path, out_dir: Path | None = N
     return ledger
 
 
-def last_effects(state_dir: Path, host: str) -> dict[str, dict]:
-    """item -> the latest ledger row of that item measured on `host` (by ts; later rows win ties)."""
-    rows = read_ledger(Path(state_dir) / FILE_NAME).to_pylist()
-    latest: dict[str, dict] = {}
-    for row in rows:
-        if row["host"] != host:
-            continue
-        previous = latest.get(row["item"])
-        if previous is None or row["ts"] >= previous["ts"]:
-            latest[row["item"]] = row
-    return latest
+def with_ledger_dir(options: dict) -> dict:
+    """Probe options for a run: an audit against a profile reads the ledger of the tune state
+    directory (--state-dir of `tune`, $GUARDIAN_AGENT_STATE_DIR or the default) unless told
+    otherwise, so the `kernel` table shows what each item measurably did on this host."""
+    from agent.tuning.journal import state_dir
+
+    if options.get("profile") and not options.get("tuning_state_dir"):
+        return {**options, "tuning_state_dir": state_dir()}
+    return options
