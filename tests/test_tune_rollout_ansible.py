@@ -36,10 +36,10 @@ HOSTS = 4
 # The services run SCHED_FIFO (tests/ping_pong_host.py), yet on this shared 2-core host other
 # engineers' real-time meters (oslat, cyclictest) starve them now and then: two identical services
 # were measured up to +250% apart at the median. The gate's threshold is set above that noise and
-# the slowed canary is 15x slower, far above the threshold; the tail is left to the median's
+# the slowed canary is 10x slower, far above the threshold; the tail is left to the median's
 # verdict (non-critical, wide), since one starved millisecond is a whole p99 at these counts.
 BASE_DELAY_S = 0.002
-SLOW_DELAY_S = 0.030
+SLOW_DELAY_S = 0.020
 GATE_TOML = """
 [metrics."turns.latency_ns"]
 threshold_pct = 400
@@ -170,5 +170,5 @@ def test_staged_tuning_rollout_passes_stage_by_stage_and_a_failing_canary_stops_
     judged = decisions(tmp_path / "fail" / "controller")
     critical = [row for row in judged if row["metric"] == "turns.latency_ns"]
     assert [row["classification"] for row in critical] == ["fail"]
-    assert critical[0]["effect_pct"] > 600  # ~15x slower, measured by the capture
+    assert critical[0]["effect_pct"] > 500  # ~10x slower, measured by the capture
     assert not (tmp_path / "fail" / "controller" / "stage-1").exists()
