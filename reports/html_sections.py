@@ -440,7 +440,7 @@ def jitter_section(source: ReportSource) -> Section | None:
         section.blocks.append(Note("The jitter table is empty."))
         return section
     rows = sorted(table.to_pylist(), key=lambda r: r["cpu"])
-    section.blocks.append(table_from_rows(rows, [c for c in ("cpu", "gap_count", "lost_pct", "gap_p50_ns", "gap_p99_ns",
+    section.blocks.append(table_from_rows(rows, [c for c in ("cpu", "meter", "gap_count", "lost_pct", "gap_p50_ns", "gap_p99_ns",
                                                              "gap_p999_ns", "gap_max_ns", "threshold_ns")
                                                  if c in table.column_names],
                                           "jitter", "cpu", ("gap_count", "gap_max_ns"), limit=256))
