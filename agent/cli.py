@@ -158,10 +158,11 @@ def audit(obj: Context, duration_s, out_dir, probe_list, pids, process_names, un
     from probes import REGISTRY
     from probes.base import ProbeConfig
     from reports.bundle import BundleWriter, new_run_id, validate_out_dir
+    from agent.tuning.ledger import with_ledger_dir
 
     if duration_s <= 0:
         raise BadInput(f"--duration must be positive, not {duration_s:g}")
-    options = validated_options(option_values)
+    options = with_ledger_dir(validated_options(option_values))
     clean_stale_temp_dirs()  # left by an audit that was SIGKILLed (its children died with it)
     host = Host.real()
     for pid in pids:

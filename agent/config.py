@@ -110,7 +110,9 @@ class AgentConfig:
             dsn = os.environ.get(self.postgres.dsn_env)
             if dsn:
                 options["pg_dsn"] = dsn
-        return options
+        from agent.tuning.ledger import with_ledger_dir
+
+        return with_ledger_dir(options)
 
 
 def known_probe_names() -> tuple[str, ...]:

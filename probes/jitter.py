@@ -6,10 +6,12 @@ away (an interrupt, a softirq, a kernel thread, another task). Alongside, the pe
 /proc/interrupts (LOC, RES, TLB, CAL, NIC queues ...) and /proc/softirqs over the same window say
 who took it.
 
-The native meter is rt-tests' oslat (C, ~40 ns per loop, 1 us histogram buckets) when it is
-installed. The fallback loop is Python (no compiler on production hosts): one iteration costs
-~0.1-0.3 us, well under the 5 us default threshold. Either way, the iteration cost is reported
-as loop_ns_mean, so the resolution is visible. A busy-loop burns a whole CPU, so the probe only ever runs on CPUs the
+The meter (--jitter-meter, default auto): rt-tests' oslat (C busy loop, ~40 ns per loop, 1 us
+histogram buckets), else rt-tests' cyclictest (a SCHED_FIFO thread per CPU woken by a timer every
+200 us: how late it wakes, in 1 us buckets; probes/jitter_cyclictest.py), else, only as the
+fallback, a Python loop (no compiler on production hosts): one iteration costs ~0.1-0.3 us, well
+under the 5 us default threshold. Each row names its meter and its resolution (loop_ns_mean for
+the loops, resolution_ns for all), and the manifest's reason says which meter ran. A busy-loop burns a whole CPU, so the probe only ever runs on CPUs the
 user chose (--jitter-cpus) or that the kernel isolated (isolcpus); it never picks CPUs itself.
 """
 
@@ -98,11 +100,12 @@ def jitter_rows(results: list[dict], threshold_ns: int) -> list[dict]:
         iterations = int(result.get("iterations", 0))
         count = int(result.get("gap_count", len(gaps)))
         total = int(result.get("gap_total_ns", pc.sum(gaps).as_py() or 0))
-        row = {"cpu": result["cpu"], "duration_ns": elapsed, "threshold_ns": threshold_ns,
+        row = {"cpu": result["cpu"], "meter": "python", "duration_ns": elapsed, "threshold_ns": threshold_ns,
                "iterations": iterations, "loop_ns_mean": (elapsed / iterations) if iterations else None,
                "gap_count": count, "gap_total_ns": total,
                "lost_pct": round(100.0 * total / elapsed, 4) if elapsed else None,
                "gap_p50_ns": None, "gap_p99_ns": None, "gap_p999_ns": None, "gap_max_ns": None}
+        row["resolution_ns"] = row["loop_ns_mean"]
         if len(gaps):
             # Percentiles of the gaps themselves (the hiccups), as sysjitter/hiccups report them;
             # "higher": always an observed gap, never an interpolated value below the real tail.
@@ -134,6 +137,25 @@ def choose_cpus(requested: str | None, isolated: list[int], online: list[int]) -
                       "(each is kept 100% busy for the window, so choose spare ones)")
 
 
+METERS = ("auto", "oslat", "cyclictest", "python")
+
+
+def choose_meter(requested: str | None, duration_ns: int, which=shutil.which) -> tuple[str, str]:
+    """(meter, why the Python fallback runs instead). auto: oslat, else cyclictest, else python.
+    Both native meters run whole seconds: a shorter window falls back to the Python loop."""
+    requested = requested or "auto"
+    if requested == "python":
+        return "python", "asked for with --jitter-meter python"
+    if duration_ns < 1_000_000_000:
+        return "python", "window under 1 s; oslat and cyclictest run whole seconds"
+    if requested != "auto":
+        return requested, ""
+    for meter in ("oslat", "cyclictest"):
+        if which(meter):
+            return meter, ""
+    return "python", "rt-tests (oslat, cyclictest) not installed: apt-get install rt-tests"
+
+
 # ------------------------------------------------------------------ the probe
 
 class JitterProbe(ProbeBase):
@@ -152,6 +174,10 @@ class JitterProbe(ProbeBase):
         pa.field("gap_p99_ns", pa.int64()),
         pa.field("gap_p999_ns", pa.int64()),
         pa.field("gap_max_ns", pa.int64()),
+        pa.field("meter", pa.string()),  # oslat | cyclictest | python (the fallback)
+        pa.field("resolution_ns", pa.float64()),  # the loop's cost, or cyclictest's 1 us buckets
+        pa.field("wakeup_avg_ns", pa.float64()),  # cyclictest: mean/min timer wakeup latency
+        pa.field("wakeup_min_ns", pa.int64()),
     ])
     extra_schemas: ClassVar[dict[str, pa.Schema]] = {"interrupts": pa.schema([
         pa.field("source", pa.string(), nullable=False),  # hardirq | softirq
@@ -162,8 +188,9 @@ class JitterProbe(ProbeBase):
         pa.field("rate_hz", pa.float64()),
     ]), "jitter_histogram": pa.schema([
         pa.field("cpu", pa.int32(), nullable=False),
-        pa.field("bucket_us", pa.int64(), nullable=False),  # oslat's 1 us buckets; the last includes overflows
+        pa.field("bucket_us", pa.int64(), nullable=False),  # 1 us buckets; the last includes overflows
         pa.field("count", pa.int64()),
+        pa.field("meter", pa.string()),  # oslat: loop gaps; cyclictest: timer wakeup latencies
     ])}
     finish_grace_s = 10.0
     # Never busy-loop a CPU nobody chose: on by default only where the kernel isolated CPUs.
@@ -177,6 +204,10 @@ class JitterProbe(ProbeBase):
     def check(self) -> None:
         self.cpus = choose_cpus(self.option("jitter_cpus"), self.host.isolated_cpus(),
                                 self.host.online_cpus())
+        meter = self.option("jitter_meter")
+        if meter in ("oslat", "cyclictest") and not shutil.which(meter):
+            raise Unavailable(f"--jitter-meter {meter}: {meter} not installed (apt-get install rt-tests, "
+                              "or `make setup`)")
         if not self.host.exists("/proc/interrupts"):
             raise Unavailable("/proc/interrupts missing: is /proc mounted?")
 
@@ -186,15 +217,12 @@ class JitterProbe(ProbeBase):
         duration_ns = int(window.remaining() * 1e9)
         interrupts_before = self.host.read_optional("/proc/interrupts")
         softirqs_before = self.host.read_optional("/proc/softirqs")
-        histogram: list[dict] = []
-        if shutil.which("oslat") and duration_ns >= 1_000_000_000:
-            # The C meter first: its loop costs ~1 ns, not the Python loop's ~100-300 ns.
-            jitter, histogram = run_oslat(self.cpus, duration_ns // 1_000_000_000, self.threshold_ns,
-                                          tempfile.gettempdir())
-            self.status_reason = ""
-            elapsed_s = max((r["duration_ns"] for r in jitter), default=0) / 1e9 or window.elapsed()
+        meter, why = choose_meter(self.option("jitter_meter"), duration_ns)
+        if meter != "python":
+            jitter, histogram = self._native(meter, duration_ns // 1_000_000_000)
+            elapsed_s = max((r["duration_ns"] or 0 for r in jitter), default=0) / 1e9 or window.elapsed()
             return self._tables(jitter, histogram, interrupts_before, softirqs_before, elapsed_s)
-        self.status_reason = "meter: python loop (oslat not installed or window under 1 s)"
+        self.status_reason = f"meter: python loop, the fallback ({why})"
         root = str(Path(__file__).resolve().parent.parent)
         env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
         children = [spawn(
@@ -226,7 +254,23 @@ class JitterProbe(ProbeBase):
         if failed and len(failed) == len(results):
             raise RuntimeError(f"busy-loop failed on cpu {failed[0]['cpu']}: {failed[0]['error']}")
         jitter = jitter_rows([r for r in results if not r.get("error")], self.threshold_ns)
-        return self._tables(jitter, histogram, interrupts_before, softirqs_before, elapsed_s)
+        return self._tables(jitter, [], interrupts_before, softirqs_before, elapsed_s)
+
+    def _native(self, meter: str, duration_s: int) -> tuple[list[dict], list[dict]]:
+        """oslat or cyclictest over the window (whole seconds: both take -D in seconds)."""
+        if meter == "oslat":
+            # The C meter first: its loop costs ~1 ns, not the Python loop's ~100-300 ns.
+            jitter, histogram = run_oslat(self.cpus, duration_s, self.threshold_ns, tempfile.gettempdir())
+            loop = max((r["loop_ns_mean"] or 0 for r in jitter), default=0)
+            self.status_reason = (f"meter: oslat (C busy loop, {loop:.0f} ns per loop, 1 us buckets; the Python "
+                                  "loop is only the fallback)")
+            return jitter, histogram
+        from probes.jitter_cyclictest import CYCLICTEST_INTERVAL_US, CYCLICTEST_PRIORITY, run_cyclictest
+
+        jitter, histogram = run_cyclictest(self.cpus, duration_s, self.threshold_ns, tempfile.gettempdir())
+        self.status_reason = (f"meter: cyclictest (timer wakeup latency, SCHED_FIFO {CYCLICTEST_PRIORITY} every "
+                              f"{CYCLICTEST_INTERVAL_US} us, 1 us buckets; the Python loop is only the fallback)")
+        return jitter, histogram
 
     def _tables(self, jitter, histogram, interrupts_before, softirqs_before, elapsed_s) -> dict[str, pa.Table]:
         interrupts = interrupt_rows(interrupts_before, self.host.read_optional("/proc/interrupts"),
@@ -245,13 +289,20 @@ class JitterProbe(ProbeBase):
             return []
         lines = []
         for row in table.to_pylist():
+            what = "late wakeups" if row.get("meter") == "cyclictest" else "gaps"
             if row["gap_count"]:
-                lines.append(f"jitter: cpu {row['cpu']}: {row['gap_count']} gaps > {row['threshold_ns'] / 1000:g} us, "
-                             f"p99 {row['gap_p99_ns'] / 1000:.1f} us, max {row['gap_max_ns'] / 1000:.1f} us, "
-                             f"{row['lost_pct']:.3f}% of the time lost")
+                lines.append(f"jitter ({row.get('meter') or 'python'}): cpu {row['cpu']}: {row['gap_count']} {what} "
+                             f"> {row['threshold_ns'] / 1000:g} us, "
+                             f"p99 {row['gap_p99_ns'] / 1000:.1f} us, max {row['gap_max_ns'] / 1000:.1f} us"
+                             + (f", {row['lost_pct']:.3f}% of the time lost" if row["lost_pct"] is not None else ""))
             else:
-                lines.append(f"jitter: cpu {row['cpu']}: no gap above {row['threshold_ns'] / 1000:g} us")
+                lines.append(f"jitter ({row.get('meter') or 'python'}): cpu {row['cpu']}: no {what[:-1]} above "
+                             f"{row['threshold_ns'] / 1000:g} us")
         return lines
+
+
+def what_was_measured(row: dict) -> str:
+    return "timer wakeup latency" if row.get("meter") == "cyclictest" else "busy-loop gap"
 
 
 def jitter_findings(jitter: list[dict], interrupts: list[dict], isolated: list[int]) -> list[dict]:
@@ -263,8 +314,9 @@ def jitter_findings(jitter: list[dict], interrupts: list[dict], isolated: list[i
             named = ", ".join(f"{r['name']} {r['count']}" for r in culprits) or "no interrupts: a task or kthread"
             rows.append(finding(
                 "jitter", "critical" if row["cpu"] in isolated else "warning", f"cpu {row['cpu']}",
-                f"max gap {row['gap_max_ns'] / 1000:.0f} us, p99 {row['gap_p99_ns'] / 1000:.1f} us over "
-                f"{row['gap_count']} gaps (top interrupts: {named})",
+                f"max {what_was_measured(row)} {row['gap_max_ns'] / 1000:.0f} us, p99 {row['gap_p99_ns'] / 1000:.1f} us "
+                f"over {row['gap_count']} {'late wakeups' if row.get('meter') == 'cyclictest' else 'gaps'} "
+                f"(top interrupts: {named}; meter {row.get('meter') or 'python'})",
                 "isolate the CPU (tune plan --profile cpu-isolation) and move IRQs and tasks off it"))
     return rows
 
@@ -281,7 +333,7 @@ def oslat_command(cpus: list[int], duration_s: int, json_path: str) -> list[str]
             "-q", "-z", "-b", "1024", f"--json={json_path}"]
 
 
-def _histogram_quantile_us(histogram: list[tuple[int, int]], fraction: float) -> int | None:
+def histogram_quantile_us(histogram: list[tuple[int, int]], fraction: float) -> int | None:
     total = sum(count for _, count in histogram)
     if not total:
         return None
@@ -291,6 +343,12 @@ def _histogram_quantile_us(histogram: list[tuple[int, int]], fraction: float) ->
         if seen >= target:
             return bucket_us
     return histogram[-1][0]
+
+
+def histogram_gap_quantiles(gaps: list[tuple[int, int]]) -> dict[str, int]:
+    """gap_p50_ns/p99/p999 from 1 us buckets (bucket_us, count) of the samples above the threshold."""
+    return {name: histogram_quantile_us(gaps, q) * 1000
+            for name, q in (("gap_p50_ns", 0.5), ("gap_p99_ns", 0.99), ("gap_p999_ns", 0.999))}
 
 
 def oslat_rows(report: dict, threshold_ns: int) -> tuple[list[dict], list[dict]]:
@@ -314,12 +372,12 @@ def oslat_rows(report: dict, threshold_ns: int) -> tuple[list[dict], list[dict]]
                "gap_count": gap_count, "gap_total_ns": gap_total_ns,
                "lost_pct": round(100.0 * gap_total_ns / elapsed_ns, 4) if elapsed_ns else None,
                "gap_p50_ns": None, "gap_p99_ns": None, "gap_p999_ns": None,
-               "gap_max_ns": max_ns if gap_count else None}
+               "gap_max_ns": max_ns if gap_count else None, "meter": "oslat"}
+        row["resolution_ns"] = row["loop_ns_mean"]
         if gap_count:
-            row.update({name: _histogram_quantile_us(gaps, q) * 1000 for name, q in
-                        (("gap_p50_ns", 0.5), ("gap_p99_ns", 0.99), ("gap_p999_ns", 0.999))})
+            row.update(histogram_gap_quantiles(gaps))
         rows.append(row)
-        buckets += [{"cpu": row["cpu"], "bucket_us": us, "count": n} for us, n in histogram]
+        buckets += [{"cpu": row["cpu"], "meter": "oslat", "bucket_us": us, "count": n} for us, n in histogram]
     return rows, buckets
 
 

@@ -105,6 +105,9 @@ PROBE_OPTIONS: tuple[ProbeOption, ...] = (
     ProbeOption("profile_dir", "path", None, "Extra directory searched for profiles.", ("kernel",)),
     ProbeOption("profile_vars", "variables", None, "Profile variable (repeatable).", ("kernel",),
                 flag="--var", metavar="KEY=VALUE"),
+    ProbeOption("tuning_state_dir", "path", None, "Tune state directory whose impact ledger (tune experiment) "
+                "gives each kernel row its last measured effect (default: tune's --state-dir default).",
+                ("kernel",)),
     ProbeOption("iface", "string", None, "Capture interface (capture probe).", ("capture",)),
     ProbeOption("capture_filter", "string", None, "BPF capture filter (capture probe).", ("capture",)),
     ProbeOption("capture_payload", "boolean", False, "Capture full payloads (default: headers only).",
@@ -128,6 +131,9 @@ PROBE_OPTIONS: tuple[ProbeOption, ...] = (
                 "gil (GIL holder only) (stacks).", ("stacks",), choices=("running", "all", "gil")),
     ProbeOption("jitter_cpus", "string", None, "CPUs for the jitter busy-loop, e.g. 2-3 (jitter probe).",
                 ("jitter",)),
+    ProbeOption("jitter_meter", "choice", "auto", "Jitter meter: auto (oslat, else cyclictest, else the Python "
+                "loop), oslat (busy-loop gaps), cyclictest (timer wakeup latency), python (jitter probe).",
+                ("jitter",), choices=("auto", "oslat", "cyclictest", "python")),
     ProbeOption("jitter_threshold_ns", "integer", THRESHOLD_NS, "A gap in the busy loop longer than this "
                 f"counts as an interruption (jitter probe; default {THRESHOLD_NS} ns).", ("jitter",), positive=True),
     ProbeOption("peer_roles", "strings", None, "Label TCP peers, e.g. 9100-9199=exchange (repeatable; tcp "

@@ -23,6 +23,7 @@ from reports.html_blocks import (Cell, Chart, Embed, Note, Section, Table, cell,
                                  table_from_rows)
 from reports.html_data import (ReportSource, latency_log2_histogram, log2_histogram, syscall_buckets,
                                syscall_pairs, top_syscalls)
+from reports.tuning_impact import effect_text, measured_effect
 
 SEVERITY_ORDER = {"critical": 0, "warning": 1, "info": 2}
 TOP_SYSCALL_HISTOGRAMS = 6
@@ -411,11 +412,23 @@ def kernel_section(source: ReportSource) -> Section | None:
         body.append([cell(row.get("item")), cell(row.get("current")), cell(row.get("expected")),
                      Cell("n/a" if compliant is None else "yes" if compliant else "no",
                           key=f"kernel:{row.get('item')}:compliant", style=style),
-                     cell(row.get("risk")), cell(row.get("reboot_required")), cell(row.get("why")),
-                     cell(row.get("source"))])
-    section.blocks.append(Table(["item", "current", "expected", "compliant", "risk", "reboot required", "why",
-                                 "source"], body))
+                     cell(row.get("risk")), cell(row.get("reboot_required")), _measured_cell(row),
+                     cell(row.get("why")), cell(row.get("source"))])
+    section.blocks.append(Table(["item", "current", "expected", "compliant", "risk", "reboot required",
+                                 "measured effect here", "why", "source"], body))
     return section
+
+
+MEASURED_STYLES = {"improves": "color:#3a7d44", "worsens": "color:#b3261e;font-weight:600"}
+
+
+def _measured_cell(row: dict) -> Cell:
+    """The last `tune experiment` verdict for the item on this host (the impact ledger)."""
+    effect = measured_effect(row)
+    if effect is None:
+        return Cell("not measured", key=f"kernel:{row.get('item')}:measured")
+    return Cell(effect_text(effect), key=f"kernel:{row.get('item')}:measured",
+                style=MEASURED_STYLES.get(effect["verdict"], ""))
 
 
 def jitter_section(source: ReportSource) -> Section | None:
@@ -427,7 +440,7 @@ def jitter_section(source: ReportSource) -> Section | None:
         section.blocks.append(Note("The jitter table is empty."))
         return section
     rows = sorted(table.to_pylist(), key=lambda r: r["cpu"])
-    section.blocks.append(table_from_rows(rows, [c for c in ("cpu", "gap_count", "lost_pct", "gap_p50_ns", "gap_p99_ns",
+    section.blocks.append(table_from_rows(rows, [c for c in ("cpu", "meter", "gap_count", "lost_pct", "gap_p50_ns", "gap_p99_ns",
                                                              "gap_p999_ns", "gap_max_ns", "threshold_ns")
                                                  if c in table.column_names],
                                           "jitter", "cpu", ("gap_count", "gap_max_ns"), limit=256))
