@@ -280,6 +280,7 @@ class NftRuleInjector(TargetInjector):
         if self.holder is not None:
             self.holder.destroy()
             self.holder = None
+        self.gone_ns = time.time_ns()  # the holder exited: its owner table went with its socket
         wait_table_gone(self.table)
 
 
@@ -398,7 +399,8 @@ class ProxyInjector(TargetInjector):
                 "--nft-body", self.nft_body(), *self.proxy_arguments()]
         env = dict(os.environ)
         env["PYTHONPATH"] = str(PROJECT_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-        self.proxy = spawn_owned(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        self.proxy = spawn_owned(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                                 helper=True)
         self.proxy_identity = process_identity(self.proxy.pid)
         line = self._proxy_line()
         if not line.startswith("STANDBY"):
@@ -443,6 +445,9 @@ class ProxyInjector(TargetInjector):
                 pass
         if self.proxy_identity is not None:
             end_process_group(self.proxy_identity)
+        # Gone: the redirect's holder and the proxy have exited (the kernel dropped the owner table
+        # when the holder's socket closed). What follows is clean-up and the check that it did.
+        self.gone_ns = time.time_ns()
         if self.proxy is not None:
             try:
                 self.proxy.wait(timeout=1)
