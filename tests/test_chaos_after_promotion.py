@@ -26,7 +26,7 @@ def after_promotion(tmp_path: Path, body: str) -> Path:
     return plan
 
 
-def test_after_promotion_experiments_are_validated_with_the_plan(tmp_path, agent_cli):
+def test_after_promotion_experiments_are_validated_with_the_plan(tmp_path, cli_runner):
     (tmp_path / "chaos").mkdir()
     experiment = short_experiment(tmp_path / "chaos" / "slow.toml", [9001, 9002, 9003, 9004])
     plan = load_plan(after_promotion(tmp_path, 'experiments = ["chaos/slow.toml"]\nenvironment = "paper-trading"\n'
@@ -51,8 +51,8 @@ def test_after_promotion_experiments_are_validated_with_the_plan(tmp_path, agent
     assert "fault[0].delay_ms" in str(pytest.raises(BadInput, load_plan, after_promotion(
         tmp_path, 'experiments = ["chaos/bad.toml"]\nenvironment = "paper-trading"\n')).value)
     # The CLI: one line on stderr, exit 2, and the prepare hook never ran.
-    result = agent_cli("rollout", "--plan", str(after_promotion(tmp_path, 'experiments = ["chaos/missing.toml"]\n')))
-    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    result = cli_runner.invoke(["rollout", "--plan", str(after_promotion(tmp_path, 'experiments = ["chaos/missing.toml"]\n'))])
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "missing.toml does not exist" in result.stderr and not (tmp_path / "prepared").exists()
 
 
