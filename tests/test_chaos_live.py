@@ -343,7 +343,9 @@ def test_status_abort_and_the_kill_switch(tmp_path, resilient):
                 else:
                     decided = time.time()
                     (state / "kill-switch").touch()
-                stdout, _ = process.communicate(timeout=20)
+                # The exit waits for the bundle and report.html (slow on a busy host); the budget
+                # under test is the removal's, asserted from the journal below.
+                stdout, _ = process.communicate(timeout=90)
                 removed = wait_for_event(state, "fault_removed")
                 assert removed["ts"] - decided < 0.3, "the fault outlived the abort decision by >300 ms"
             finally:
@@ -365,10 +367,18 @@ def test_sigkill_of_the_agent_at_every_phase_leaves_nothing_within_2_s(tmp_path,
     experiment = short_experiment(tmp_path / "e.toml", ports, before_s=1, duration_s=1, after_s=1)
     state = tmp_path / "state"
     with resilient:
-        process = start_agent("chaos", "run", str(experiment), "--environment", "paper-trading",
-                              "--state-dir", str(state), "--no-publish",
-                              env={"GUARDIAN_AGENT_TEST_KILL_AT": kill_at})
-        process.communicate(timeout=60)
+        for attempt in range(2):
+            process = start_agent("chaos", "run", str(experiment), "--environment", "paper-trading",
+                                  "--state-dir", str(state), "--no-publish",
+                                  env={"GUARDIAN_AGENT_TEST_KILL_AT": kill_at})
+            process.communicate(timeout=60)
+            # A run that was not steady injects nothing and never reaches the later kill points:
+            # a precondition on this busy host, not the outcome under test; run again once.
+            if process.returncode == 1 and any(r.get("verdict") == "not-steady" for r in journal_records(state)):
+                print(f"{kill_at}: not-steady, running again")
+                state = tmp_path / f"state-{attempt + 1}"
+                continue
+            break
         assert process.returncode == -signal.SIGKILL
         left, elapsed = wait_no_residue(state, within_s=2.0)
         assert left == [], f"still present {elapsed:.2f} s after the SIGKILL: {left}"
