@@ -199,9 +199,9 @@ def wait_no_residue(state: Path, within_s: float) -> tuple[list[str], float]:
         time.sleep(0.05)
 
 
-def wait_for_event(state: Path, event: str, timeout_s: float = 30) -> dict:
+def wait_for_event(state: Path, event: str, timeout_s: float = 30, stop=lambda: False) -> dict:
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not stop():
         for record in journal_records(state):
             if record["event"] == event:
                 return record
