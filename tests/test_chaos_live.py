@@ -310,7 +310,7 @@ window_s = 1
     state = tmp_path / "state"
     with Stack(*ports, timeout_ms=None):
         result = agent("chaos", "run", str(experiment), "--json", "--environment", "paper-trading",
-                       "--state-dir", str(state), "--no-publish")
+                       "--state-dir", str(state), "--no-publish", "--no-html")
     assert result.returncode == 1, result.stdout + result.stderr
     data = json.loads(result.stdout)
     assert data["verdict"] == "aborted" and data["aborted_by"] == "safeguard"
@@ -330,7 +330,7 @@ def test_status_abort_and_the_kill_switch(tmp_path, resilient):
         for how in ("abort", "kill-switch"):
             state = tmp_path / how
             process = start_agent("chaos", "run", str(experiment), "--json", "--environment", "paper-trading",
-                                  "--state-dir", str(state), "--no-publish")
+                                  "--state-dir", str(state), "--no-publish", "--no-html")
             try:
                 wait_for_event(state, "fault_applied")
                 status = json.loads(agent("chaos", "status", "--json", "--state-dir", str(state)).stdout)
@@ -360,35 +360,54 @@ def test_status_abort_and_the_kill_switch(tmp_path, resilient):
             assert after["active_faults"] == [] and after["run"]["verdict"] == "aborted"
 
 
-@pytest.mark.parametrize("kill_at", ["chaos:before", "chaos:applying:0", "chaos:applied:0", "chaos:removed:0",
-                                     "chaos:after"])
-def test_sigkill_of_the_agent_at_every_phase_leaves_nothing_within_2_s(tmp_path, kill_at, resilient):
-    ports = resilient.ports
-    experiment = short_experiment(tmp_path / "e.toml", ports, before_s=1, duration_s=1, after_s=1)
-    state = tmp_path / "state"
-    with resilient:
-        for attempt in range(2):
-            process = start_agent("chaos", "run", str(experiment), "--environment", "paper-trading",
-                                  "--state-dir", str(state), "--no-publish",
-                                  env={"GUARDIAN_AGENT_TEST_KILL_AT": kill_at})
-            process.communicate(timeout=60)
-            # A run that was not steady injects nothing and never reaches the later kill points:
-            # a precondition on this busy host, not the outcome under test; run again once.
-            if process.returncode == 1 and any(r.get("verdict") == "not-steady" for r in journal_records(state)):
-                print(f"{kill_at}: not-steady, running again")
-                state = tmp_path / f"state-{attempt + 1}"
-                continue
-            break
-        assert process.returncode == -signal.SIGKILL
-        left, elapsed = wait_no_residue(state, within_s=2.0)
-        assert left == [], f"still present {elapsed:.2f} s after the SIGKILL: {left}"
-        events = [r["event"] for r in journal_records(state)]
+KILL_POINTS = ("chaos:before", "chaos:applying:0", "chaos:applied:0", "chaos:removed:0", "chaos:after")
+
+
+def killed_run(tmp_path: Path, kill_at: str, ports: list[int]) -> dict:
+    """One agent SIGKILLed at `kill_at`; the residue is watched from the moment it died."""
+    experiment = short_experiment(tmp_path / f"{kill_at.replace(':', '_')}.toml", ports, before_s=1, duration_s=1,
+                                  after_s=1)
+    for attempt in range(2):
+        state = tmp_path / f"state-{kill_at.replace(':', '_')}-{attempt}"
+        process = start_agent("chaos", "run", str(experiment), "--environment", "paper-trading",
+                              "--state-dir", str(state), "--no-publish", env={"GUARDIAN_AGENT_TEST_KILL_AT": kill_at})
+        process.communicate(timeout=90)
+        # A run that was not steady injects nothing and never reaches the later kill points: a
+        # precondition on this busy host, not the outcome under test; run again once (and said).
+        if process.returncode == 1 and any(r.get("verdict") == "not-steady" for r in journal_records(state)):
+            print(f"{kill_at}: not-steady, running again")
+            continue
+        break
+    left, elapsed = wait_no_residue(state, within_s=2.0) if process.returncode == -signal.SIGKILL else (["?"], 0.0)
+    status = agent("chaos", "status", "--json", "--state-dir", str(state))
+    return {"returncode": process.returncode, "left": left, "elapsed": elapsed, "state": state,
+            "status": json.loads(status.stdout or "{}")}
+
+
+def test_sigkill_of_the_agent_at_every_phase_leaves_nothing_within_2_s(tmp_path):
+    """Every kill point at once, each agent on a stack of its own (free ports), each watched by
+    its own thread from the moment its agent died: five runs in the wall time of one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    stacks = [Stack(*free_ports(4), timeout_ms=30) for _ in KILL_POINTS]
+    try:
+        with ThreadPoolExecutor(len(stacks)) as pool:
+            list(pool.map(Stack.start, stacks))
+            runs = dict(zip(KILL_POINTS, pool.map(lambda pair: killed_run(tmp_path, *pair),
+                                                  [(k, list(s.ports.values())) for k, s in zip(KILL_POINTS, stacks)])))
+    finally:
+        for stack in stacks:
+            stack.stop()
+    for kill_at, run in runs.items():
+        assert run["returncode"] == -signal.SIGKILL, kill_at
+        assert run["left"] == [], f"{kill_at}: still present {run['elapsed']:.2f} s after the SIGKILL: {run['left']}"
+        events = [r["event"] for r in journal_records(run["state"])]
         if "fault_applying" in events:
-            assert our_object_names(state), "the undo record names the fault's objects"
+            assert our_object_names(run["state"]), f"{kill_at}: the undo record names the fault's objects"
         # the next chaos command finds nothing left to sweep, and the run is closed in the journal
-        status = json.loads(agent("chaos", "status", "--json", "--state-dir", str(state)).stdout)
-        assert status["active_faults"] == [] and status["swept"] == 0
-        assert status["run"]["verdict"] == "aborted"
+        assert run["status"]["active_faults"] == [] and run["status"]["swept"] == 0, kill_at
+        assert run["status"]["run"]["verdict"] == "aborted", kill_at
+    assert "fault_applying" in [r["event"] for r in journal_records(runs["chaos:applying:0"]["state"])]
 
 
 def test_sigkill_while_a_process_is_frozen_the_watchdog_thaws_it(tmp_path, resilient):
