@@ -5,8 +5,9 @@ The issue's experiment runs exactly as written (ports 8200/8201/8300/8301): it h
 strategy that times out and pauses, and is refuted, with a finding naming the missing timeout,
 with the one that does not. Both variants run at once, each stack and agent in a network
 namespace of its own (the fixed ports exist once per namespace): the 26 s experiment once, not
-twice, on the suite's clock. The other tests use free ports, short phases and share one stack
-per strategy (module fixtures): each of them removes its fault and asserts no residue.
+twice, on the suite's clock. The other tests use free ports and short phases; status/abort,
+the frozen-process kill and the plan share one resilient stack (a module fixture: each removes
+its fault and asserts no residue), and the five SIGKILL points run at once on stacks of their own.
 """
 
 from __future__ import annotations
