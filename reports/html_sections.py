@@ -576,6 +576,12 @@ def rollout_section(source: ReportSource) -> Section | None:
                       summary=f"{rollout.get('status', '')}: {rollout.get('reason', '')}")
     section.blocks.append(Note(f"Status {rollout.get('status', '?')}: {rollout.get('reason', '')}",
                                "info" if rollout.get("status") == "promoted" else "warning"))
+    for result in rollout.get("after_promotion", []):
+        # Chaos experiments run after the promotion: a refuted one is said here, next to the status.
+        held = result.get("verdict") == "held"
+        section.blocks.append(Note(f"After promotion, chaos experiment {result.get('experiment')}: "
+                                   f"{result.get('verdict')}" + ("" if held else f" — {result.get('reason', '')} "
+                                   "(the promotion stands)"), "info" if held else "warning"))
     if stages is not None and stages.num_rows:
         rows = stages.to_pylist()
         for row in rows:

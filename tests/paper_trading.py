@@ -132,16 +132,19 @@ class Stack:
     """Two strategy -> exchange pairs: the experiment pair and a control pair (resilient)."""
 
     def __init__(self, strategy_port: int, exchange_port: int, control_strategy_port: int,
-                 control_exchange_port: int, timeout_ms: float | None):
+                 control_exchange_port: int, timeout_ms: float | None, netns: str | None = None):
         self.ports = {"strategy": strategy_port, "exchange": exchange_port,
                       "control_strategy": control_strategy_port, "control_exchange": control_exchange_port}
         self.timeout_ms = timeout_ms
+        # A network namespace of its own: two stacks on the same (fixed) ports side by side.
+        self.netns = netns
+        self.prefix = ["ip", "netns", "exec", netns] if netns else []
         self.processes: list[subprocess.Popen] = []
 
     def _start(self, *args: str) -> None:
         # Above the other work on a shared host, as a trading host would run its services: the
         # as-written experiment's 50 ms p99 is about the stack, not about the CI machine's load.
-        self.processes.append(subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *args],
+        self.processes.append(subprocess.Popen([*self.prefix, sys.executable, str(Path(__file__).resolve()), *args],
                                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                                preexec_fn=lambda: os.nice(-10)))
 
@@ -155,15 +158,29 @@ class Stack:
         self._start(*strategy)
         self._start("strategy", "--port", str(ports["control_strategy"]), "--exchange",
                     f"127.0.0.1:{ports['control_exchange']}", "--timeout-ms", "30")
-        from tests.test_rollout_live import wait_for_port
-
         try:
-            for port in ports.values():
-                wait_for_port(port)
+            self.wait_listening()
         except RuntimeError:
             self.stop()
             raise
         return self
+
+    def wait_listening(self) -> None:
+        if not self.netns:
+            from tests.test_rollout_live import wait_for_port
+
+            for port in self.ports.values():
+                wait_for_port(port)
+            return
+        # Inside the namespace: one short process tries every port (the test's own sockets live
+        # in the root namespace).
+        probe = ("import socket, sys, time\nfor port in map(int, sys.argv[1:]):\n    deadline = time.monotonic() + 10\n"
+                 "    while True:\n        try:\n            socket.create_connection(('127.0.0.1', port), 0.5).close()\n"
+                 "            break\n        except OSError:\n            if time.monotonic() > deadline: sys.exit(1)\n"
+                 "            time.sleep(0.05)\n")
+        done = subprocess.run([*self.prefix, sys.executable, "-c", probe, *map(str, self.ports.values())])
+        if done.returncode != 0:
+            raise RuntimeError(f"the stack in {self.netns} is not listening on {list(self.ports.values())}")
 
     def stop(self) -> None:
         for process in self.processes:

@@ -125,56 +125,57 @@ def test_verdict_precedence(checks, aborted, verdict):
     assert verdict_of(checks, aborted)[0] == verdict
 
 
-def test_bad_file_on_the_command_line_exits_2_with_one_line_and_injects_nothing(agent_cli, tmp_path):
+def test_bad_file_on_the_command_line_exits_2_with_one_line_and_injects_nothing(cli_runner, tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text(AS_WRITTEN.read_text().replace("delay_ms = 500", "delay_ms = -5"))
     state = tmp_path / "state"
-    result = agent_cli("chaos", "run", str(bad), "--environment", "paper-trading", "--state-dir", str(state))
-    assert result.returncode == 2, result.stderr
+    result = cli_runner.invoke(["chaos", "run", str(bad), "--environment", "paper-trading", "--state-dir", str(state)])
+    assert result.exit_code == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "fault[0].delay_ms" in lines[0] and "Traceback" not in result.stderr
     assert not (state / "journal.jsonl").exists()
 
 
-def test_a_target_that_does_not_resolve_is_bad_input(agent_cli, tmp_path):
+def test_a_target_that_does_not_resolve_is_bad_input(cli_runner, tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text(AS_WRITTEN.read_text().replace('target = "127.0.0.1:8300"', 'target = "no-such-host.invalid:8300"'))
     state = tmp_path / "state"
-    result = agent_cli("chaos", "run", str(bad), "--environment", "paper-trading", "--state-dir", str(state))
-    assert result.returncode == 2, result.stderr
+    result = cli_runner.invoke(["chaos", "run", str(bad), "--environment", "paper-trading", "--state-dir", str(state)])
+    assert result.exit_code == 2, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "target" in result.stderr
     assert not (state / "journal.jsonl").exists()
 
 
-def test_refused_without_the_marker_or_with_another_one(agent_cli, tmp_path):
+def test_refused_without_the_marker_or_with_another_one(cli_runner, tmp_path):
     state = tmp_path / "state"
     config = tmp_path / "config.toml"
     config.write_text('environment = "production"\n')
-    result = agent_cli("chaos", "run", str(AS_WRITTEN), "--config", str(config), "--state-dir", str(state))
-    assert result.returncode == 2 and "refused" in result.stderr and "'production'" in result.stderr
+    result = cli_runner.invoke(["chaos", "run", str(AS_WRITTEN), "--config", str(config), "--state-dir", str(state)])
+    assert result.exit_code == 2 and "refused" in result.stderr and "'production'" in result.stderr
     missing = tmp_path / "empty.toml"
     missing.write_text("")
-    result = agent_cli("chaos", "run", str(AS_WRITTEN), "--config", str(missing), "--state-dir", str(state))
-    assert result.returncode == 2 and "no environment marker" in result.stderr
+    result = cli_runner.invoke(["chaos", "run", str(AS_WRITTEN), "--config", str(missing), "--state-dir", str(state)])
+    assert result.exit_code == 2 and "no environment marker" in result.stderr
     assert not state.exists() or not (state / "journal.jsonl").exists()
 
 
-def test_the_kill_switch_refuses_new_runs(agent_cli, tmp_path):
+def test_the_kill_switch_refuses_new_runs(cli_runner, tmp_path):
     state = tmp_path / "state"
     state.mkdir()
     (state / "kill-switch").touch()
-    result = agent_cli("chaos", "run", str(AS_WRITTEN), "--environment", "paper-trading", "--state-dir", str(state))
-    assert result.returncode == 2 and "kill switch" in result.stderr
+    result = cli_runner.invoke(["chaos", "run", str(AS_WRITTEN), "--environment", "paper-trading", "--state-dir", str(state)])
+    assert result.exit_code == 2 and "kill switch" in result.stderr
     assert not (state / "journal.jsonl").exists()
 
 
-def test_doctor_lists_every_kind_with_its_backend(agent_cli):
+def test_doctor_lists_every_kind_with_its_backend(cli_runner, monkeypatch):
     import json
 
     from agent.chaos.faults import REGISTRY
 
-    result = agent_cli("chaos", "doctor", "--json", env={"GUARDIAN_AGENT_CHAOS_DIR": "/nonexistent-chaos-dir"})
-    assert result.returncode == 0, result.stderr
+    monkeypatch.setenv("GUARDIAN_AGENT_CHAOS_DIR", "/nonexistent-chaos-dir")
+    result = cli_runner.invoke(["chaos", "doctor", "--json"])
+    assert result.exit_code == 0, result.stderr
     rows = json.loads(result.stdout)
     assert [row["kind"] for row in rows] == [injector.kind for injector in REGISTRY]
     for row in rows:

@@ -81,7 +81,8 @@ def test_bad_specs_name_the_key(spec, message):
 def test_issue_example_fault_normalises():
     spec = validate({"kind": "latency", "target": "127.0.0.1:8300", "delay_ms": 500, "duration_s": 10})
     assert spec == {"kind": "latency", "target": "127.0.0.1:8300", "delay_ms": 500.0, "jitter_ms": 0.0,
-                    "share_pct": 100.0, "existing": "reset", "probe": "http", "probe_path": "/", "duration_s": 10.0}
+                    "share_pct": 100.0, "existing": "reset", "probe": "http", "probe_path": "/", "duration_s": 10.0,
+                    "backend": "auto"}
     # Normalised specs validate again unchanged (the runner may re-validate a journaled spec).
     assert validate(dict(spec)) == spec
 

@@ -70,6 +70,7 @@ class FaultRecord:
     removed_ns: int | None = None
     apply_ms: float | None = None
     remove_ms: float | None = None
+    clean_ms: float | None = None
     removed_by: str = ""
     proof: dict | None = None
     proof_error: str = ""
@@ -219,13 +220,18 @@ class ChaosRun:
             record = self.faults[position]
             if record.applying_ns is None or record.removed_ns is not None:
                 return
-            started = time.monotonic()
-            self.injectors[position].remove()
-            record.remove_ms = (time.monotonic() - started) * 1000.0
-            record.removed_ns = time.time_ns()
+            injector = self.injectors[position]
+            started, started_ns = time.monotonic(), time.time_ns()
+            injector.gone_ns = None
+            injector.remove()
+            record.removed_ns = injector.gone_ns or time.time_ns()
+            # remove_ms: decision to remove -> the fault stopped acting; clean_ms: remove() in all
+            record.remove_ms = (record.removed_ns - started_ns) / 1e6
+            record.clean_ms = (time.monotonic() - started) * 1000.0
             record.removed_by = by
             journal.append(self.directory, "fault_removed", run_id=self.run_id, index=record.index,
-                           kind=record.kind, by=by, remove_ms=round(record.remove_ms, 3))
+                           kind=record.kind, by=by, remove_ms=round(record.remove_ms, 3),
+                           clean_ms=round(record.clean_ms, 3), gone_at=record.removed_ns / 1e9)
             _kill_point(f"chaos:removed:{record.index}")
 
     def remove_all(self, by: str) -> None:

@@ -127,8 +127,9 @@ def run_after_promotion(experiment_paths: list[Path], *, state_dir: Path | None 
             outcome = run_experiment(Path(path), environment=environment, config_path=config_path,
                                      state_dir=state_dir, progress=progress)
             results.append({"experiment": str(path), **summary(outcome)})
-        except GuardianError as error:
-            results.append({"experiment": str(path), "verdict": "invalid", "reason": str(error),
+        except Exception as error:  # noqa: BLE001 - after a promotion nothing may crash the rollout
+            reason = str(error) if isinstance(error, GuardianError) else f"{type(error).__name__}: {error}"
+            results.append({"experiment": str(path), "verdict": "invalid", "reason": reason,
                             "recovery_s": None, "checks": [], "bundle": None})
     return results
 

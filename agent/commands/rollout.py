@@ -43,25 +43,40 @@ def _check(plan) -> int:
     return 0
 
 
-def _report_outcome(name: str, outcome, no_html: bool = False) -> int:
+def _report_outcome(name: str, outcome, no_html: bool = False, as_json: bool = False) -> int:
+    if as_json:
+        # Progress and warnings stay on stderr; stdout is the one JSON object (as `chaos run --json`).
+        data = {"name": name, **outcome.as_dict(), "exit_code": outcome.exit_code, "html": None}
+        if outcome.report_dir and not no_html:
+            from reports.html import write_report
+
+            data["html"] = str(write_report(Path(outcome.report_dir)).path)
+        click.echo(json.dumps(data, indent=2, default=str))
+        return outcome.exit_code
     line = f"rollout {name}: {outcome.status} — {outcome.reason}"
     if outcome.decision_to_blue_ms is not None:
         line += f" (blue restored {outcome.decision_to_blue_ms:.0f} ms after the decision)"
     click.echo(line)
+    for result in outcome.after_promotion:
+        click.echo(f"after promotion: {result['experiment']}: {result['verdict']}"
+                   + (f" — {result.get('reason', '')}" if result["verdict"] != "held" else ""))
+    if outcome.chaos_not_held and outcome.status == "promoted":
+        click.echo(f"the promotion stands (green serves 100%); {len(outcome.chaos_not_held)} experiment(s) after it "
+                   "did not hold: exit 1")
     if outcome.report_dir:
         click.echo(f"report: {outcome.report_dir}")
         emit_html_report(outcome.report_dir, no_html)
     return outcome.exit_code
 
 
-def _run(plan_path: Path, check_only: bool, no_html: bool = False) -> int:
+def _run(plan_path: Path, check_only: bool, no_html: bool = False, as_json: bool = False) -> int:
     from agent.rollout.driver import RolloutDriver
     from agent.rollout.plan import load_plan
 
     plan = load_plan(plan_path)
     if check_only:
         return _check(plan)
-    return _report_outcome(plan.name, RolloutDriver(plan, progress=_progress).run(), no_html)
+    return _report_outcome(plan.name, RolloutDriver(plan, progress=_progress).run(), no_html, as_json)
 
 
 def _journal_path(plan_path: Path | None, journal_path: Path | None) -> Path:
@@ -77,30 +92,35 @@ def _journal_path(plan_path: Path | None, journal_path: Path | None) -> Path:
 @click.group(invoke_without_command=True)
 @PLAN_OPTION
 @click.option("--check", "check_only", is_flag=True, help="Validate the plan and exit.")
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as one JSON object.")
 @NO_HTML_OPTION
 @click.pass_context
-def rollout(ctx: click.Context, plan_path: Path | None, check_only: bool, no_html: bool = False):
+def rollout(ctx: click.Context, plan_path: Path | None, check_only: bool, no_html: bool = False,
+            as_json: bool = False):
     """Prepare, validate and shift traffic to green stage by stage; promote or roll back.
 
     `rollout --plan FILE` is `rollout run --plan FILE`; `--check` validates the plan and connects to
     the balancer. Controls: status, pause, resume, promote, abort, undo, retry. Exit codes: 0
-    promoted, 1 rolled back, failed or undone, 2 bad plan.
+    promoted, 1 rolled back, failed or undone, or promoted but an [after_promotion] chaos
+    experiment did not hold (refuted, aborted, invalid: the promotion stands, the JSON says so),
+    2 bad plan (an [after_promotion] experiment that is missing or invalid included).
     """
     if ctx.invoked_subcommand is not None:
         return None
     if plan_path is None:
         raise BadInput("rollout: give --plan FILE (or a subcommand: run, status, pause, resume, promote, abort, "
                        "undo, retry)")
-    return _run(plan_path, check_only, no_html)
+    return _run(plan_path, check_only, no_html, as_json)
 
 
 @rollout.command(name="run")
 @click.option("--plan", "plan_path", type=click.Path(path_type=Path), required=True, help="rollout.toml")
 @click.option("--check", "check_only", is_flag=True, help="Validate the plan and exit.")
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as one JSON object.")
 @NO_HTML_OPTION
-def run_command(plan_path: Path, check_only: bool, no_html: bool = False) -> int:
+def run_command(plan_path: Path, check_only: bool, no_html: bool = False, as_json: bool = False) -> int:
     """Run a rollout plan."""
-    return _run(plan_path, check_only, no_html)
+    return _run(plan_path, check_only, no_html, as_json)
 
 
 def _live_view(state) -> dict | None:

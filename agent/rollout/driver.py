@@ -50,10 +50,26 @@ class Outcome:
     report_dir: Path | None = None
     stage: int | None = None
     decision_to_blue_ms: float | None = None
+    after_promotion: list[dict] = field(default_factory=list)  # chaos summaries, after a promotion
+
+    @property
+    def chaos_not_held(self) -> list[dict]:
+        return [result for result in self.after_promotion if result.get("verdict") != "held"]
 
     @property
     def exit_code(self) -> int:
-        return 0 if self.status == "promoted" else 1
+        # A refuted (or aborted, invalid) experiment after promotion: exit 1 as `chaos run` does,
+        # while green keeps serving (the status stays "promoted").
+        return 0 if self.status == "promoted" and not self.chaos_not_held else 1
+
+    def as_dict(self) -> dict:
+        return {"status": self.status, "reason": self.reason, "run_id": self.run_id,
+                "report": None if self.report_dir is None else str(self.report_dir),
+                "stage": None if self.stage is None else self.stage + 1,
+                "decision_to_blue_ms": self.decision_to_blue_ms,
+                "promotion_stands": self.status == "promoted",
+                "after_promotion": self.after_promotion,
+                "chaos_refuted": any(r.get("verdict") == "refuted" for r in self.after_promotion)}
 
 
 @dataclass
@@ -261,6 +277,8 @@ class RolloutDriver:
         # Callbacks run after a promotion, before the decommission grace period (e.g. chaos
         # experiments against the new blue). Each gets the driver; an exception is journaled.
         self.after_promotion: list[Callable[["RolloutDriver"], None]] = []
+        # One summary per [after_promotion] experiment (agent.chaos.session.run_after_promotion).
+        self.chaos_results: list[dict] = []
 
     # --- safety plumbing -------------------------------------------------------------------------
     def preflight(self) -> list[str]:
@@ -633,12 +651,17 @@ class RolloutDriver:
         self.notify("promoted", reason=reason, weights=self.weights)
         if self.collector is not None:
             self.collector.stop()
+        hooks_done = self._promote_hooks()
+        if hooks_done:
+            self._after_promotion()
+        # Written after the experiments, so the bundle holds their verdicts; "promoted" is
+        # journaled above, so a driver dying meanwhile leaves green serving, as decided.
         report = self.write_report("promoted", reason)
         self.progress(f"promoted: green serves 100%; report {report}")
-        undone = self.complete_promotion()
+        undone = self.complete_promotion() if hooks_done else None
         if undone is not None:
-            return Outcome("undone", undone, self.run_id, report, stage)
-        return Outcome("promoted", reason, self.run_id, report, stage)
+            return Outcome("undone", undone, self.run_id, report, stage, after_promotion=self.chaos_results)
+        return Outcome("promoted", reason, self.run_id, report, stage, after_promotion=self.chaos_results)
 
     def journal_decision(self, verdict: str) -> dict | None:
         for record in reversed(last_run(self.plan.journal_path).records):
@@ -646,8 +669,7 @@ class RolloutDriver:
                 return record
         return None
 
-    def complete_promotion(self) -> str | None:
-        """[promote] hooks, post-promotion callbacks, the grace period (undo), [decommission]."""
+    def _promote_hooks(self) -> bool:
         try:
             self._hooks("promote", self.plan.promote.commands, self.plan.promote.timeout_s)
         except (HookFailed, Interrupted) as error:
@@ -655,12 +677,38 @@ class RolloutDriver:
             self.journal.append("warning", run_id=self.run_id, message=f"promote hooks: {error}")
             self.notify("warning", message=f"promote hooks: {error}")
             self.progress(f"warning: {error}; blue is not decommissioned")
-            return None
+            return False
+        return True
+
+    def _after_promotion(self) -> None:
+        """The plan's chaos experiments against the new blue, then the callbacks. A refuted
+        hypothesis is reported (bundle, journal, exit code), never a reason to flip back: the
+        gate promoted green, and blue may already be unfit to serve (`rollout undo` decides)."""
+        settings = self.plan.after_promotion
+        if settings is not None:
+            from agent.chaos.session import run_after_promotion
+
+            self.journal.append("after_promotion_started", run_id=self.run_id,
+                                experiments=[str(p) for p in settings.experiments])
+            self.chaos_results = run_after_promotion(
+                settings.experiments, state_dir=settings.state_dir, config_path=settings.config,
+                environment=settings.environment, progress=self.progress)
+            verdicts = [{"experiment": r["experiment"], "verdict": r["verdict"], "reason": r.get("reason", ""),
+                         "bundle": r.get("bundle")} for r in self.chaos_results]
+            self.journal.append("after_promotion", run_id=self.run_id, results=verdicts)
+            for result in verdicts:
+                self.progress(f"after promotion: {result['experiment']}: {result['verdict']}")
+                if result["verdict"] != "held":
+                    self.notify("warning", message=f"after promotion, chaos experiment {result['experiment']} "
+                                                   f"{result['verdict']}: {result['reason']}")
         for callback in self.after_promotion:
             try:
                 callback(self)
             except Exception as error:  # noqa: BLE001 - a callback never undoes a promotion
                 self.journal.append("warning", run_id=self.run_id, message=f"after-promotion callback: {error}")
+
+    def complete_promotion(self) -> str | None:
+        """After the [promote] hooks and the experiments: the grace period (undo), [decommission]."""
         grace_s = self.plan.decommission_grace_s if self.plan.decommission.commands or self.plan.undo.commands else 0
         if grace_s:
             self.journal.append("decommission_pending", run_id=self.run_id, grace_s=grace_s,

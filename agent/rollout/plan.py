@@ -49,6 +49,11 @@
 
     [promote] / [undo] / [decommission] (grace_s)   # hooks after promotion (docs/rollout.md)
     [notify]  command = "..."        # every decision as JSON on stdin
+    [after_promotion]                # chaos experiments against the new blue, once promoted
+    experiments = ["chaos/api-slow.toml"]    # paths relative to this plan; each validated here
+    environment = "paper-trading"    # optional: the host's marker (else the agent config's)
+    config = "/etc/guardian-agent/config.toml"   # optional agent config (marker, dataset)
+    state_dir = "/var/lib/guardian-agent/chaos"  # optional chaos journal/kill switch/runs
     [gate] / [metrics."..."]         # as in gate.toml
 
 One small function per table; each names the key it refuses.
@@ -68,7 +73,7 @@ from agent.gate.config import GateSettings, read_toml, settings_from_mapping
 ADAPTERS = ("haproxy", "command")
 TOP_KEYS = {"name", "state_dir", "on_inconclusive", "evaluate_every_s", "max_failed_looks", "max_inconclusive_looks",
             "max_unattributed_pct", "crossover_s", "prepare", "validate", "traffic", "kpi", "stage", "gate", "metrics", "postmortem",
-            "promote", "decommission", "undo", "notify"}
+            "promote", "decommission", "undo", "notify", "after_promotion"}
 # What a stage still undecided at max_dwell_s does. The default holds (up to max_dwell_s) and then
 # rolls back: no evidence is not a pass (Flagger counts "no values" as a failed check).
 ON_INCONCLUSIVE = ("rollback", "pause", "advance")
@@ -131,6 +136,20 @@ class NotifySettings:
 
 
 @dataclass
+class AfterPromotion:
+    """Chaos experiments run once green serves 100% (issue 12), validated with the plan."""
+    experiments: list[Path]
+    environment: str | None = None
+    config: Path | None = None
+    state_dir: Path | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"experiments": [str(p) for p in self.experiments], "environment": self.environment,
+                "config": None if self.config is None else str(self.config),
+                "state_dir": None if self.state_dir is None else str(self.state_dir)}
+
+
+@dataclass
 class Stage:
     weight_pct: float
     dwell_s: float
@@ -163,6 +182,7 @@ class Plan:
     decommission_grace_s: float = 300.0
     undo: HookSet = field(default_factory=lambda: HookSet([]))
     notify: NotifySettings | None = None
+    after_promotion: AfterPromotion | None = None
 
     @property
     def journal_path(self) -> Path:
@@ -352,6 +372,48 @@ def _decommission(plan: TomlTable) -> tuple[HookSet, float]:
     return decommission, 300.0 if table is None else table.number("grace_s", 300.0, positive=True)
 
 
+def _relative(path: Path, value: str) -> Path:
+    candidate = Path(value)
+    return candidate if candidate.is_absolute() else path.parent / candidate
+
+
+def _after_promotion(plan: TomlTable, path: Path) -> AfterPromotion | None:
+    """Every experiment is loaded and checked against the host's environment marker here, at
+    `--check` and before the first hook: a rollout must not promote and only then find that its
+    experiment cannot run. Targets and backends are checked when it runs (that check starts the
+    fault's standby children)."""
+    from agent.chaos.experiment import check_environment, load_experiment
+    from agent.config import load_config
+    from core.errors import BadInput
+
+    if "after_promotion" not in plan:
+        return None
+    table = plan.table("after_promotion", ("experiments", "environment", "config", "state_dir"))
+    names = table.string_list("experiments")
+    if not names:
+        table.fail("experiments", "empty (name at least one chaos experiment file, or drop the table)")
+    settings = AfterPromotion([_relative(path, name) for name in names],
+                              environment=table.string("environment", None),
+                              config=_relative(path, table.string("config")) if "config" in table else None,
+                              state_dir=_relative(path, table.string("state_dir")) if "state_dir" in table else None)
+    if settings.config is not None and not settings.config.is_file():
+        table.fail("config", f"{settings.config} does not exist")
+    try:
+        agent_config = load_config(settings.config)
+    except BadInput as error:
+        table.fail("config", str(error))
+    marker, source = (settings.environment, "after_promotion.environment") if settings.environment is not None \
+        else (agent_config.environment, f"config {agent_config.path or '(none)'}")
+    for index, experiment_path in enumerate(settings.experiments):
+        if not experiment_path.is_file():
+            table.fail("experiments", f"[{index}] {experiment_path} does not exist")
+        try:
+            check_environment(load_experiment(experiment_path), marker, source)
+        except BadInput as error:
+            table.fail("experiments", f"[{index}] {error}")
+    return settings
+
+
 def parse_plan(data: dict[str, Any], path: Path) -> Plan:
     plan = TomlTable.root(data, str(path), known=TOP_KEYS)
     top = _top_level(plan, path)
@@ -368,7 +430,7 @@ def parse_plan(data: dict[str, Any], path: Path) -> Plan:
                 green_stacks=stacks.get("green_stacks"),
                 promote=_hooks(plan, "promote", required=False, why="")[0], decommission=decommission,
                 decommission_grace_s=grace_s, undo=_hooks(plan, "undo", required=False, why="")[0],
-                notify=_notify(plan))
+                notify=_notify(plan), after_promotion=_after_promotion(plan, path))
 
 
 def load_plan(path: Path) -> Plan:

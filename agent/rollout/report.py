@@ -2,7 +2,10 @@
 
 Tables: turns (every KPI sample, with version and stage: the gate can re-judge them),
 rollout_stages (per stage and version: samples, p50, p99, error rate), rollout_verdicts (every
-gate evaluation, one row per metric, in the decision-record schema) and findings.
+gate evaluation, one row per metric, in the decision-record schema), findings, and after a
+promotion with [after_promotion] experiments chaos_after_promotion (one row per experiment: its
+verdict, reason, recovery, failed checks and its own chaos bundle) with a finding for each
+experiment that did not hold (critical when refuted).
 """
 
 from __future__ import annotations
@@ -13,13 +16,40 @@ from pathlib import Path
 import pyarrow as pa
 
 from agent.gate.record import decision_rows, decision_table
-from probes.base import finding, findings_table
+from probes.base import finding, findings_table, rows_to_table
 from reports.bundle import BundleWriter, ProbeRecord
 
 STAGES_SCHEMA = pa.schema([
     ("stage", pa.int32()), ("weight_pct", pa.float64()), ("version", pa.string()), ("samples", pa.int64()),
     ("p50_ms", pa.float64()), ("p99_ms", pa.float64()), ("error_rate_pct", pa.float64()),
 ])
+
+AFTER_PROMOTION_SCHEMA = pa.schema([
+    ("experiment", pa.string()), ("verdict", pa.string()), ("reason", pa.string()), ("run_id", pa.string()),
+    ("recovery_s", pa.float64()), ("checks_failed", pa.string()), ("bundle", pa.string()),
+])
+
+
+def after_promotion_table(results: list[dict]) -> pa.Table:
+    rows = [{"experiment": r["experiment"], "verdict": r["verdict"], "reason": r.get("reason", ""),
+             "run_id": r.get("run_id"), "recovery_s": r.get("recovery_s"),
+             "checks_failed": ",".join(c["name"] for c in r.get("checks", []) if c.get("classification") == "fail"),
+             "bundle": r.get("bundle")} for r in results]
+    return rows_to_table(rows, AFTER_PROMOTION_SCHEMA)
+
+
+def status_finding(plan, status: str, reason: str, chaos_results: list[dict]) -> dict:
+    if status != "promoted":
+        return finding("rollout", "critical", plan.name, f"{status}: {reason}",
+                       "read rollout_verdicts for the failing metrics and rollout_stages for blue vs green per stage")
+    failed = [r for r in chaos_results if r["verdict"] != "held"]
+    if not failed:
+        return finding("rollout", "info", plan.name, f"{status}: {reason}", "nothing to do")
+    return finding("rollout", "warning", plan.name,
+                   f"{status}: {reason}; the promotion stands (green serves 100%), but "
+                   f"{len(failed)} of {len(chaos_results)} experiment(s) after it did not hold",
+                   "read chaos_after_promotion and each experiment's bundle; `rollout undo` brings blue back "
+                   "while it is kept")
 
 
 def write_rollout_bundle(driver, status: str, reason: str) -> Path:
@@ -42,11 +72,13 @@ def write_rollout_bundle(driver, status: str, reason: str) -> Path:
                               candidate_run_id=driver.run_id,
                               decided_at=datetime.fromtimestamp(evaluation.decided_at, timezone.utc))
     tables["rollout_verdicts"] = decision_table(rows)
-    severity = "info" if status == "promoted" else "critical"
-    tables["findings"] = findings_table([finding(
-        "rollout", severity, plan.name, f"{status}: {reason}",
-        "nothing to do" if status == "promoted" else
-        "read rollout_verdicts for the failing metrics and rollout_stages for blue vs green per stage")])
+    from agent.chaos.session import rollout_findings
+
+    chaos_results = getattr(driver, "chaos_results", [])
+    tables["findings"] = findings_table([status_finding(plan, status, reason, chaos_results)]
+                                        + rollout_findings(chaos_results))
+    if plan.after_promotion is not None and status == "promoted":
+        tables["chaos_after_promotion"] = after_promotion_table(chaos_results)
     counts = {}
     for name, table in tables.items():
         counts[name] = writer.write_table(name, table, probe="rollout")
@@ -65,6 +97,8 @@ def write_rollout_bundle(driver, status: str, reason: str) -> Path:
                        "decided_at_ns": r.get("decided_at_ns"), "baseline_scope": r.get("baseline_scope")}
                       for r in driver_decisions(driver)],
         "unattributed_by_stage": dict(driver.collector.unattributed.by_stage) if driver.collector else {},
+        "after_promotion": [{"experiment": r["experiment"], "verdict": r["verdict"], "reason": r.get("reason", ""),
+                             "bundle": r.get("bundle")} for r in chaos_results],
     }})
     return out_dir
 

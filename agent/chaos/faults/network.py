@@ -1,11 +1,11 @@
 """Faults on the path to a TCP dependency (host:port): latency, jitter, PostgreSQL latency, HTTP
 errors (through the fault proxy), packet loss, connection resets and a bandwidth limit (nft only).
 
-Backends on this host (Linux 6.x without sch_netem and sch_fq):
-- netem would be the kernel's own way to delay packets, but a tc qdisc is not owned by any
-  process: it outlives a kill -9 of the agent, which is the failure issue 12 forbids (Chaos Mesh's
-  users reboot nodes to clear such rules). Where netem exists it is reported by `chaos doctor`,
-  but delay still goes through the proxy, whose every object dies with the agent.
+Backends:
+- netem, the kernel's own delay and loss, where sch_netem loads (agent/chaos/faults/netem.py):
+  latency, jitter, PostgreSQL latency and loss go on an htb class fed by a u32 filter. A qdisc is
+  owned by no process, so its exact undo is journaled before apply and the watchdog runs it if
+  the agent dies. Not on this host (kernel 6.18 without sch_netem): the fallbacks below.
 - delay and HTTP errors: an nft `flags owner` table redirects new connections to the target into
   the fault proxy (agent.chaos.faults.proxy); the proxy's upstream sockets carry SO_MARK so the
   rule skips them. NAT only sees new connections, so connections established before the fault
@@ -31,7 +31,7 @@ from pathlib import Path
 from core.errors import BadInput, Unavailable, WorkFailed
 from core.host import Host
 
-from . import pathprobe
+from . import netem, pathprobe
 from .base import (Injector, end_process_group, is_same_process, number, process_identity, run_id, share,
                    spawn_owned, text, OBJECT_PREFIX)
 from .nft import NFT_FAMILY, OwnedTable, nft_availability, nft_binary, table_exists
@@ -70,17 +70,6 @@ def resolve(host: str, port: int, where: str) -> tuple[str, int]:
 
 def _ip(family: int) -> str:
     return "ip" if family == socket.AF_INET else "ip6"
-
-
-def netem_present(host: Host) -> bool:
-    """sch_netem loaded, built in, or loadable for the running kernel."""
-    release = host.kernel_release()
-    if host.exists("/sys/module/sch_netem"):
-        return True
-    if "sch_netem" in host.read_optional(f"/lib/modules/{release}/modules.builtin"):
-        return True
-    sched = host.path(f"/lib/modules/{release}/kernel/net/sched")
-    return sched.is_dir() and any(sched.glob("sch_netem.ko*"))
 
 
 def holder_marker(table: str) -> str:
@@ -194,6 +183,76 @@ class TargetInjector(Injector):
     def undo(record: dict) -> None:
         undo_owned_table(record)
 
+    def active(self) -> bool:
+        """Whether the fault is still in place (a proof that it bit needs it still there)."""
+        return True
+
+
+class NetemBackend:
+    """Mixin (first in the MRO) for the kinds netem can carry: check() chooses netem where
+    sch_netem loads (netem.choose), and apply/remove/plan/undo go to tc; otherwise every call goes
+    on to the fallback (the proxy or the nft rules) unchanged."""
+
+    netem_plan: netem.NetemPlan | None = None
+    backend_reason: str = ""
+
+    @classmethod
+    def normalise(cls, spec, where):
+        spec["backend"] = netem.validate_backend(spec, where)
+        return super().normalise(spec, where)
+
+    @classmethod
+    def backend_name(cls, host: Host) -> str:
+        fallback = super().backend_name(host)
+        if netem.netem_present(host):
+            return f"tc netem on an htb/u32 class (journal + watchdog); fallback {fallback}"
+        return f"{fallback} (no sch_netem on this kernel)"
+
+    def check(self) -> None:
+        TargetInjector.check(self)
+        backend, device, self.backend_reason = netem.choose(self.kind, self.spec, self.host, self.address)
+        if backend == "netem":
+            self.netem_plan = netem.plan_for(self.kind, self.spec, device, self.address, self.port, self.family,
+                                             self.mark)
+            return
+        super().check()
+
+    def apply(self) -> None:
+        if self.netem_plan is None:
+            return super().apply()
+        netem.apply(self.netem_plan)
+
+    def remove(self) -> None:
+        if self.netem_plan is None:
+            return super().remove()
+        netem.undo(self.netem_plan.undo_record())
+
+    def undo_record(self) -> dict:
+        record = super().undo_record()
+        return record if self.netem_plan is None else {**record, **self.netem_plan.undo_record()}
+
+    def plan(self) -> dict:
+        if self.netem_plan is None:
+            return {**super().plan(), "backend_reason": self.backend_reason}
+        plan = self.netem_plan
+        return {"target": f"{self.address}:{self.port}", "backend": f"tc netem on an htb/u32 class of {plan.device}",
+                "backend_reason": self.backend_reason, "undo": plan.describe_undo(),
+                "commands": [" ".join(argv[1:]) for argv in plan.apply_commands()],
+                "blast_radius": f"every packet this host sends to {self.address}:{self.port} through {plan.device} "
+                                f"(connections open before the fault too): " + " ".join(plan.netem_arguments())}
+
+    def active(self) -> bool:
+        if self.netem_plan is None:
+            return super().active()
+        return netem.ours_installed(self.netem_plan.device, self.netem_plan.handle)
+
+    @staticmethod
+    def undo(record: dict) -> None:
+        if record.get("backend") == "netem":
+            netem.undo(record)
+        else:
+            undo_owned_table(record)
+
 
 # --- nft-only faults -----------------------------------------------------------------------------
 class NftRuleInjector(TargetInjector):
@@ -221,13 +280,14 @@ class NftRuleInjector(TargetInjector):
         if self.holder is not None:
             self.holder.destroy()
             self.holder = None
+        self.gone_ns = time.time_ns()  # the holder exited: its owner table went with its socket
         wait_table_gone(self.table)
 
 
-class LossInjector(NftRuleInjector):
+class LossInjector(NetemBackend, NftRuleInjector):
     kind = "loss"
-    description = "drop a share of the packets this host sends to host:port (nft numgen random)"
-    keys = TargetInjector.keys | {"share_pct", "max_share_pct"}
+    description = "drop a share of the packets this host sends to host:port (netem loss, or nft numgen random)"
+    keys = TargetInjector.keys | {"share_pct", "max_share_pct", "backend"}
 
     @classmethod
     def normalise_kind(cls, spec, where):
@@ -302,9 +362,7 @@ class ProxyInjector(TargetInjector):
 
     @classmethod
     def backend_name(cls, host: Host) -> str:
-        netem = "sch_netem present but not used: a qdisc outlives the agent" if netem_present(host) \
-            else "no sch_netem on this kernel"
-        return f"nft owner table redirect -> fault proxy ({netem})"
+        return "nft owner table redirect -> fault proxy"
 
     def __init__(self, spec, host=None):
         super().__init__(spec, host)
@@ -341,7 +399,8 @@ class ProxyInjector(TargetInjector):
                 "--nft-body", self.nft_body(), *self.proxy_arguments()]
         env = dict(os.environ)
         env["PYTHONPATH"] = str(PROJECT_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-        self.proxy = spawn_owned(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        self.proxy = spawn_owned(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                                 helper=True)
         self.proxy_identity = process_identity(self.proxy.pid)
         line = self._proxy_line()
         if not line.startswith("STANDBY"):
@@ -386,6 +445,9 @@ class ProxyInjector(TargetInjector):
                 pass
         if self.proxy_identity is not None:
             end_process_group(self.proxy_identity)
+        # Gone: the redirect's holder and the proxy have exited (the kernel dropped the owner table
+        # when the holder's socket closed). What follows is clean-up and the check that it did.
+        self.gone_ns = time.time_ns()
         if self.proxy is not None:
             try:
                 self.proxy.wait(timeout=1)
@@ -402,11 +464,14 @@ class ProxyInjector(TargetInjector):
     def proxy_alive(self) -> bool:
         return self.proxy_identity is not None and is_same_process(self.proxy_identity)
 
+    def active(self) -> bool:
+        return self.proxy_alive()
 
-class LatencyInjector(ProxyInjector):
+
+class LatencyInjector(NetemBackend, ProxyInjector):
     kind = "latency"
-    description = "add delay (and jitter) to the answers from a TCP dependency host:port"
-    keys = ProxyInjector.keys | {"delay_ms", "jitter_ms", "share_pct", "max_share_pct"}
+    description = "add delay (and jitter) to the round trips to a TCP dependency host:port"
+    keys = ProxyInjector.keys | {"delay_ms", "jitter_ms", "share_pct", "max_share_pct", "backend"}
     required = ProxyInjector.required | {"delay_ms"}
 
     @classmethod
@@ -451,7 +516,7 @@ class LatencyInjector(ProxyInjector):
                 "measured": None if added is None else round(added, 3),
                 "control_p50_ms": control_ms, "faulted_p50_ms": faulted_ms,
                 "affected_pct": round(100 * affected / len(faulted), 1) if faulted else 0.0,
-                "samples": len(faulted), "probe": endpoint.probe, "bit": bool(bit and self.proxy_alive())}
+                "samples": len(faulted), "probe": endpoint.probe, "bit": bool(bit and self.active())}
 
 
 class JitterInjector(LatencyInjector):

@@ -60,7 +60,7 @@ class OwnedTable:
         if not available:
             raise Unavailable(reason)
         self.child = spawn_owned([nft_binary(), *(["-I", self.marker] if self.marker else []), "-i"],
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, helper=True)
         for stream in (self.child.stdout, self.child.stderr):
             fcntl.fcntl(stream, fcntl.F_SETFL, fcntl.fcntl(stream, fcntl.F_GETFL) | os.O_NONBLOCK)
 

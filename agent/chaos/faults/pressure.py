@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -98,8 +99,12 @@ class StressInjector(Injector):
 
     def remove(self) -> None:
         if self.child is not None and self.child.poll() is None:
-            # SIGTERM first: stress-ng then stops and reaps its own workers. A group SIGKILL
-            # alone would orphan them as zombies onto PID 1, which may not reap (not systemd).
+            # The workers are the pressure: SIGKILL them first (their CPU time and memory end with
+            # them; stress-ng's SIGTERM path took ~250 ms to free 64 MiB on a busy host), then
+            # SIGTERM stress-ng, which reaps them. A group SIGKILL would orphan the workers as
+            # zombies onto PID 1, which may not reap (not systemd).
+            self.end_workers()
+            self.gone_ns = time.time_ns()
             self.child.terminate()
             try:
                 self.child.wait(timeout=0.5)
@@ -113,6 +118,17 @@ class StressInjector(Injector):
             except subprocess.TimeoutExpired:
                 pass
         self.child = self.identity = None
+
+    def end_workers(self) -> None:
+        identities = [process_identity(pid) for pid in self.workers()]
+        for identity in identities:
+            try:
+                os.kill(identity["pid"], signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 0.5
+        while any(is_alive(identity) for identity in identities) and time.monotonic() < deadline:
+            time.sleep(0.002)
 
     @staticmethod
     def undo(record: dict) -> None:
