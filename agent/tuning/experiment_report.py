@@ -109,8 +109,9 @@ def findings_rows(outcome: Outcome, rows: list[dict]) -> list[dict]:
     findings = []
     for item, row in zip(outcome.items, rows, strict=True):
         if item.verdict in ("improves", "worsens"):
-            effect = (f"{row['metric']} {outcome.metric} {signed(row['effect_pct'] or math.nan)}% "
-                      f"[{signed(row['effect_low_pct'] or math.nan)}%, {signed(row['effect_high_pct'] or math.nan)}%]")
+            low, estimate, high = (math.nan if row.get(key) is None else row[key]
+                                   for key in ("effect_low_pct", "effect_pct", "effect_high_pct"))
+            effect = f"{row['metric']} {outcome.metric} {signed(estimate)}% [{signed(low)}%, {signed(high)}%]"
             if item.verdict == "improves":
                 advice = ("kept (applied through the journal; `tune rollback` undoes it)" if item.kept else
                           "keep it: re-run with --keep, or `tune apply` the profile")
