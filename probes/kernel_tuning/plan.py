@@ -652,11 +652,13 @@ class CgroupCpuSection(Section):
         cgroup = str(fields["cgroup"]).strip("/")
         if not cgroup or ".." in cgroup.split("/"):
             raise source.error(table, "cgroup", "expected a cgroup path relative to its hierarchy, like trading/strategy")
-        for name, low in (("quota_us", -1), ("period_us", 1000)):
+        # The kernel refuses quotas and periods under 1 ms (EINVAL), v1 and v2 alike.
+        for name in ("quota_us", "period_us"):
             value = fields.get(name, 100_000 if name == "period_us" else None)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low or value == 0:
-                raise source.error(table, name, f"expected an integer number of microseconds"
-                                                f"{' (-1 = no limit)' if name == 'quota_us' else ' >= 1000'}")
+            if isinstance(value, bool) or not isinstance(value, int) or not (
+                    value >= 1000 or (name == "quota_us" and value == -1)):
+                raise source.error(table, name, "expected an integer number of microseconds >= 1000"
+                                                + (" (-1 = no limit)" if name == "quota_us" else ""))
 
     def plan(self, planner, spec):
         cgroup = str(spec.fields["cgroup"]).strip("/")
@@ -668,7 +670,9 @@ class CgroupCpuSection(Section):
             actions.append((f"{directory}/cpu.cfs_quota_us", str(quota)))
         elif "cpu" in planner.host.read_optional("/sys/fs/cgroup/cgroup.controllers").split():
             directory = f"/sys/fs/cgroup/{cgroup}"
-            actions = [(f"{directory}/cpu.max", f"{'max' if quota < 0 else quota} {period or 100_000}")]
+            # Without period_us the group keeps its own period (cpu.max is "QUOTA PERIOD").
+            current_period = (planner.host.read_optional(f"{directory}/cpu.max").split() or ["", "100000"])[-1]
+            actions = [(f"{directory}/cpu.max", f"{'max' if quota < 0 else quota} {period or current_period}")]
         else:
             return [planner.plan_item(spec, item=name, kind="cgroup_cpu", target=str(quota), current=None,
                                       compliant=None, source="none", note="no cgroup cpu controller mounted")]
