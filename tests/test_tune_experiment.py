@@ -178,3 +178,58 @@ def test_bad_input_is_one_line_exit_2_and_nothing_changes(tree, tmp_path, free_p
             assert snapshot(root) == before and not (state / "journal.jsonl").exists()
     finally:
         server.shutdown()
+
+
+class _Answering(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):  # noqa: N802 - http.server's name
+        body = b"ok"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.live
+def test_builtin_and_url_workloads_measure_real_latencies(tree, tmp_path):
+    """loopback-rtt, syscall, timer-jitter and --kpi-url side by side (each on its own tree copy,
+    the item one nothing reads): real samples in plausible ranges, every window rolled back."""
+    import shutil
+
+    root, _ = tree
+    profile = write_profile(tmp_path, PROFILE)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Answering)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # (workload flags, plausible p50 range in ns)
+    workloads = {"loopback-rtt": (["--kpi", "loopback-rtt"], (1_000, 10_000_000)),
+                 "syscall": (["--kpi", "syscall"], (20, 100_000)),
+                 "timer-jitter": (["--kpi", "timer-jitter"], (1_000, 10_000_000)),
+                 "url": (["--kpi-url", f"http://127.0.0.1:{server.server_address[1]}/"], (10_000, 100_000_000))}
+    runs = []
+    try:
+        for name, (flags, _) in workloads.items():
+            copy, state = tmp_path / f"root-{name}", tmp_path / f"state-{name}"
+            shutil.copytree(root, copy, symlinks=True)
+            window = "1" if name == "timer-jitter" else "0.4"  # oslat measures whole seconds
+            args = ["tune", "experiment", "--profile", str(profile), "--items", "vm.compaction_proactiveness",
+                    *flags, "--rounds", "2", "--window-s", window, "--json", "--out", str(tmp_path / f"out-{name}"),
+                    "--root", str(copy), "--state-dir", str(state)]
+            runs.append((name, copy, state, snapshot(copy), subprocess.Popen(
+                [sys.executable, "-m", "agent.cli", *args], cwd=PROJECT_ROOT, env=env,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
+        for name, copy, state, before, process in runs:
+            stdout, stderr = process.communicate(timeout=180)
+            assert process.returncode in (0, 4), (name, stderr)
+            row = json.loads(stdout)["items"][0]
+            low, high = workloads[name][1]
+            assert row["a_samples"] >= 20 and row["b_samples"] >= 20, (name, row)  # the gate's min_samples
+            assert low <= row["a_p50_ns"] <= high and low <= row["b_p50_ns"] <= high, (name, row)
+            assert row["verdict"] in ("improves", "no measurable effect", "worsens", "inconclusive")
+            assert snapshot(copy) == before and not (state / "journal.jsonl").exists(), name
+    finally:
+        server.shutdown()
