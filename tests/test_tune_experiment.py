@@ -233,3 +233,22 @@ def test_builtin_and_url_workloads_measure_real_latencies(tree, tmp_path):
             assert snapshot(copy) == before and not (state / "journal.jsonl").exists(), name
     finally:
         server.shutdown()
+
+
+def test_kth_difference_on_heavy_ties_matches_brute_force(monkeypatch):
+    """Integer ns from a fast loop tie massively; the gate's selection takes its tie shortcut
+    (forced here with a tiny enumeration limit) and must still give the exact k-th difference."""
+    import numpy as np
+
+    from agent.gate import statistics
+
+    monkeypatch.setattr(statistics, "ENUMERATE_PAIRS", 50)
+    rng = np.random.default_rng(7)
+    for _ in range(60):
+        m, n = rng.integers(1, 300, 2)
+        baseline = statistics.as_sorted_array(np.round(rng.normal(200, 3, m)))
+        candidate = statistics.as_sorted_array(np.round(rng.normal(201, 3, n)) * 0.5)
+        differences = np.sort((candidate[None, :] - baseline[:, None]).ravel())
+        for k in {1, differences.size // 3, differences.size // 2 + 1, differences.size}:
+            k = max(k, 1)
+            assert statistics.kth_difference(baseline, candidate, k) == differences[k - 1]
