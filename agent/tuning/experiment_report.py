@@ -158,8 +158,9 @@ def write_bundle(outcome: Outcome, out_dir: Path, host: Host, state_dir: Path, s
               "findings": findings_table(findings)}
     counts = {name: writer.write_table(name, table, PROBE) for name, table in tables.items()}
     impact = ledger_rows(outcome, rows, host)
-    append_impact(impact, state_dir=state_dir, out_dir=writer.out_dir)
-    if (writer.out_dir / "tuning_impact.parquet").exists():
+    if impact:
+        append_impact(impact, state_dir=state_dir, out_dir=writer.out_dir)
+    if impact and (writer.out_dir / "tuning_impact.parquet").exists():
         counts["tuning_impact"] = len(impact)
         writer.tables_written["tuning_impact"] = len(impact)
     summary = summary_dict(outcome, rows, findings, writer.out_dir)
