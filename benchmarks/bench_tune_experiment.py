@@ -47,10 +47,11 @@ def measure_windows() -> list[np.ndarray]:
     return [np.asarray(workload.measure(WINDOW_S), dtype=np.float64) for _ in range(WINDOWS)]
 
 
-def arm_size(pool, settings, rng) -> int:
+def arm_size(pool, settings, rng) -> tuple[int, int]:
+    """(the arm size used, the samples per arm the gate asked for before the cap)."""
     judgement = judge_item(rng.choice(pool, MIN_ARM_SIZE), rng.choice(pool, MIN_ARM_SIZE), settings)
     needed = max((m.samples_needed for m in judgement.gate.metrics), default=0)
-    return int(min(MAX_ARM_SIZE, max(MIN_ARM_SIZE, needed)))
+    return int(min(MAX_ARM_SIZE, max(MIN_ARM_SIZE, needed))), int(needed)
 
 
 def resampled(pool, size, trials, transform, settings, rng) -> dict[str, int]:
@@ -90,9 +91,10 @@ def main() -> int:
     pool = np.concatenate(windows)
     print(f"measured {pool.size} {WORKLOAD} samples in {WINDOWS} x {WINDOW_S:g} s windows: "
           f"p50 {np.median(pool) / 1000:.1f} us, p99 {np.quantile(pool, 0.99) / 1000:.1f} us", flush=True)
-    size = arm_size(pool, settings, rng)
+    size, needed = arm_size(pool, settings, rng)
     rate_hz = pool.size / (WINDOWS * WINDOW_S)
-    print(f"arm size {size} samples (~{size / rate_hz:.1f} s of windows per arm at {rate_hz:.0f} samples/s)", flush=True)
+    print(f"arm size {size} samples (~{size / rate_hz:.1f} s of windows per arm at {rate_hz:.0f} samples/s; "
+          f"the gate asked for {needed})", flush=True)
     aa = resampled(pool, size, trials, lambda v: v, settings, rng)
     power = resampled(pool, size, trials, lambda v: stretch_tail(v, pool, 0.10), settings, rng)
     splits = window_splits(windows, settings, rng)
@@ -103,7 +105,7 @@ def main() -> int:
         "benchmark": "tune_experiment", "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(), "note": "2-core VM shared with other engineers' test runs while measured",
         "workload": WORKLOAD, "windows": WINDOWS, "window_s": WINDOW_S, "samples": int(pool.size),
-        "arm_size": size, "arm_seconds": round(size / rate_hz, 1), "trials": trials,
+        "arm_size": size, "arm_seconds": round(size / rate_hz, 1), "samples_needed_uncapped": needed, "trials": trials,
         "settings": {"p50_threshold_pct": settings.metrics["tuning.latency_ns"].threshold_pct,
                      "p99_threshold_pct": settings.metrics["tuning.latency_ns.p99"].threshold_pct,
                      "confidence": settings.confidence},
