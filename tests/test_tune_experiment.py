@@ -42,9 +42,9 @@ while time.monotonic() < end:
     sys.stdout.flush()
     time.sleep(0.005)
 """
-KILL_PHASES = ["experiment:checked", "intent:1", "experiment:applied:1.1", "experiment:measuring:1.1",
-               "experiment:measured:1.1", "experiment:rolled-back:1.1", "experiment:applied:2.2",
-               "experiment:judged", "experiment:kept"]
+# Apply's own kill points (intent:N, write:N ...) are tests/test_tuning_lose_nothing.py's.
+KILL_PHASES = ["experiment:checked", "experiment:applied:1.1", "experiment:measuring:1.1",
+               "experiment:measured:1.1", "experiment:rolled-back:1.1", "experiment:judged", "experiment:kept"]
 
 
 def _workload(tmp_path: Path, root: Path) -> str:
@@ -132,7 +132,7 @@ def test_sigkill_at_every_phase_is_finished_byte_exact_by_tune_rollback(tree, tm
         stdout, stderr = process.communicate(timeout=120)
         assert process.returncode == 0, (phase, stdout, stderr)
         assert snapshot(copy) == before, phase
-    assert len(rollbacks) == 6
+    assert len(rollbacks) == 4
 
 
 class _Refusing(BaseHTTPRequestHandler):
@@ -215,7 +215,7 @@ def test_builtin_and_url_workloads_measure_real_latencies(tree, tmp_path):
         for name, (flags, _) in workloads.items():
             copy, state = tmp_path / f"root-{name}", tmp_path / f"state-{name}"
             shutil.copytree(root, copy, symlinks=True)
-            window = "1" if name == "timer-jitter" else "0.4"  # oslat measures whole seconds
+            window = "1" if name == "timer-jitter" else "0.3"  # oslat measures whole seconds
             args = ["tune", "experiment", "--profile", str(profile), "--items", "vm.compaction_proactiveness",
                     *flags, "--rounds", "2", "--window-s", window, "--json", "--out", str(tmp_path / f"out-{name}"),
                     "--root", str(copy), "--state-dir", str(state)]
@@ -244,7 +244,7 @@ def test_kth_difference_on_heavy_ties_matches_brute_force(monkeypatch):
 
     monkeypatch.setattr(statistics, "ENUMERATE_PAIRS", 50)
     rng = np.random.default_rng(7)
-    for _ in range(60):
+    for _ in range(25):
         m, n = rng.integers(1, 300, 2)
         baseline = statistics.as_sorted_array(np.round(rng.normal(200, 3, m)))
         candidate = statistics.as_sorted_array(np.round(rng.normal(201, 3, n)) * 0.5)
