@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from agent.commands import tune_experiment as _tune_experiment
 from core.errors import EXIT_DRIFT, BadInput
 
 
@@ -206,6 +207,20 @@ def status_command(profile_dir, profile_vars, state_dir, host_root, as_json):
             click.echo(f"  {row['state']:<16} {row['item']}{detail}")
     drifted = status.get("pending") and any(row["state"] == "drifted" for row in status["steps"])
     return EXIT_DRIFT if drifted else 0
+
+
+@tune.command(name="experiment")
+@_tune_experiment.experiment_options
+@_common
+def experiment_command(host_root, **options):
+    """Measure each item's effect: ABBA rounds of A (current) and B (applied through the journal).
+
+    \b
+    Verdict per item, judged by the gate: improves, no measurable effect, worsens, inconclusive.
+    Exit codes: 0 the experiment ran (whatever the verdicts), 1 failed, 2 bad input (nothing
+    changed; also a pending journal), 4 inconclusive for every item.
+    """
+    return _tune_experiment.run_experiment(_host(host_root), **options)
 
 
 commands = [tune]

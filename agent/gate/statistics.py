@@ -104,6 +104,11 @@ def count_differences_at_most(baseline: np.ndarray, candidate: np.ndarray, thres
     return int(np.searchsorted(candidate, baseline + threshold, side="right").sum())
 
 
+def count_differences_below(baseline: np.ndarray, candidate: np.ndarray, threshold: float) -> int:
+    """#{(i, j): candidate_j - baseline_i < threshold}, the strict twin of the count above."""
+    return int(np.searchsorted(candidate, baseline + threshold, side="left").sum())
+
+
 # Once the bracket around the k-th difference holds this few pairs they are listed and selected
 # directly: a few bisection steps plus one partition beat ~60 float bisection steps.
 ENUMERATE_PAIRS = 200_000
@@ -157,6 +162,14 @@ def kth_difference(baseline: np.ndarray, candidate: np.ndarray, k: int) -> float
     for step in range(200):
         if count_high - count_low <= ENUMERATE_PAIRS:
             break
+        if step % 3 == 0 and count_differences_below(baseline, candidate, high) < k:
+            # Heavy ties (integer ns from a fast loop: a few dozen distinct differences over
+            # 10^9 pairs) put millions of pairs exactly on `high`, which no bisection splits and
+            # listing them took minutes; fewer than k below it means the k-th is the tied value,
+            # read off a real pair (`high` may be a bisection point an ulp away from it).
+            firsts = np.searchsorted(candidate, baseline + high, side="left")
+            inside = firsts < n
+            return float((candidate[firsts[inside]] - baseline[inside]).min())
         if step % 3 == 2:
             fraction = 0.5
         else:

@@ -637,9 +637,61 @@ class CpusetSection(Section):
                            note="move housekeeping services into it (systemd: AllowedCPUs=, or cgexec)")]
 
 
+class CgroupCpuSection(Section):
+    """A CPU bandwidth limit on a cgroup: v1 cpu.cfs_quota_us (+ cpu.cfs_period_us), or v2
+    cpu.max where the host has no v1 cpu hierarchy. quota_us = -1 lifts the limit ("max" in v2).
+    The cgroup must exist: the item limits a workload's group, it never creates one."""
+
+    name = "cgroup_cpu"
+    keys = frozenset({"cgroup", "quota_us", "period_us"})
+
+    def validate(self, source, key, table, fields):
+        if not NAME_PATTERN.match(key):
+            raise source.error([self.name], key, "item name: use letters, digits, '.', '_' or '-'")
+        check_scalar(source, table, fields, "cgroup")
+        cgroup = str(fields["cgroup"]).strip("/")
+        if not cgroup or ".." in cgroup.split("/"):
+            raise source.error(table, "cgroup", "expected a cgroup path relative to its hierarchy, like trading/strategy")
+        # The kernel refuses quotas and periods under 1 ms (EINVAL), v1 and v2 alike.
+        for name in ("quota_us", "period_us"):
+            value = fields.get(name, 100_000 if name == "period_us" else None)
+            if isinstance(value, bool) or not isinstance(value, int) or not (
+                    value >= 1000 or (name == "quota_us" and value == -1)):
+                raise source.error(table, name, "expected an integer number of microseconds >= 1000"
+                                                + (" (-1 = no limit)" if name == "quota_us" else ""))
+
+    def plan(self, planner, spec):
+        cgroup = str(spec.fields["cgroup"]).strip("/")
+        quota, period = int(spec.fields["quota_us"]), spec.fields.get("period_us")
+        name = f"cgroup_cpu:{spec.key}"
+        if planner.host.exists("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"):
+            directory = f"/sys/fs/cgroup/cpu/{cgroup}"
+            actions = [(f"{directory}/cpu.cfs_period_us", str(period))] if period else []
+            actions.append((f"{directory}/cpu.cfs_quota_us", str(quota)))
+        elif "cpu" in planner.host.read_optional("/sys/fs/cgroup/cgroup.controllers").split():
+            directory = f"/sys/fs/cgroup/{cgroup}"
+            # Without period_us the group keeps its own period (cpu.max is "QUOTA PERIOD").
+            current_period = (planner.host.read_optional(f"{directory}/cpu.max").split() or ["", "100000"])[-1]
+            actions = [(f"{directory}/cpu.max", f"{'max' if quota < 0 else quota} {period or current_period}")]
+        else:
+            return [planner.plan_item(spec, item=name, kind="cgroup_cpu", target=str(quota), current=None,
+                                      compliant=None, source="none", note="no cgroup cpu controller mounted")]
+        if not planner.host.path(directory).is_dir():
+            raise BadInput(f"{spec.file}:{spec.line}: cgroup_cpu.{spec.key}.cgroup: {directory} does not exist")
+        for path, _ in actions:
+            planner.refuse_outside_kernel_filesystems(spec, path)
+        items = [planner.write_item(spec, name, "cgroup_cpu", path, value, "text", directory) for path, value in actions]
+        item = items[-1]
+        item.target = " ".join(value for _, value in actions)
+        item.current = " ".join(str(i.current) for i in items)
+        item.compliant = all(i.compliant for i in items)
+        item.actions = [] if item.compliant else [a for i in items for a in i.actions]
+        return [item]
+
+
 SECTIONS: dict[str, Section] = {section.name: section for section in (
     SysctlSection(), SysfsSection(), CpuGovernorSection(), IrqAffinitySection(), CmdlineSection(),
-    PmQosSection(), CpusetSection())}
+    PmQosSection(), CpusetSection(), CgroupCpuSection())}
 
 
 def build_plan(host: Host, profile: Profile) -> Plan:
