@@ -63,8 +63,11 @@ def test_verdicts_keep_bundle_and_a_pending_journal_refuses_the_next_run(tree, t
     before = snapshot(root)
     profile = write_profile(tmp_path, PROFILE)
     out = tmp_path / "bundle"
+    dataset = tmp_path / "dataset"
+    config = tmp_path / "agent.toml"
+    config.write_text(f'[dataset]\nroot = "{dataset}"\nspool_dir = "{tmp_path / "spool"}"\n')
     result = tune(root, state, *_experiment_args(profile, _workload(tmp_path, root), "--per-item", "--keep",
-                                                 "--json", "--out", str(out)))
+                                                 "--json", "--out", str(out), "--config", str(config)))
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     verdicts = {row["item"]: row for row in summary["items"]}
@@ -89,6 +92,13 @@ def test_verdicts_keep_bundle_and_a_pending_journal_refuses_the_next_run(tree, t
     impact = pq.read_table(out / "tuning_impact.parquet").to_pylist()
     assert {r["item"]: r["verdict"] for r in impact} == {k: v["verdict"] for k, v in verdicts.items()}
     assert impact[0]["value_before"] == "1" and impact[0]["value_after"] == "10"
+    # The rows join the fleet dataset (the agent config's [dataset]) and this host's ledger.
+    assert summary["published"] == f"published to {dataset}"
+    in_dataset = pq.ParquetDataset(dataset / "table=tuning_impact").read().to_pylist()
+    assert sorted(r["item"] for r in in_dataset) == sorted(verdicts)
+    from agent.tuning.ledger import last_effects
+
+    assert last_effects(state, impact[0]["host"])["vm.swappiness"]["verdict"] == "worsens"
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["tune_experiment"]["verdicts"]["vm.swappiness"] == "worsens"
     assert len(list((state / "decisions").glob("*.parquet"))) == 3

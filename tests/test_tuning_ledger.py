@@ -83,7 +83,7 @@ def test_a_damaged_ledger_is_named_not_overwritten(tmp_path):
 
 
 def test_the_bundle_rows_join_the_fleet_dataset_as_tuning_impact(tmp_path):
-    from agent.chaos.report import publish
+    from agent.fleet.publish import publish
 
     dataset = tmp_path / "dataset"
     config = parse_config(f'[dataset]\nroot = "{dataset}"\n', source="test")

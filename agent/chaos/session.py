@@ -59,7 +59,8 @@ def run_experiment(experiment_path: Path, *, out_dir: Path | None = None, enviro
                    progress: Callable[[str], None] = lambda message: None):
     """Run one experiment end to end; returns the runner's Outcome (bundle_dir, published set)."""
     from agent.chaos.experiment import check_environment
-    from agent.chaos.report import publish, record_decisions, write_bundle
+    from agent.chaos.report import record_decisions, write_bundle
+    from agent.fleet.publish import publish
     from agent.chaos.runner import ChaosRun, prepare_injectors
     from reports.bundle import new_run_id, validate_out_dir
 

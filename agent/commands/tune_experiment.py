@@ -45,7 +45,31 @@ def render(summary: dict) -> str:
         lines.append(f"Kept {', '.join(summary['kept'])} (journal {summary['kept_journal']}); "
                      "undo with `guardian-agent tune rollback`.")
     lines.append(f"Bundle: {summary['bundle']}")
+    if summary.get("published"):
+        lines.append(f"dataset: {summary['published']}")
     return "\n".join(lines)
+
+
+def publish_config(config_path: Path | None):
+    """The agent config whose dataset receives the run, or None: a host without an agent config
+    keeps its ledger in the tune state directory only (a test or a one-off run never writes into
+    a fleet dataset it did not name). A bad config is bad input, before anything changes."""
+    from agent.config import DEFAULT_CONFIG_PATH, load_config
+
+    if config_path is None and not DEFAULT_CONFIG_PATH.exists():
+        return None
+    return load_config(config_path)
+
+
+def publish_run(config, bundle_dir: Path, run_id: str) -> str:
+    from agent.fleet.publish import publish
+
+    if config is None:
+        return "not published (no agent config: --config)"
+    try:
+        return publish(bundle_dir, run_id, config)
+    except Exception as error:  # noqa: BLE001 - the bundle and the ledger are written; collect catches up
+        return f"not published: {error}"
 
 
 def experiment_options(function):
@@ -68,6 +92,10 @@ def experiment_options(function):
         click.option("--out", "out_dir", type=click.Path(path_type=Path),
                      help="Bundle directory (created; refused if not empty). Default STATE_DIR/experiments/<run_id>."),
         click.option("--json", "as_json", is_flag=True, help="Machine-readable output."),
+        click.option("--config", "config_path", type=click.Path(path_type=Path),
+                     help="Agent config whose [dataset] receives the tuning_impact rows "
+                          "(default /etc/guardian-agent/config.toml when it exists)."),
+        click.option("--no-publish", is_flag=True, help="Do not add the run to the fleet dataset."),
     ]
     for option in reversed(options):
         function = option(function)
@@ -75,7 +103,8 @@ def experiment_options(function):
 
 
 def run_experiment(host, profile, profile_dir, profile_vars, state_dir, workload_command, kpi_url, builtin,
-                   per_item, items, rounds, window_s, keep, gate_config, out_dir, as_json) -> int:
+                   per_item, items, rounds, window_s, keep, gate_config, out_dir, as_json,
+                   config_path=None, no_publish=False) -> int:
     from agent.commands.tune import _engine, _plan
     from agent.tuning import experiment as experiments
     from agent.tuning.experiment_report import record_decisions, write_bundle
@@ -88,6 +117,7 @@ def run_experiment(host, profile, profile_dir, profile_vars, state_dir, workload
         raise BadInput("--per-item and --items: give one of them")
     names = _item_names(items)
     settings = load_settings(gate_config)
+    agent_config = None if no_publish else publish_config(config_path)
     workload = make_workload(workload_command, kpi_url, builtin)
     plan = _plan(profile, profile_dir, profile_vars, host)
     chosen, skipped = experiments.choose_items(plan, per_item, names)
@@ -104,6 +134,7 @@ def run_experiment(host, profile, profile_dir, profile_vars, state_dir, workload
         experiment.keep_improving()
     record_decisions(outcome, settings, engine.state.path)
     summary = write_bundle(outcome, out_dir, host, engine.state.path, started_at)
+    summary["published"] = publish_run(agent_config, out_dir, run_id)
     click.echo(json.dumps(summary, indent=2, default=str) if as_json else render(summary))
     if all(item.verdict == "inconclusive" for item in outcome.measured):
         return EXIT_INCONCLUSIVE
