@@ -391,7 +391,8 @@ class DurationAggregator:
                 result[name][small] = found[name]
         if (~small).any():
             keys, (counts,) = self.histogram.keys, self.histogram.columns
-            found = grouped_percentiles_us(keys // BUCKET_SPACE, bucket_middle_us(keys % BUCKET_SPACE), counts,
+            found = grouped_percentiles_us(keys // BUCKET_SPACE,
+                                           lambda rows: bucket_middle_us(keys[rows] % BUCKET_SPACE), counts,
                                            slots[~small], calls[~small])
             for name in result:
                 result[name][~small] = found[name]

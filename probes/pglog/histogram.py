@@ -59,16 +59,18 @@ def nearest_ranks(calls: np.ndarray, fraction: float) -> np.ndarray:
     return np.maximum(1, np.ceil(fraction * calls - 1e-9)).astype(np.int64)
 
 
-def grouped_percentiles_us(group_of_row: np.ndarray, values: np.ndarray, counts: np.ndarray,
+def grouped_percentiles_us(group_of_row: np.ndarray, values, counts: np.ndarray,
                            groups: np.ndarray, calls: np.ndarray) -> dict[str, np.ndarray]:
     """Nearest-rank percentiles per group from rows sorted by (group, value), each row a value
     seen `counts` times: for every name in PERCENTILES, the value per entry of `groups` (which
-    must all appear, with `calls` = their total count)."""
+    must all appear, with `calls` = their total count). `values` is an array, or a function from
+    row positions to values (so a histogram's bucket middles are computed only where needed)."""
     cumulative = np.cumsum(counts)
     group_start = np.searchsorted(group_of_row, groups, side="left")
     before = np.where(group_start > 0, cumulative[np.maximum(group_start - 1, 0)], 0)
+    value_at = values if callable(values) else values.__getitem__
     result = {}
     for name, fraction in PERCENTILES:
         position = np.searchsorted(cumulative, before + nearest_ranks(calls, fraction), side="left")
-        result[name] = values[np.minimum(position, len(values) - 1)]
+        result[name] = value_at(np.minimum(position, len(cumulative) - 1))
     return result
