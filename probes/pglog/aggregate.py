@@ -348,7 +348,9 @@ class DurationAggregator:
             width = self.minute_width
             self.minute_cells.compact(lambda keys: (keys & ~_MINUTE_MASK) | ((keys & _MINUTE_MASK) // width * width))
         active = np.flatnonzero(self.calls[1:self._size] > 0) + 1
-        active = active[active != OTHER_SLOT]
+        # Plans of fingerprints that also have statement entries are dropped at the end: they
+        # neither count toward the cap nor fold (their calls would count twice in "other").
+        active = active[~((active % 2 == 1) & self.seen[active - 1])]
         if len(active) > self.max_fingerprints:
             self._fold(active)
 
