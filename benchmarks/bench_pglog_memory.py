@@ -9,10 +9,11 @@ process (start-up, reading, the bundle; --no-html) whose peak RSS comes from wai
 12 (`--prefix '%m [%p] %q%u@%d '`, one job) runs on the three 100 MB files only (at 2-3 MB/s the
 1.6 GB log alone would take ~10 minutes).
 
-    python benchmarks/bench_pglog_memory.py [--baseline CHECKOUT] [--quick]
+    python benchmarks/bench_pglog_memory.py [--baseline CHECKOUT] [--quick] [--part sizes|shapes]
 
 --baseline runs the same files through another checkout (e.g. main before this change) so the
-"before" column is measured in the same run. Writes benchmarks/results/pglog_memory.json.
+"before" column is measured in the same run. Writes benchmarks/results/pglog_memory.json (or
+pglog_memory.<part>.json), after every row, so a run stopped early keeps what it measured.
 """
 
 from __future__ import annotations
@@ -98,6 +99,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", type=Path, help="another checkout to measure on the same files (before)")
     parser.add_argument("--quick", action="store_true", help="sizes 100 and 400 MB only, no pgBadger")
+    parser.add_argument("--part", choices=("sizes", "shapes"), help="only the size curve or the shape curve")
     arguments = parser.parse_args()
     if not PGBADGER:
         print("bench_pglog_memory: pgbadger not installed (apt-get install pgbadger): its column is left out",
@@ -107,45 +109,57 @@ def main() -> int:
     started = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="bench-pglog-memory-"))
     rows = []
+    output = RESULTS / (f"pglog_memory.{arguments.part}.json" if arguments.part else "pglog_memory.json")
+
+    def record(row: dict) -> None:
+        rows.append(row)
+        write_summary(output, arguments, rows, started)
+
     try:
         largest = work / f"shapes2000_{sizes[-1]}mb.log"
-        generated = write_log(largest, sizes[-1] * 1_000_000, 2000)
-        print(f"generated {generated['bytes'] / 1e6:.0f} MB ({generated['entries']:,} entries, "
-              f"{generated['minutes']:,} minutes) in {time.monotonic() - started:.0f} s", flush=True)
+        if arguments.part == "shapes":
+            sizes = ()
+        generated = None if not sizes else write_log(largest, sizes[-1] * 1_000_000, 2000)
+        if generated:
+            print(f"generated {generated['bytes'] / 1e6:.0f} MB ({generated['entries']:,} entries, "
+                  f"{generated['minutes']:,} minutes) in {time.monotonic() - started:.0f} s", flush=True)
         for size in sizes:
             log = largest if size == sizes[-1] else work / f"shapes2000_{size}mb.log"
             if log != largest:
                 cut_prefix(largest, log, size * 1_000_000)
-            rows.append(measure(f"{size} MB, 2,000 shapes", log, work, arguments.baseline,
-                                with_pgbadger=size == 100 and not arguments.quick))
+            record(measure(f"{size} MB, 2,000 shapes", log, work, arguments.baseline,
+                           with_pgbadger=size == 100 and not arguments.quick))
             if log != largest:
                 log.unlink()
-        largest.unlink()
-        for shapes in SHAPES:
-            if shapes == 2000:
+        largest.unlink(missing_ok=True)
+        for shapes in SHAPES if arguments.part != "sizes" else ():
+            if shapes == 2000:  # the 100 MB row of the size curve
                 continue
             log = work / f"shapes{shapes}_100mb.log"
             write_log(log, 100_000_000, shapes)
-            rows.append(measure(f"100 MB, {shapes:,} shapes", log, work, arguments.baseline,
-                                with_pgbadger=not arguments.quick))
+            record(measure(f"100 MB, {shapes:,} shapes", log, work, arguments.baseline,
+                           with_pgbadger=not arguments.quick))
             log.unlink()
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    print(f"-> {output} ({time.monotonic() - started:.0f} s)")
+    return 0
+
+
+def write_summary(output: Path, arguments, rows: list[dict], started: float) -> None:
     summary = {
         "area": "pglog_memory",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "kernel": platform.release(), "python": platform.python_version(),
-                    "load_average_at_end": os.getloadavg()},
+                    "load_average": os.getloadavg()},
         "baseline": str(arguments.baseline) if arguments.baseline else None,
         "pgbadger": subprocess.run([PGBADGER, "--version"], capture_output=True, text=True).stdout.strip()
         if PGBADGER else None,
         "rows": rows,
         "seconds": time.monotonic() - started,
     }
-    (RESULTS / "pglog_memory.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"-> {RESULTS / 'pglog_memory.json'} ({summary['seconds']:.0f} s)")
-    return 0
+    output.write_text(json.dumps(summary, indent=2) + "\n")
 
 
 if __name__ == "__main__":
