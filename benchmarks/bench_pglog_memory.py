@@ -66,8 +66,9 @@ def pg_log_run(checkout: Path, log: Path, work: Path) -> dict:
 
 
 def pgbadger_run(log: Path, work: Path) -> dict:
-    seconds, rss = timed_peak_rss([PGBADGER, "--quiet", "--prefix", PREFIX_FORMAT, "-o", str(work / "pgbadger.html"),
-                                   str(log)])
+    # Its own pid directory: pgBadger refuses to start while another run's /tmp/pgbadger.pid exists.
+    seconds, rss = timed_peak_rss([PGBADGER, "--quiet", "--pid-dir", str(work), "--prefix", PREFIX_FORMAT,
+                                   "-o", str(work / "pgbadger.html"), str(log)])
     return {"seconds": seconds, "peak_rss_bytes": rss, "mb_per_s": log.stat().st_size / 1e6 / seconds}
 
 

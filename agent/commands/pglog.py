@@ -38,9 +38,10 @@ def pg_log(obj, files, out_dir, log_format, prefix, keep_literals, top_count, ma
     bz2 or zstd; FILE `-` reads standard input.
 
     \b
-    Writes pg_queries, pg_query_minutes, pg_log_errors and findings. Lines that could not be used are
-    counted in pg_log_errors (never silently dropped); literals never reach the bundle unless
-    --keep-literals. Exit 0 done, 1 failed, 2 bad input.
+    Writes pg_queries, pg_query_minutes, pg_log_errors (and findings when a cap was reached).
+    Lines that could not be used are counted in pg_log_errors (never silently dropped); literals
+    never reach the bundle unless --keep-literals. Memory stays flat in the log's size: state is
+    kept per fingerprint only. Exit 0 done, 1 failed, 2 bad input.
     """
     from reports.bundle import validate_out_dir
 
