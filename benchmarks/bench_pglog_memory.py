@@ -42,14 +42,24 @@ SIZES_MB = (100, 400, 1600)
 SHAPES = (20, 2000, 200_000)
 
 
+# Linux carries the parent's peak RSS into a forked (or vforked) child's ru_maxrss across exec,
+# so a child started from this process (which held log data) would report at least that. A
+# small launcher (a fresh Python, ~10 MB) starts the command and reports its children's peak.
+_LAUNCHER = ("import resource, subprocess, sys; "
+             "code = subprocess.call(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); "
+             "print(code, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+
+
 def timed_peak_rss(command: list[str], env: dict | None = None, cwd: Path = PROJECT) -> tuple[float, int]:
     """(wall seconds, peak RSS bytes) of one whole process."""
     started = time.monotonic()
-    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _, status, usage = os.wait4(process.pid, 0)
+    result = subprocess.run([sys.executable, "-c", _LAUNCHER, *command], cwd=cwd, env=env,
+                            capture_output=True, text=True, check=True)
+    seconds = time.monotonic() - started
+    status, maxrss_kib = (int(field) for field in result.stdout.split())
     if status != 0:
         raise RuntimeError(f"{' '.join(command[:5])} ... failed with status {status}")
-    return time.monotonic() - started, usage.ru_maxrss * 1024
+    return seconds, maxrss_kib * 1024
 
 
 def pg_log_run(checkout: Path, log: Path, work: Path) -> dict:
@@ -73,10 +83,17 @@ def pgbadger_run(log: Path, work: Path) -> dict:
 
 
 def cut_prefix(source: Path, target: Path, size_bytes: int) -> None:
-    """The first size_bytes of source, ending at a line end."""
+    """The first size_bytes of source, ending at a line end (copied in 8 MB pieces)."""
     with open(source, "rb") as reader, open(target, "wb") as writer:
-        data = reader.read(size_bytes)
-        writer.write(data[: data.rfind(b"\n") + 1])
+        left = size_bytes
+        while left > 0:
+            piece = reader.read(min(left, 8 << 20))
+            if not piece:
+                break
+            left -= len(piece)
+            if left <= 0:
+                piece = piece[: piece.rfind(b"\n") + 1]
+            writer.write(piece)
 
 
 def measure(name: str, log: Path, work: Path, baseline: Path | None, with_pgbadger: bool) -> dict:
@@ -101,6 +118,7 @@ def main() -> int:
     parser.add_argument("--baseline", type=Path, help="another checkout to measure on the same files (before)")
     parser.add_argument("--quick", action="store_true", help="sizes 100 and 400 MB only, no pgBadger")
     parser.add_argument("--part", choices=("sizes", "shapes"), help="only the size curve or the shape curve")
+    parser.add_argument("--no-pgbadger", action="store_true", help="leave pgBadger out (it takes ~45 s per 100 MB)")
     arguments = parser.parse_args()
     if not PGBADGER:
         print("bench_pglog_memory: pgbadger not installed (apt-get install pgbadger): its column is left out",
@@ -129,7 +147,7 @@ def main() -> int:
             if log != largest:
                 cut_prefix(largest, log, size * 1_000_000)
             record(measure(f"{size} MB, 2,000 shapes", log, work, arguments.baseline,
-                           with_pgbadger=size == 100 and not arguments.quick))
+                           with_pgbadger=size == 100 and not (arguments.quick or arguments.no_pgbadger)))
             if log != largest:
                 log.unlink()
         largest.unlink(missing_ok=True)
@@ -139,7 +157,7 @@ def main() -> int:
             log = work / f"shapes{shapes}_100mb.log"
             write_log(log, 100_000_000, shapes)
             record(measure(f"100 MB, {shapes:,} shapes", log, work, arguments.baseline,
-                           with_pgbadger=not arguments.quick))
+                           with_pgbadger=not (arguments.quick or arguments.no_pgbadger)))
             log.unlink()
     finally:
         shutil.rmtree(work, ignore_errors=True)
