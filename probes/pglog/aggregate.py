@@ -180,15 +180,19 @@ def _group_starts(sorted_keys: np.ndarray) -> np.ndarray:
     return np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
 
 
-def reduce_by_key(keys: np.ndarray, columns: list[np.ndarray], reducers: tuple[str, ...]):
+def reduce_by_key(keys: np.ndarray, columns: list[np.ndarray], reducers: tuple[str, ...],
+                  already_sorted: bool = False):
     """(unique sorted keys, each column reduced per key with 'sum' or 'max')."""
     if len(keys) == 0:
         return keys, columns
-    order = np.argsort(keys, kind="stable")
-    ordered = keys[order]
+    if already_sorted:  # no sort, no gathered copies
+        ordered, gathered = keys, columns
+    else:
+        order = np.argsort(keys, kind="stable")
+        ordered, gathered = keys[order], [column[order] for column in columns]
     starts = _group_starts(ordered)
-    reduced = [(np.add if reducer == "sum" else np.maximum).reduceat(column[order], starts)
-               for column, reducer in zip(columns, reducers)]
+    reduced = [(np.add if reducer == "sum" else np.maximum).reduceat(column, starts)
+               for column, reducer in zip(gathered, reducers)]
     return ordered[starts], reduced
 
 
@@ -215,13 +219,16 @@ class SparseCells:
     def due(self) -> bool:
         return self.pending_rows >= max(1 << 19, len(self.keys) // 2)
 
-    def compact(self, remap=None) -> None:
-        """Merge pending blocks into the state; `remap` rewrites every key first."""
-        if remap is not None:
-            self._merge_pending()
-            self.keys, self.columns = reduce_by_key(remap(self.keys), self.columns, self.reducers)
-            return
+    def compact(self, remap=None, keeps_order: bool = False) -> None:
+        """Merge pending blocks into the state; `remap` rewrites every key first (`keeps_order`:
+        it never reorders keys, as widening the minutes does, so no sort is needed)."""
         self._merge_pending()
+        if remap is not None:
+            self.keys, self.columns = reduce_by_key(remap(self.keys), self.columns, self.reducers,
+                                                    already_sorted=keeps_order)
+
+    def release(self) -> None:
+        self.keys, self.columns = np.empty(0, np.int64), [np.empty(0, np.int64) for _ in self.reducers]
 
     def _merge_pending(self) -> None:
         """Pending cells into the sorted state in place: matching keys are updated where they
@@ -346,7 +353,8 @@ class DurationAggregator:
         while self.minute_cells.rows > self.max_minute_cells and self.width_index + 1 < len(MINUTE_WIDTHS):
             self.width_index += 1
             width = self.minute_width
-            self.minute_cells.compact(lambda keys: (keys & ~_MINUTE_MASK) | ((keys & _MINUTE_MASK) // width * width))
+            self.minute_cells.compact(lambda keys: (keys & ~_MINUTE_MASK) | ((keys & _MINUTE_MASK) // width * width),
+                                      keeps_order=True)
         active = np.flatnonzero(self.calls[1:self._size] > 0) + 1
         # Plans of fingerprints that also have statement entries are dropped at the end: they
         # neither count toward the cap nor fold (their calls would count twice in "other").
@@ -432,7 +440,13 @@ class DurationAggregator:
         }
         queries_table = pa.table(columns, schema=PG_QUERIES_SCHEMA)
         queries_table = queries_table.take(pc.sort_indices(queries_table, [("total_ms", "descending")]))
-        return queries_table, self._minute_table(shadowed, dict(zip(slots.tolist(), names)))
+        # The histogram is done with: free it before the minute table is built (the finish is
+        # the run's peak otherwise).
+        self.histogram.release()
+        self.raw_slots, self.raw_us = [], []
+        minute_table = self._minute_table(shadowed, dict(zip(slots.tolist(), names)))
+        self.minute_cells.release()
+        return queries_table, minute_table
 
     def _labels(self, slots: np.ndarray, cache: FingerprintCache):
         names, queries, parsed, examples = [], [], [], []
@@ -455,15 +469,19 @@ class DurationAggregator:
         keys = self.minute_cells.keys
         calls, sum_us, max_us = self.minute_cells.columns
         slot = keys >> _MINUTE_BITS
-        kept = np.flatnonzero(~shadowed[slot])
-        slot, keys = slot[kept], keys[kept]
-        total_ms = sum_us[kept] / 1000.0
-        unique_slots, inverse = np.unique(slot, return_inverse=True)
-        names = pa.array([name_of_slot[int(s)] for s in unique_slots], pa.string())
+        kept = ~shadowed[slot]
+        if not kept.all():
+            slot, keys, calls, sum_us, max_us = (array[kept] for array in (slot, keys, calls, sum_us, max_us))
+        # Keys are sorted by slot: each slot's rows are one run, named once.
+        starts = _group_starts(slot) if len(slot) else np.empty(0, np.int64)
+        run_index = np.zeros(len(slot), np.int32)
+        run_index[starts[1:]] = 1
+        names = pa.array([name_of_slot[int(s)] for s in slot[starts]], pa.string())
+        total_ms = sum_us / 1000.0
         return pa.table({
-            "fingerprint": names.take(pa.array(inverse.reshape(-1))),
+            "fingerprint": names.take(pa.array(np.cumsum(run_index, dtype=np.int32))),
             "minute": pa.array((keys & _MINUTE_MASK) * 60, pa.int64()).cast(pa.timestamp("s", tz="UTC")),
-            "calls": calls[kept], "total_ms": total_ms, "mean_ms": total_ms / calls[kept],
-            "max_ms": max_us[kept] / 1000.0,
-            "bucket_s": np.full(len(kept), self.minute_width * 60, np.int32),
+            "calls": calls, "total_ms": total_ms, "mean_ms": total_ms / calls,
+            "max_ms": max_us / 1000.0,
+            "bucket_s": np.full(len(slot), self.minute_width * 60, np.int32),
         }, schema=PG_QUERY_MINUTES_SCHEMA)
