@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from probes.pglog import analyse_logs, plan_query_text
-from probes.pglog.aggregate import duration_buckets_us, zone_offset_s
+from probes.pglog.aggregate import zone_offset_s
 from probes.pglog.fingerprint import FingerprintCache, fingerprint_statement
 from probes.pglog.prefix import detect_prefix, infer_prefix, prefix_to_pattern
 from reports.bundle import Bundle
@@ -232,10 +232,15 @@ def test_percentiles_are_per_execution_at_microsecond_resolution(tmp_path):
 def test_duration_buckets_bounded_error():
     import numpy as np
 
-    values = np.array([1, 99_999, 100_000, 123_456, 9_876_543, 1_234_567_890], dtype=np.int64)
-    buckets = duration_buckets_us(values)
-    assert buckets[0] == 1 and buckets[1] == 99_999
-    assert np.all(buckets <= values) and np.all((values - buckets) / values < 1e-3)
+    from probes.pglog.histogram import BUCKET_SPACE, bucket_index, bucket_low_us, bucket_middle_us
+
+    values = np.r_[np.arange(0, 70_000), np.random.default_rng(3).integers(0, 2 ** 50, 200_000), 2 ** 53 - 1]
+    index = bucket_index(values)
+    low, middle = bucket_low_us(index), bucket_middle_us(index)
+    assert np.all(index[values < 1024] == values[values < 1024])           # exact below 1.024 ms
+    assert np.all(low <= values) and np.all(middle >= low)
+    assert np.all(np.abs(middle - values)[values > 0] / values[values > 0] <= 1 / 1024)
+    assert np.all(np.diff(bucket_index(np.arange(0, 300_000))) >= 0) and index.max() < BUCKET_SPACE
 
 
 def test_fingerprints_join_pg_stat_statements_text():

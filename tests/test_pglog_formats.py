@@ -113,3 +113,52 @@ def test_other_json_objects_exit_2_with_one_line(tmp_path, agent_cli):
     assert "neither PostgreSQL's jsonlog nor CloudNativePG" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+# Syslog and Heroku logplex lines whose server prefix has no time: the same six statements as
+# STDERR_LOG (pids 100-105, seconds 0-5 of 10:00 UTC), each message's first line carrying the
+# header's time and pid, one two-line statement continued as [n-2] with '#011'.
+def _syslog_lines(header) -> str:
+    lines = []
+    for i in range(6):
+        lines.append(f"{header(i)}[{i + 1}-1] LOG:  duration: {i + 1}.500 ms  statement: SELECT * FROM t")
+        lines.append(f"{header(i)}[{i + 1}-2] #011WHERE a = {i}")
+    return "\n".join(lines) + "\n"
+
+
+def _heroku_lines(header) -> str:
+    return "".join(f"{header(i)}[{i + 1}-1] sql_error_code = 00000 LOG:  duration: {i + 1}.500 ms  "
+                   f"statement: SELECT * FROM t WHERE a = {i}\n" for i in range(6))
+
+
+SYSLOG_WITHOUT_SERVER_TIME = {
+    "bsd": _syslog_lines(lambda i: f"Dec  1 10:00:0{i} db1 postgres[{100 + i}]: "),
+    "rfc3339": _syslog_lines(lambda i: f"2026-12-01T11:00:0{i}.123456+01:00 db1 postgres[{100 + i}]: "),
+    "heroku-drain": "".join(
+        f"{len(line)} {line}\n" for line in _heroku_lines(
+            lambda i: f"<134>1 2026-12-01T10:00:0{i}.5+00:00 host app postgres.{100 + i} - ").splitlines()),
+    "heroku-logs": _heroku_lines(lambda i: f"2026-12-01T10:00:0{i}+00:00 app[postgres.{100 + i}]: [DATABASE] "),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SYSLOG_WITHOUT_SERVER_TIME))
+def test_syslog_and_heroku_without_server_time_take_the_syslog_time(tmp_path, name):
+    import os
+
+    from probes.pglog import analyse_logs
+
+    log = tmp_path / "messages"
+    log.write_text(SYSLOG_WITHOUT_SERVER_TIME[name])
+    os.utime(log, (1796212800, 1796212800))   # 2026-12-01: the year a BSD header lacks
+    notes = []
+    analysis = analyse_logs([log], announce=notes.append)
+    assert analysis.files[0].format == "syslog"
+    assert analysis.errors.num_rows == 0, analysis.errors.to_pylist()
+    rows = analysis.queries.to_pylist()
+    assert len(rows) == 1 and rows[0]["calls"] == 6, rows
+    assert rows[0]["total_ms"] == pytest.approx(sum(i + 1.5 for i in range(6)))
+    assert rows[0]["query"] == "SELECT * FROM t WHERE a = $1"
+    minutes = analysis.minutes.to_pylist()
+    assert [(m["minute"].isoformat(), m["calls"]) for m in minutes] == [("2026-12-01T10:00:00+00:00", 6)]
+    assert any("syslog time" in note for note in notes), notes
+    assert ("no year" in analysis.files[0].note) == (name == "bsd")

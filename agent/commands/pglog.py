@@ -23,22 +23,35 @@ from core.errors import BadInput
               help="Keep one example statement with its literals per fingerprint (sensitive!).")
 @click.option("--top", "top_count", type=int, default=10, show_default=True,
               help="Fingerprints printed in the summary.")
+@click.option("--max-fingerprints", type=int,
+              help="Distinct fingerprints kept (default 100,000); beyond it the rarest fold into an "
+                   "'other' row, and a finding says how many.")
+@click.option("--max-minute-cells", type=int,
+              help="Fingerprint x minute cells of pg_query_minutes (default 1,000,000); beyond it the "
+                   "series' buckets widen (2, 5, 10, 15, 30, 60 ... minutes).")
 @NO_HTML_OPTION
 @click.pass_obj
-def pg_log(obj, files, out_dir, log_format, prefix, keep_literals, top_count, no_html=False) -> int:
+def pg_log(obj, files, out_dir, log_format, prefix, keep_literals, top_count, max_fingerprints=None,
+           max_minute_cells=None, no_html=False) -> int:
     """Slow-query log analysis: per-fingerprint calls, total and p50/p99/p99.9/max at microsecond
     resolution from stderr (any log_line_prefix), syslog, csvlog or jsonlog files, plain, gzip,
     bz2 or zstd; FILE `-` reads standard input.
 
     \b
-    Writes pg_queries, pg_query_minutes and pg_log_errors. Lines that could not be used are
-    counted in pg_log_errors (never silently dropped); literals never reach the bundle unless
-    --keep-literals. Exit 0 done, 1 failed, 2 bad input.
+    Writes pg_queries, pg_query_minutes, pg_log_errors (and findings when a cap was reached).
+    Lines that could not be used are counted in pg_log_errors (never silently dropped); literals
+    never reach the bundle unless --keep-literals. Memory stays flat in the log's size: state is
+    kept per fingerprint only. Exit 0 done, 1 failed, 2 bad input.
     """
     from reports.bundle import validate_out_dir
 
     if top_count < 0:
         raise BadInput(f"--top must be >= 0, not {top_count}")
+    caps = {name: value for name, value in (("max_fingerprints", max_fingerprints),
+                                             ("max_minute_cells", max_minute_cells)) if value is not None}
+    for name, value in caps.items():
+        if value < 1:
+            raise BadInput(f"--{name.replace('_', '-')} must be at least 1, not {value}")
     if sum(str(path) == "-" for path in files) > 1:
         raise BadInput("- (standard input) can be given once")
     check_files([path for path in files if str(path) != "-"])
@@ -47,7 +60,8 @@ def pg_log(obj, files, out_dir, log_format, prefix, keep_literals, top_count, no
     validate_out_dir(out_dir)
     with tempfile.TemporaryDirectory(prefix="guardian-pglog-stdin-") as spool_dir:
         files = [spool_stdin(Path(spool_dir)) if str(path) == "-" else path for path in files]
-        return _pg_log(obj, files, out_dir, log_format, prefix, keep_literals, top_count, no_html)
+        return _pg_log(obj, files, out_dir, log_format, prefix, keep_literals, top_count, no_html,
+                       caps)
 
 
 def check_files(files) -> None:
@@ -71,9 +85,10 @@ def spool_stdin(spool_dir: Path) -> Path:
     return path
 
 
-def _pg_log(obj, files, out_dir, log_format, prefix, keep_literals, top_count, no_html: bool) -> int:
+def _pg_log(obj, files, out_dir, log_format, prefix, keep_literals, top_count, no_html: bool, caps: dict) -> int:
     from core.host import Host
-    from probes.pglog import analyse_logs
+    from probes.base import findings_table
+    from probes.pglog import analyse_logs, capacity_findings
     from reports.bundle import BundleWriter
 
     refuse_foreign_language(files)
@@ -84,7 +99,7 @@ def _pg_log(obj, files, out_dir, log_format, prefix, keep_literals, top_count, n
     started = time.monotonic()
     analysis = analyse_logs(list(files), log_format=log_format, prefix=prefix,
                             keep_literals=keep_literals, progress=terminal_progress("pg-log"),
-                            announce=lambda message: click.echo(message, err=True))
+                            announce=lambda message: click.echo(message, err=True), **caps)
     seconds = time.monotonic() - started
     writer = BundleWriter(out_dir, host=Host.real())
     counts = {
@@ -92,6 +107,9 @@ def _pg_log(obj, files, out_dir, log_format, prefix, keep_literals, top_count, n
         "pg_query_minutes": writer.write_table("pg_query_minutes", analysis.minutes, "pg-log"),
         "pg_log_errors": writer.write_table("pg_log_errors", analysis.errors, "pg-log"),
     }
+    findings = capacity_findings(analysis)
+    if findings:
+        counts["findings"] = writer.write_table("findings", findings_table(findings), "pg-log")
     from reports.bundle import ProbeRecord
 
     writer.add_probe(ProbeRecord("pg-log", "ok", "", counts, seconds))
@@ -122,6 +140,8 @@ def _pg_log(obj, files, out_dir, log_format, prefix, keep_literals, top_count, n
         click.echo(f"  time zone(s) {', '.join(analysis.unknown_zones)} not in the tz database or ambiguous: "
                    "their times are taken as UTC (said in the manifest as unknown_zones_assumed_utc); "
                    "set log_timezone = 'UTC' or use %z offsets", err=True)
+    for row in findings:
+        click.echo(f"  {row['severity']}: {row['message']}", err=True)
     if analysis.durations_counted == 0:
         click.echo("  no statement durations found: is log_min_duration_statement set (0 logs every "
                    "statement, N logs those slower than N ms)?", err=True)

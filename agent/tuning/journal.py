@@ -83,8 +83,13 @@ class JournalState:
 def read_journal(path: Path) -> JournalState:
     contents = read_journal_records(path)
     if contents.corrupt_lines:
-        raise WorkFailed(f"journal {path}: record {contents.corrupt_lines[0]} is corrupt; "
-                         "inspect it by hand before removing it")
+        # A line that is no record at all, before the end, is not a write cut short (that can
+        # only be the tail, which core/journal.py already sets aside): someone edited or damaged
+        # the file. Which values it held is unknown, so nothing is guessed: bad input, with the
+        # place to look.
+        raise BadInput(f"journal {path}:{contents.corrupt_lines[0]}: this line is not a journal "
+                       "record (the file was edited or damaged); inspect it by hand, nothing was "
+                       "rolled back or applied")
     records = contents.records
     if not records or records[0].get("op") != "begin":
         raise WorkFailed(f"journal {path}: no begin record (the apply died before it started); "
@@ -125,7 +130,8 @@ class StateDir:
         through it: it is removed here instead of blocking apply, rollback and status."""
         if not self.journal_path.exists():
             return None
-        if read_journal_records(self.journal_path).empty:
+        contents = read_journal_records(self.journal_path)
+        if contents.empty and not contents.corrupt_lines:
             self.journal_path.unlink(missing_ok=True)
             fsync_dir(self.path)
             return None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from datetime import datetime, timezone
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -21,9 +22,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from core.errors import BadInput
-from probes.pglog.aggregate import (COUNTED_KINDS, PG_LOG_ERRORS_SCHEMA, PG_QUERIES_SCHEMA,
-                                   PG_QUERY_MINUTES_SCHEMA, SOURCE_PLAN, SOURCE_STATEMENT,
-                                   DurationAggregator, MinuteResolver)
+from probes.pglog.aggregate import (COUNTED_KINDS, DEFAULT_MAX_FINGERPRINTS, DEFAULT_MAX_MINUTE_CELLS,
+                                   PG_LOG_ERRORS_SCHEMA, PG_QUERIES_SCHEMA, PG_QUERY_MINUTES_SCHEMA,
+                                   SOURCE_PLAN, SOURCE_STATEMENT, DurationAggregator, MinuteResolver)
 from probes.pglog.fastpath import FastPath, fast_path_layout
 from probes.pglog.fingerprint import FingerprintCache
 from probes.pglog.pairing import DurationPairer
@@ -33,7 +34,7 @@ from probes.pglog.readers import (BLOCK_BYTES, ParseProblems, csv_entry_batches,
 
 FORMATS = ("auto", "stderr", "syslog", "csv", "json")
 
-__all__ = ["analyse_logs", "LogAnalysis", "FORMATS", "PG_QUERIES_SCHEMA", "PG_QUERY_MINUTES_SCHEMA",
+__all__ = ["analyse_logs", "capacity_findings", "LogAnalysis", "FORMATS", "PG_QUERIES_SCHEMA", "PG_QUERY_MINUTES_SCHEMA",
            "PG_LOG_ERRORS_SCHEMA", "plan_query_text"]
 
 
@@ -47,6 +48,7 @@ class FileSummary:
     bytes_read: int
     entries: int
     problems: ParseProblems
+    note: str = ""
 
 
 @dataclass
@@ -61,19 +63,27 @@ class LogAnalysis:
     parser_calls: int = 0
     unknown_zones: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    max_fingerprints: int = DEFAULT_MAX_FINGERPRINTS
+    folded_shapes: int = 0
+    folded_executions: int = 0
+    minute_bucket_s: int = 60
 
     def summary(self) -> dict:
         return {
             "files": [{"path": f.path, "format": f.format, "compression": f.compression,
                        "prefix": f.prefix, "prefix_match_pct": None if f.prefix_match_fraction is None
                        else round(100 * f.prefix_match_fraction, 1), "bytes": f.bytes_read,
-                       "entries": f.entries} for f in self.files],
+                       "entries": f.entries, **({"note": f.note} if f.note else {})} for f in self.files],
             "durations_counted": self.durations_counted,
             "bind_parse_phases_skipped": self.bind_parse_phases,
             "durations_paired_with_statement_lines": self.paired_durations,
             "fingerprints": self.queries.num_rows,
             "parser_calls": self.parser_calls,
             "unknown_zones_assumed_utc": self.unknown_zones,
+            "max_fingerprints": self.max_fingerprints,
+            "folded_shapes": self.folded_shapes,
+            "folded_executions": self.folded_executions,
+            "minute_bucket_s": self.minute_bucket_s,
             "seconds": round(self.seconds, 3),
         }
 
@@ -104,9 +114,11 @@ def plan_query_text(plan: str) -> str | None:
 
 
 class _Analyser:
-    def __init__(self, keep_literals: bool, progress: Callable[[int, int], None] | None):
+    def __init__(self, keep_literals: bool, progress: Callable[[int, int], None] | None,
+                 max_fingerprints: int = DEFAULT_MAX_FINGERPRINTS,
+                 max_minute_cells: int = DEFAULT_MAX_MINUTE_CELLS):
         self.cache = FingerprintCache(keep_literals=keep_literals)
-        self.aggregator = DurationAggregator()
+        self.aggregator = DurationAggregator(max_fingerprints, max_minute_cells)
         self.minutes = MinuteResolver()
         self.keep_literals = keep_literals
         self.progress = progress
@@ -203,7 +215,8 @@ class _Analyser:
 def _read_file(analyser: _Analyser, path: Path, log_format: str, prefix: str | None,
                problems: ParseProblems, announce: Callable[[str], None],
                block_bytes: int = BLOCK_BYTES, fast: bool = True) -> FileSummary:
-    from probes.pglog.readers import SyslogAsStderr, compression_of, syslog_to_stderr
+    from probes.pglog.readers import (TIMED_PREFIX, SyslogAsStderr, SyslogTimes, compression_of,
+                                      server_prefix_has_time, syslog_to_stderr)
 
     if not path.exists():
         raise BadInput(f"{path}: no such file")
@@ -215,12 +228,27 @@ def _read_file(analyser: _Analyser, path: Path, log_format: str, prefix: str | N
     used_prefix, fraction = None, None
     stream, raw = open_stream(path)
     entries_seen = 0
+    note = ""
     pairer = DurationPairer()
     try:
         if chosen == "syslog":
             # The server's own lines are inside the syslog ones: read them as a stderr log.
-            head = syslog_to_stderr(head[:head.rfind(b"\n") + 1])
-            stream = SyslogAsStderr(stream)
+            whole_lines = head[:head.rfind(b"\n") + 1]
+            if server_prefix_has_time(whole_lines):
+                head = syslog_to_stderr(whole_lines)
+                stream = SyslogAsStderr(stream)
+            else:
+                # The usual syslog setup (and Heroku's): no time in log_line_prefix, so each
+                # message takes the syslog header's time and pid, as if logged with '%m [%p] '.
+                modified = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)
+                times = SyslogTimes(modified.year, modified.month)
+                head = times.convert(whole_lines)
+                stream = SyslogAsStderr(stream, times.convert)
+                if prefix is not None and not re.search(r"%[mtn]", prefix.replace("%%", "")):
+                    prefix = TIMED_PREFIX + prefix
+                note = "the server's log_line_prefix has no time: each message takes its syslog time and pid"
+                note += f" ({times.note})" if times.note else ""
+                announce(f"{path}: {note}")
         if chosen in ("stderr", "syslog"):
             used_prefix, fraction = resolve_prefix(head, prefix, path)
             if prefix is None:
@@ -259,17 +287,46 @@ def _read_file(analyser: _Analyser, path: Path, log_format: str, prefix: str | N
     finally:
         raw.raw.close()
     analyser.paired_durations += pairer.paired
-    return FileSummary(str(path), chosen, compression, used_prefix, fraction, raw.size, entries_seen, problems)
+    return FileSummary(str(path), chosen, compression, used_prefix, fraction, raw.size, entries_seen, problems,
+                       note)
+
+
+def capacity_findings(analysis: "LogAnalysis") -> list[dict]:
+    """What the caps folded away (issue 17: degrade gracefully, and say so)."""
+    from probes.base import finding
+
+    rows = []
+    if analysis.folded_shapes:
+        rows.append(finding(
+            "pg-log", "warning", "fingerprints folded",
+            f"{analysis.folded_executions:,} executions of {analysis.folded_shapes:,} statement shapes were "
+            f"folded into the 'other' row: the log holds more than {analysis.max_fingerprints:,} distinct "
+            "fingerprints, and the rarest (fewest calls when the cap was reached) are kept only in total",
+            "raise --max-fingerprints (each fingerprint costs up to ~270 kB at full histogram), or look for "
+            "statements built with inlined values that libpg_query cannot normalise (e.g. generated "
+            "identifiers)"))
+    if analysis.minute_bucket_s > 60:
+        rows.append(finding(
+            "pg-log", "info", "per-minute series widened",
+            f"pg_query_minutes holds {analysis.minute_bucket_s // 60}-minute buckets (bucket_s = "
+            f"{analysis.minute_bucket_s}) instead of one per minute: fingerprints x minutes exceeded the "
+            "series' cap; pg_queries is unaffected",
+            "read fewer days at once, or raise the cap with --max-minute-cells"))
+    return rows
 
 
 def analyse_logs(paths: list[Path], log_format: str = "auto", prefix: str | None = None,
                  keep_literals: bool = False, progress: Callable[[int, int], None] | None = None,
                  announce: Callable[[str], None] = lambda message: None,
-                 block_bytes: int = BLOCK_BYTES, fast: bool = True) -> LogAnalysis:
+                 block_bytes: int = BLOCK_BYTES, fast: bool = True,
+                 max_fingerprints: int = DEFAULT_MAX_FINGERPRINTS,
+                 max_minute_cells: int = DEFAULT_MAX_MINUTE_CELLS) -> LogAnalysis:
     if log_format not in FORMATS:
         raise BadInput(f"--format must be one of {', '.join(FORMATS)}")
+    if max_fingerprints < 1:
+        raise BadInput(f"--max-fingerprints must be at least 1, not {max_fingerprints}")
     started = time.monotonic()
-    analyser = _Analyser(keep_literals, progress)
+    analyser = _Analyser(keep_literals, progress, max_fingerprints, max_minute_cells)
     files = []
     for path in paths:
         problems = ParseProblems(keep_literals=keep_literals)
@@ -294,4 +351,7 @@ def analyse_logs(paths: list[Path], log_format: str = "auto", prefix: str | None
         durations_counted=int(pc.sum(queries.column("calls")).as_py() or 0),
         bind_parse_phases=analyser.bind_parse_phases, paired_durations=analyser.paired_durations,
         parser_calls=analyser.cache.parser_calls,
-        unknown_zones=sorted(analyser.minutes.unknown_zones), seconds=time.monotonic() - started)
+        unknown_zones=sorted(analyser.minutes.unknown_zones), seconds=time.monotonic() - started,
+        max_fingerprints=max_fingerprints, folded_shapes=analyser.aggregator.folded_shapes,
+        folded_executions=int(analyser.aggregator.calls[0]),
+        minute_bucket_s=analyser.aggregator.minute_width * 60)

@@ -1,14 +1,14 @@
-"""Per-fingerprint aggregation of logged durations, with flat memory.
+"""Per-fingerprint aggregation of logged durations, with memory flat in the log's size.
 
-Percentiles are over executions (not over per-minute sums, as pgBadger does), from a histogram
-that is exact to the microsecond below 100 ms (the log's own resolution) and keeps 4 significant
-digits above (error < 0.1 %), so memory is bounded by the number of distinct durations, not by
-the number of lines. Calls, totals and the maximum are exact.
+Percentiles are over executions (not over per-minute sums, as pgBadger does): exact (every
+duration kept) while a fingerprint has at most RAW_LIMIT calls, then from a fixed log-linear
+histogram exact to the microsecond below 1.024 ms and within 0.1 % above
+(probes/pglog/histogram.py), clamped to the exact min and max. Calls, totals, min and max are
+exact. See DurationAggregator for the caps (fingerprints, per-minute cells).
 """
 
 from __future__ import annotations
 
-import math
 import re
 from datetime import datetime, timedelta, timezone
 
@@ -17,11 +17,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from probes.pglog.fingerprint import FingerprintCache
+from probes.pglog.histogram import (BUCKET_SPACE, PERCENTILES, bucket_index, bucket_middle_us,
+                                    grouped_percentiles_us)
 
 SOURCE_STATEMENT, SOURCE_PLAN = 0, 1
 COUNTED_KINDS = ("statement", "execute")
-EXACT_BELOW_US = 100_000
-PERCENTILES = (("p50_ms", 0.50), ("p90_ms", 0.90), ("p99_ms", 0.99), ("p999_ms", 0.999))
 
 PG_QUERIES_SCHEMA = pa.schema([
     ("fingerprint", pa.string()),
@@ -50,6 +50,7 @@ PG_QUERY_MINUTES_SCHEMA = pa.schema([
     ("total_ms", pa.float64()),
     ("mean_ms", pa.float64()),
     ("max_ms", pa.float64()),
+    ("bucket_s", pa.int32()),   # width of the row's time bucket: 60 unless the series was widened
 ])
 
 PG_LOG_ERRORS_SCHEMA = pa.schema([
@@ -152,148 +153,335 @@ class MinuteResolver:
         return int(utc.timestamp()) // 60
 
 
-def duration_buckets_us(durations_us: np.ndarray) -> np.ndarray:
-    """Histogram key per duration: exact below EXACT_BELOW_US, 4 significant digits above."""
-    buckets = durations_us.copy()
-    large = durations_us >= EXACT_BELOW_US
-    if large.any():
-        values = durations_us[large]
-        step = 10 ** (np.floor(np.log10(values)).astype(np.int64) - 3)
-        buckets[large] = (values // step) * step
-    return buckets
+# -- the aggregator --------------------------------------------------------------------------------
+# State per fingerprint only (issue 17): exact calls/sum/min/max/first/last per slot, a sparse
+# histogram bounded per fingerprint (probes/pglog/histogram.py), the raw durations of slots with
+# few calls (exact percentiles while small), and per-minute cells whose total is capped by
+# widening the series' buckets. None of it grows with the number of lines.
+OTHER_SLOT = 0                       # the row the rarest shapes fold into past the cap
+DEFAULT_MAX_FINGERPRINTS = 100_000
+DEFAULT_MAX_MINUTE_CELLS = 1_000_000  # ~28 MB of cells; a day of 2,000 busy shapes is 2.9M
+RAW_LIMIT = 32                       # slots with at most this many calls keep every duration
+MINUTE_WIDTHS = (1, 2, 5, 10, 15, 30, 60, 120, 240, 360, 720, 1440)
+_MINUTE_BITS = 27                    # minutes since 1970 fit until the year 2225
+_MINUTE_MASK = (1 << _MINUTE_BITS) - 1
+_BIG = np.iinfo(np.int64).max
 
 
-def bucket_middle_us(bucket_us: int) -> int:
-    """The middle of the histogram bucket whose key (lower edge) is bucket_us."""
-    if bucket_us < EXACT_BELOW_US:
-        return bucket_us
-    step = 10 ** (int(math.floor(math.log10(bucket_us))) - 3)
-    return bucket_us + step // 2
+def _numpy(values) -> np.ndarray:
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    if isinstance(values, pa.Array):
+        values = values.to_numpy(zero_copy_only=False)
+    return np.asarray(values, dtype=np.int64)
+
+
+def _group_starts(sorted_keys: np.ndarray) -> np.ndarray:
+    return np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+
+
+def reduce_by_key(keys: np.ndarray, columns: list[np.ndarray], reducers: tuple[str, ...],
+                  already_sorted: bool = False):
+    """(unique sorted keys, each column reduced per key with 'sum' or 'max')."""
+    if len(keys) == 0:
+        return keys, columns
+    if already_sorted:  # no sort, no gathered copies
+        ordered, gathered = keys, columns
+    else:
+        order = np.argsort(keys, kind="stable")
+        ordered, gathered = keys[order], [column[order] for column in columns]
+    starts = _group_starts(ordered)
+    reduced = [(np.add if reducer == "sum" else np.maximum).reduceat(column, starts)
+               for column, reducer in zip(gathered, reducers)]
+    return ordered[starts], reduced
+
+
+class SparseCells:
+    """int64-keyed cells with integer columns; blocks are reduced on arrival and merged into
+    the state when they outgrow half of it (so merging costs O(state) amortised per row)."""
+
+    def __init__(self, reducers: tuple[str, ...]):
+        self.reducers = reducers
+        self.keys = np.empty(0, np.int64)
+        self.columns = [np.empty(0, np.int64) for _ in reducers]
+        self.pending: list[tuple[np.ndarray, list[np.ndarray]]] = []
+        self.pending_rows = 0
+
+    @property
+    def rows(self) -> int:
+        return len(self.keys) + self.pending_rows
+
+    def add(self, keys: np.ndarray, columns: list[np.ndarray]) -> None:
+        keys, columns = reduce_by_key(keys, columns, self.reducers)
+        self.pending.append((keys, columns))
+        self.pending_rows += len(keys)
+
+    def due(self) -> bool:
+        return self.pending_rows >= max(1 << 19, len(self.keys) // 2)
+
+    def compact(self, remap=None, keeps_order: bool = False) -> None:
+        """Merge pending blocks into the state; `remap` rewrites every key first (`keeps_order`:
+        it never reorders keys, as widening the minutes does, so no sort is needed)."""
+        self._merge_pending()
+        if remap is not None:
+            self.keys, self.columns = reduce_by_key(remap(self.keys), self.columns, self.reducers,
+                                                    already_sorted=keeps_order)
+
+    def release(self) -> None:
+        self.keys, self.columns = np.empty(0, np.int64), [np.empty(0, np.int64) for _ in self.reducers]
+
+    def _merge_pending(self) -> None:
+        """Pending cells into the sorted state in place: matching keys are updated where they
+        are, and only new keys cost a copy of the state (rare once the histogram is full)."""
+        if not self.pending:
+            return
+        keys = np.concatenate([block[0] for block in self.pending])
+        columns = [np.concatenate([block[1][index] for block in self.pending]) for index in range(len(self.reducers))]
+        self.pending, self.pending_rows = [], 0
+        keys, columns = reduce_by_key(keys, columns, self.reducers)
+        if len(self.keys) == 0:
+            self.keys, self.columns = keys, columns
+            return
+        position = np.searchsorted(self.keys, keys)
+        match = self.keys[np.minimum(position, len(self.keys) - 1)] == keys
+        hit = position[match]
+        for state, column, reducer in zip(self.columns, columns, self.reducers):
+            if reducer == "sum":
+                state[hit] += column[match]
+            else:
+                state[hit] = np.maximum(state[hit], column[match])
+        new = ~match
+        if new.any():
+            at = position[new]
+            self.keys = np.insert(self.keys, at, keys[new])
+            self.columns = [np.insert(state, at, column[new]) for state, column in zip(self.columns, columns)]
 
 
 class DurationAggregator:
-    """Accumulates (fingerprint id, source, minute, duration) blocks into compact partials."""
+    """Accumulates (fingerprint id, source, minute, duration) blocks into bounded state.
 
-    COMPACT_EVERY = 16
+    A slot is (fingerprint id + 1) * 2 + source; slot 0 is "other". When more than
+    `max_fingerprints` slots have calls, the rarest so far are folded into "other" (down to 90 %
+    of the cap, so folding is rare) and their later executions go there too: a streaming
+    choice, said in the finding. When the per-minute cells exceed `max_minute_cells`, the
+    series' buckets widen (1, 2, 5, 10, 15, 30, 60 ... minutes) and the bundle says so."""
 
-    def __init__(self) -> None:
-        self.histograms: list[pa.Table] = []
-        self.minutes: list[pa.Table] = []
+    def __init__(self, max_fingerprints: int = DEFAULT_MAX_FINGERPRINTS,
+                 max_minute_cells: int = DEFAULT_MAX_MINUTE_CELLS) -> None:
+        self.max_fingerprints = max_fingerprints
+        self.max_minute_cells = max_minute_cells
         self.durations_counted = 0
+        self.folded_shapes = 0
+        self.width_index = 0
+        self._size = 0
+        self._grow(1024)
+        self.histogram = SparseCells(("sum",))
+        self.minute_cells = SparseCells(("sum", "sum", "max"))
+        self.raw_slots: list[np.ndarray] = []
+        self.raw_us: list[np.ndarray] = []
 
-    def add(self, fingerprint_ids: pa.Array, sources: pa.Array, minutes: pa.Array,
-            durations_us: pa.Array) -> None:
-        if len(durations_us) == 0:
+    @property
+    def minute_width(self) -> int:
+        return MINUTE_WIDTHS[self.width_index]
+
+    def _grow(self, size: int) -> None:
+        if size <= self._size:
             return
-        self.durations_counted += len(durations_us)
-        buckets = pa.array(duration_buckets_us(durations_us.to_numpy(zero_copy_only=False)))
-        table = pa.table({"fp": fingerprint_ids, "source": sources, "minute": minutes,
-                          "us": durations_us, "bucket": buckets})
-        self.histograms.append(table.group_by(["fp", "source", "bucket"], use_threads=False)
-                               .aggregate([("us", "count")]).rename_columns(["fp", "source", "bucket", "n"]))
-        self.minutes.append(table.group_by(["fp", "source", "minute"], use_threads=False)
-                            .aggregate([("us", "count"), ("us", "sum"), ("us", "max"), ("us", "min")])
-                            .rename_columns(["fp", "source", "minute", "n", "sum_us", "max_us", "min_us"]))
-        if len(self.histograms) >= self.COMPACT_EVERY:
+        size = max(size, 2 * self._size)
+        old = self._size
+
+        def extended(array, fill, dtype=np.int64):
+            new = np.full(size, fill, dtype=dtype)
+            if old:
+                new[:old] = array
+            return new
+
+        self.calls = extended(getattr(self, "calls", None), 0)
+        self.sum_us = extended(getattr(self, "sum_us", None), 0)
+        self.min_us = extended(getattr(self, "min_us", None), _BIG)
+        self.max_us = extended(getattr(self, "max_us", None), 0)
+        self.first_minute = extended(getattr(self, "first_minute", None), _BIG)
+        self.last_minute = extended(getattr(self, "last_minute", None), 0)
+        self.seen = extended(getattr(self, "seen", None), False, bool)
+        route = np.arange(size, dtype=np.int64)
+        if old:
+            route[:old] = self.route
+        self.route = route
+        self._size = size
+
+    def add(self, fingerprint_ids, sources, minutes, durations_us) -> None:
+        us = _numpy(durations_us)
+        if len(us) == 0:
+            return
+        self.durations_counted += len(us)
+        original = (_numpy(fingerprint_ids) + 1) * 2 + _numpy(sources)
+        self._grow(int(original.max()) + 1)
+        self.seen[original] = True
+        slots = self.route[original]
+        minute = np.maximum(_numpy(minutes), 0)
+        self._add_exact(slots, us, minute)
+        self.histogram.add(slots * BUCKET_SPACE + bucket_index(us), [np.ones(len(us), np.int64)])
+        width = self.minute_width
+        self.minute_cells.add((slots << _MINUTE_BITS) | (minute // width * width),
+                              [np.ones(len(us), np.int64), us, us])
+        small = self.calls[slots] <= RAW_LIMIT
+        if small.any():
+            self.raw_slots.append(slots[small])
+            self.raw_us.append(us[small])
+        if self.histogram.due() or self.minute_cells.due():
             self._compact()
 
+    def _add_exact(self, slots: np.ndarray, us: np.ndarray, minute: np.ndarray) -> None:
+        order = np.argsort(slots, kind="stable")
+        ordered = slots[order]
+        starts = _group_starts(ordered)
+        unique = ordered[starts]
+        self.calls[unique] += np.diff(np.r_[starts, len(ordered)])
+        self.sum_us[unique] += np.add.reduceat(us[order], starts)
+        self.min_us[unique] = np.minimum(self.min_us[unique], np.minimum.reduceat(us[order], starts))
+        self.max_us[unique] = np.maximum(self.max_us[unique], np.maximum.reduceat(us[order], starts))
+        self.first_minute[unique] = np.minimum(self.first_minute[unique], np.minimum.reduceat(minute[order], starts))
+        self.last_minute[unique] = np.maximum(self.last_minute[unique], np.maximum.reduceat(minute[order], starts))
+
     def _compact(self) -> None:
-        if len(self.histograms) > 1:
-            merged = pa.concat_tables(self.histograms)
-            self.histograms = [merged.group_by(["fp", "source", "bucket"], use_threads=False)
-                               .aggregate([("n", "sum")]).rename_columns(["fp", "source", "bucket", "n"])]
-        if len(self.minutes) > 1:
-            merged = pa.concat_tables(self.minutes)
-            self.minutes = [merged.group_by(["fp", "source", "minute"], use_threads=False)
-                            .aggregate([("n", "sum"), ("sum_us", "sum"), ("max_us", "max"), ("min_us", "min")])
-                            .rename_columns(["fp", "source", "minute", "n", "sum_us", "max_us", "min_us"])]
+        self.histogram.compact()
+        self.minute_cells.compact()
+        if self.raw_slots:
+            slots, us = np.concatenate(self.raw_slots), np.concatenate(self.raw_us)
+            keep = self.calls[slots] <= RAW_LIMIT
+            self.raw_slots, self.raw_us = [slots[keep]], [us[keep]]
+        while self.minute_cells.rows > self.max_minute_cells and self.width_index + 1 < len(MINUTE_WIDTHS):
+            self.width_index += 1
+            width = self.minute_width
+            self.minute_cells.compact(lambda keys: (keys & ~_MINUTE_MASK) | ((keys & _MINUTE_MASK) // width * width),
+                                      keeps_order=True)
+        active = np.flatnonzero(self.calls[1:self._size] > 0) + 1
+        # Plans of fingerprints that also have statement entries are dropped at the end: they
+        # neither count toward the cap nor fold (their calls would count twice in "other").
+        active = active[~((active % 2 == 1) & self.seen[active - 1])]
+        if len(active) > self.max_fingerprints:
+            self._fold(active)
+
+    def _fold(self, active: np.ndarray) -> None:
+        keep = int(self.max_fingerprints * 0.9)
+        folded = active[np.argsort(self.calls[active], kind="stable")][: len(active) - keep]
+        self.folded_shapes += len(folded)
+        other = OTHER_SLOT
+        self.calls[other] += self.calls[folded].sum()
+        self.sum_us[other] += self.sum_us[folded].sum()
+        self.min_us[other] = min(self.min_us[other], self.min_us[folded].min())
+        self.max_us[other] = max(self.max_us[other], self.max_us[folded].max())
+        self.first_minute[other] = min(self.first_minute[other], self.first_minute[folded].min())
+        self.last_minute[other] = max(self.last_minute[other], self.last_minute[folded].max())
+        self.calls[folded], self.sum_us[folded], self.max_us[folded] = 0, 0, 0
+        self.min_us[folded], self.first_minute[folded], self.last_minute[folded] = _BIG, _BIG, 0
+        # Slots already folded route to "other": every key is rewritten through the route.
+        self.route[folded] = other
+        self.route = self.route[self.route]
+        route = self.route
+        self.histogram.compact(lambda keys: route[keys // BUCKET_SPACE] * BUCKET_SPACE + keys % BUCKET_SPACE)
+        self.minute_cells.compact(lambda keys: (route[keys >> _MINUTE_BITS] << _MINUTE_BITS) | (keys & _MINUTE_MASK))
+        if self.raw_slots:
+            slots, us = route[np.concatenate(self.raw_slots)], np.concatenate(self.raw_us)
+            keep_rows = self.calls[slots] <= RAW_LIMIT
+            self.raw_slots, self.raw_us = [slots[keep_rows]], [us[keep_rows]]
+
+    def _percentiles_us(self, slots: np.ndarray) -> dict[str, np.ndarray]:
+        """Exact from the raw durations for slots with few calls, else from the histogram;
+        clamped to the exact min and max."""
+        result = {name: np.zeros(len(slots), np.int64) for name, _ in PERCENTILES}
+        calls = self.calls[slots]
+        small = calls <= RAW_LIMIT
+        if small.any():
+            raw_slots, raw_us = np.concatenate(self.raw_slots), np.concatenate(self.raw_us)
+            order = np.lexsort((raw_us, raw_slots))
+            found = grouped_percentiles_us(raw_slots[order], raw_us[order], np.ones(len(order), np.int64),
+                                           slots[small], calls[small])
+            for name in result:
+                result[name][small] = found[name]
+        if (~small).any():
+            keys, (counts,) = self.histogram.keys, self.histogram.columns
+            found = grouped_percentiles_us(keys // BUCKET_SPACE,
+                                           lambda rows: bucket_middle_us(keys[rows] % BUCKET_SPACE), counts,
+                                           slots[~small], calls[~small])
+            for name in result:
+                result[name][~small] = found[name]
+        for name in result:
+            result[name] = np.clip(result[name], self.min_us[slots], self.max_us[slots])
+        return result
 
     def finish(self, cache: FingerprintCache) -> tuple[pa.Table, pa.Table]:
         self._compact()
-        if not self.minutes:
-            return PG_QUERIES_SCHEMA.empty_table(), PG_QUERY_MINUTES_SCHEMA.empty_table()
-        minutes = self.minutes[0]
-        histogram = self.histograms[0]
+        size = self._size
         # auto_explain logs a plan for statements the duration log may also have counted; plans
         # only count for fingerprints that have no statement/execute entries at all.
-        has_statement = set(pc.unique(pc.filter(minutes.column("fp"),
-                                                pc.equal(minutes.column("source"), SOURCE_STATEMENT))).to_pylist())
+        shadowed = np.zeros(size, dtype=bool)
+        plan_slots = np.arange(3, size, 2)
+        shadowed[plan_slots] = self.seen[plan_slots - 1]
+        slots = np.flatnonzero((self.calls[:size] > 0) & ~shadowed)
+        if len(slots) == 0:
+            return PG_QUERIES_SCHEMA.empty_table(), PG_QUERY_MINUTES_SCHEMA.empty_table()
+        names, queries, parsed, examples = self._labels(slots, cache)
+        calls = self.calls[slots]
+        total_us = self.sum_us[slots]
+        grand_total_us = int(total_us.sum()) or 1
+        percentiles = self._percentiles_us(slots)
+        columns = {
+            "fingerprint": names, "query": queries, "calls": calls,
+            "total_ms": total_us / 1000.0, "mean_ms": total_us / 1000.0 / calls,
+            "min_ms": self.min_us[slots] / 1000.0,
+            **{name: values / 1000.0 for name, values in percentiles.items()},
+            "max_ms": self.max_us[slots] / 1000.0,
+            "total_pct": 100.0 * total_us / grand_total_us,
+            "first_minute": pa.array(self.first_minute[slots] * 60, pa.int64()).cast(pa.timestamp("s", tz="UTC")),
+            "last_minute": pa.array(self.last_minute[slots] * 60, pa.int64()).cast(pa.timestamp("s", tz="UTC")),
+            "source": ["plan" if slot % 2 else "statement" for slot in slots.tolist()],
+            "parsed": pa.array(parsed, pa.bool_()), "example": pa.array(examples, pa.string()),
+        }
+        queries_table = pa.table(columns, schema=PG_QUERIES_SCHEMA)
+        queries_table = queries_table.take(pc.sort_indices(queries_table, [("total_ms", "descending")]))
+        # The histogram is done with: free it before the minute table is built (the finish is
+        # the run's peak otherwise).
+        self.histogram.release()
+        self.raw_slots, self.raw_us = [], []
+        minute_table = self._minute_table(shadowed, dict(zip(slots.tolist(), names)))
+        self.minute_cells.release()
+        return queries_table, minute_table
 
-        def keep(table: pa.Table) -> pa.Table:
-            plan_shadowed = pc.and_(pc.equal(table.column("source"), SOURCE_PLAN),
-                                    pc.is_in(table.column("fp"), pa.array(sorted(has_statement), pa.int32())))
-            return table.filter(pc.invert(plan_shadowed))
+    def _labels(self, slots: np.ndarray, cache: FingerprintCache):
+        names, queries, parsed, examples = [], [], [], []
+        for slot in slots.tolist():
+            if slot == OTHER_SLOT:
+                names.append("other")
+                queries.append(f"(the {self.folded_shapes:,} rarest statement shapes beyond "
+                               f"{self.max_fingerprints:,} fingerprints)")
+                parsed.append(None)
+                examples.append(None)
+                continue
+            fingerprint = slot // 2 - 1
+            names.append(cache.fingerprints[fingerprint])
+            queries.append(cache.queries[fingerprint])
+            parsed.append(cache.parsed[fingerprint])
+            examples.append(cache.examples[fingerprint] or None)
+        return names, queries, parsed, examples
 
-        minutes, histogram = keep(minutes), keep(histogram)
-        per_query = minutes.group_by(["fp", "source"], use_threads=False).aggregate(
-            [("n", "sum"), ("sum_us", "sum"), ("max_us", "max"), ("min_us", "min"),
-             ("minute", "min"), ("minute", "max")]).to_pydict()
-        quantiles = histogram_quantiles(histogram)
-        grand_total_us = sum(per_query["sum_us_sum"]) or 1
-        rows = []
-        for index, fp in enumerate(per_query["fp"]):
-            calls = per_query["n_sum"][index]
-            total_us = per_query["sum_us_sum"][index]
-            row = {
-                "fingerprint": cache.fingerprints[fp],
-                "query": cache.queries[fp],
-                "calls": calls,
-                "total_ms": total_us / 1000.0,
-                "mean_ms": total_us / 1000.0 / calls,
-                "min_ms": per_query["min_us_min"][index] / 1000.0,
-                "max_ms": per_query["max_us_max"][index] / 1000.0,
-                "total_pct": 100.0 * total_us / grand_total_us,
-                "first_minute": datetime.fromtimestamp(per_query["minute_min"][index] * 60, timezone.utc),
-                "last_minute": datetime.fromtimestamp(per_query["minute_max"][index] * 60, timezone.utc),
-                "source": "plan" if per_query["source"][index] == SOURCE_PLAN else "statement",
-                "parsed": cache.parsed[fp],
-                "example": cache.examples[fp] or None,
-            }
-            low_us, high_us = per_query["min_us_min"][index], per_query["max_us_max"][index]
-            for name, value in quantiles.get((fp, per_query["source"][index]), {}).items():
-                # A bucket above 100 ms stands for its whole 4-significant-digit step: report its
-                # middle, and never a value outside the exact minimum and maximum.
-                row[name] = min(max(bucket_middle_us(value), low_us), high_us) / 1000.0
-            rows.append(row)
-        rows.sort(key=lambda row: -row["total_ms"])
-        queries = pa.Table.from_pylist(rows, schema=PG_QUERIES_SCHEMA)
-
-        fingerprint_names = pa.array(cache.fingerprints, pa.string())
-        series = minutes.group_by(["fp", "minute"], use_threads=False).aggregate(
-            [("n", "sum"), ("sum_us", "sum"), ("max_us", "max")])
-        series = series.sort_by([("fp", "ascending"), ("minute", "ascending")])
-        total_ms = pc.divide(pc.cast(series.column("sum_us_sum"), pa.float64()), 1000.0)
-        minute_table = pa.table({
-            "fingerprint": pc.take(fingerprint_names, series.column("fp")),
-            "minute": pc.cast(pc.multiply(series.column("minute"), 60), pa.timestamp("s", tz="UTC")),
-            "calls": series.column("n_sum"),
-            "total_ms": total_ms,
-            "mean_ms": pc.divide(total_ms, pc.cast(series.column("n_sum"), pa.float64())),
-            "max_ms": pc.divide(pc.cast(series.column("max_us_max"), pa.float64()), 1000.0),
+    def _minute_table(self, shadowed: np.ndarray, name_of_slot: dict[int, str]) -> pa.Table:
+        keys = self.minute_cells.keys
+        calls, sum_us, max_us = self.minute_cells.columns
+        slot = keys >> _MINUTE_BITS
+        kept = ~shadowed[slot]
+        if not kept.all():
+            slot, keys, calls, sum_us, max_us = (array[kept] for array in (slot, keys, calls, sum_us, max_us))
+        # Keys are sorted by slot: each slot's rows are one run, named once.
+        starts = _group_starts(slot) if len(slot) else np.empty(0, np.int64)
+        run_index = np.zeros(len(slot), np.int32)
+        run_index[starts[1:]] = 1
+        names = pa.array([name_of_slot[int(s)] for s in slot[starts]], pa.string())
+        total_ms = sum_us / 1000.0
+        return pa.table({
+            "fingerprint": names.take(pa.array(np.cumsum(run_index, dtype=np.int32))),
+            "minute": pa.array((keys & _MINUTE_MASK) * 60, pa.int64()).cast(pa.timestamp("s", tz="UTC")),
+            "calls": calls, "total_ms": total_ms, "mean_ms": total_ms / calls,
+            "max_ms": max_us / 1000.0,
+            "bucket_s": np.full(len(slot), self.minute_width * 60, np.int32),
         }, schema=PG_QUERY_MINUTES_SCHEMA)
-        return queries, minute_table
-
-
-def histogram_quantiles(histogram: pa.Table) -> dict[tuple[int, int], dict[str, int]]:
-    """Nearest-rank percentiles per (fp, source): the smallest duration d such that at least
-    ceil(p * calls) executions took <= d."""
-    if histogram.num_rows == 0:
-        return {}
-    ordered = histogram.sort_by([("fp", "ascending"), ("source", "ascending"), ("bucket", "ascending")])
-    fp = ordered.column("fp").to_numpy()
-    source = ordered.column("source").to_numpy()
-    bucket = ordered.column("bucket").to_numpy()
-    counts = ordered.column("n").to_numpy()
-    group_key = fp.astype(np.int64) * 4 + source.astype(np.int64)
-    starts = np.flatnonzero(np.r_[True, group_key[1:] != group_key[:-1]])
-    ends = np.r_[starts[1:], len(group_key)]
-    results = {}
-    for start, end in zip(starts, ends):
-        cumulative = np.cumsum(counts[start:end])
-        total = int(cumulative[-1])
-        values = {}
-        for name, fraction in PERCENTILES:
-            rank = max(1, math.ceil(fraction * total - 1e-9))
-            values[name] = int(bucket[start + int(np.searchsorted(cumulative, rank))])
-        results[(int(fp[start]), int(source[start]))] = values
-    return results

@@ -40,6 +40,10 @@ LITERAL_FREE_KEY_PATTERN = r"^[\s(]*(?i:select|insert|update|delete|with|values|
 _LITERAL_FREE_KEY = re.compile(LITERAL_FREE_KEY_PATTERN)
 # A digit key whose statements may differ in more than literals (digits in identifiers: t1/t2).
 AMBIGUOUS = -1
+# The key -> id maps are only a cache (ids live in _id_by_fingerprint): past this many keys they
+# are emptied, so keys that never repeat (IN lists of every length, generated SQL) cost parser
+# calls, not memory that grows with the log (issue 17). ~250 B a key: ~60 MB at most.
+MAX_CACHED_KEYS = 250_000
 
 # One tokenizer for the text that reaches a report. Alternatives are tried left to right at each
 # position, so a quote inside a comment, or `--` inside a string, is read as what it is.
@@ -127,6 +131,7 @@ class FingerprintCache:
         self.parsed: list[bool] = []
         self._id_by_fingerprint: dict[str, int] = {}
         self.parser_calls = 0
+        self.key_evictions = 0
 
     def _id_for(self, statement: str) -> int:
         fingerprint, normalised, parsed = fingerprint_statement(statement)
@@ -155,6 +160,10 @@ class FingerprintCache:
         """
         if len(statements) == 0:
             return pa.array([], pa.int32())
+        if len(self.by_prekey) + len(self.by_digit_key) > MAX_CACHED_KEYS:
+            self.by_prekey.clear()
+            self.by_digit_key.clear()
+            self.key_evictions += 1
         if digit_keys is not None:
             encoded = pc.dictionary_encode(digit_keys)
             keys = encoded.dictionary.to_pylist()

@@ -68,6 +68,9 @@ CANDIDATE_PREFIXES = (
     "%m [%p] %u@%d/%a ",
     "%m %u %d [%p] ",
     "%n [%p] ",
+    # Heroku Postgres (log_line_prefix 'sql_error_code = %e ', through syslog: the time and pid
+    # come from the syslog header, readers.SyslogTimes).
+    "%m [%p] sql_error_code = %e ",
 )
 
 

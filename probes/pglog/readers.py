@@ -136,12 +136,34 @@ def foreign_durations(path: Path) -> tuple[str, int] | None:
 # "Nov 24 10:00:00 host postgres[123]: [7-1] <what stderr would hold>", the message's later
 # lines "[7-2]", "[7-3]" ...; the server also cuts lines longer than ~900 bytes into such pieces.
 # The tab the server puts after every newline inside a message arrives escaped as "#011".
-_SYSLOG_HEADER = rb"[A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d \S+ [^\s\[]+\[\d+\]: \[\d+-"
+# The header's time is BSD ("Nov 24 10:00:00", no year, no zone) or RFC 3339 (rsyslog's
+# RSYSLOG_FileFormat, Debian 12's default: "2026-11-24T10:00:00.123456+01:00"). Heroku's logplex
+# frames the same message as RFC 5424 ("<134>1 2026-...+00:00 host app postgres.1234 - [5-1]
+# sql_error_code = 00000 LOG:  ...", optionally octet-counted) or, from `heroku logs`, as
+# "2026-...+00:00 app[postgres.1234]: [DATABASE] [5-1] ...".
+_BSD_TIME = rb"[A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d"
+_ISO_TIME = rb"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:?\d\d)?"
+# Everything between the time and the sequence number [n-m]: host, tag[pid] or app and procid,
+# Heroku's [DATABASE] tag; a '[' in it never starts an [n-m].
+_MIDDLE = rb"(?:[^\n\[]|\[(?!\d+-\d+\]))*?"
+_SYSLOG_HEADER = (rb"(?:\d+ )?(?:<\d{1,3}>\d{0,2} ?)?(?P<time>" + _BSD_TIME + rb"|" + _ISO_TIME + rb") "
+                  + _MIDDLE + rb"\[\d+-")
 _SYSLOG_LINE = re.compile(rb"^" + _SYSLOG_HEADER + rb"\d+\] ?", re.M)
 # A piece of a cut line: a later piece ([n-2] ...) that does not start a new line of the message.
 # (The server always writes "] " before the text: no optional space, or backtracking would let
 # the lookahead see " #011" and join real line breaks.)
 _SYSLOG_CUT = re.compile(rb"\n" + _SYSLOG_HEADER + rb"(?:[2-9]|\d\d+)\] (?!#011)")
+# For servers whose log_line_prefix has no time (the usual syslog setup): the whole header with
+# its parts, to put the syslog time and pid in front of the message's first line.
+_SYSLOG_PARTS = re.compile(rb"^(?:\d+ )?(?:<\d{1,3}>\d{0,2} ?)?(?:(?P<bsd>" + _BSD_TIME + rb")|(?P<iso>"
+                           + _ISO_TIME + rb")) (?P<middle>" + _MIDDLE + rb")\[\d+-(?P<line>\d+)\] ?", re.M)
+_PID_IN_MIDDLE = re.compile(rb"[\[.](\d+)\]?(?::| |$)")
+_ISO_PARTS = re.compile(rb"(\d{4}-\d\d-\d\d)T(\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:?\d\d)?")
+_MONTHS = {name.encode(): number for number, name in enumerate(
+    ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"), start=1)}
+_SERVER_TIME = re.compile(rb"^(?:\d{4}-\d\d-\d\d \d\d:\d\d:\d\d|\d{9,}\.\d)")
+# What a message starts with once its syslog time is put in front (TIMED_PREFIX + the server's).
+TIMED_PREFIX = "%m [%p] "
 
 
 def looks_like_syslog(head: bytes) -> bool:
@@ -155,20 +177,64 @@ def syslog_to_stderr(data: bytes) -> bytes:
     return _SYSLOG_LINE.sub(b"", _SYSLOG_CUT.sub(b"", data)).replace(b"#011", b"\t")
 
 
+def server_prefix_has_time(head: bytes) -> bool:
+    """Whether the server's own lines inside the syslog ones start with a time (%m, %t, %n)."""
+    first_lines = [line for line in syslog_to_stderr(head).split(b"\n")[:200] if line and line[:1] != b"\t"]
+    return not first_lines or sum(bool(_SERVER_TIME.match(line)) for line in first_lines) * 2 >= len(first_lines)
+
+
+class SyslogTimes:
+    """Puts each message's syslog time and pid in front of its first line, as '%m [%p] ' would:
+    for servers logging to syslog without a time in log_line_prefix. BSD times have no year and
+    no zone: the year is the file's (from its modification time, a December line in a January
+    file is the year before) and the zone UTC, which `note` says."""
+
+    def __init__(self, year: int, month: int):
+        self.year, self.month = year, month
+        self.bsd_seen = False
+
+    @property
+    def note(self) -> str:
+        return (f"BSD syslog times carry no year or zone: taken as {self.year} (the file's date) in UTC"
+                if self.bsd_seen else "")
+
+    def _replace(self, match: re.Match) -> bytes:
+        if match.group("line") != b"1":
+            return b""
+        pid_match = None
+        for pid_match in _PID_IN_MIDDLE.finditer(match.group("middle")):
+            pass
+        pid = pid_match.group(1) if pid_match else b"0"
+        if match.group("bsd"):
+            self.bsd_seen = True
+            stamp = match.group("bsd")
+            month = _MONTHS.get(stamp[:3], 1)
+            year = self.year - 1 if month > self.month else self.year
+            day = int(stamp[4:6])
+            return b"%d-%02d-%02d %s.000 UTC [%s] " % (year, month, day, stamp[7:15], pid)
+        date, clock, fraction, zone = _ISO_PARTS.match(match.group("iso")).groups()
+        zone = b"UTC" if zone in (None, b"Z") else zone.replace(b":", b"")
+        return b"%s %s.%s %s [%s] " % (date, clock, (fraction or b"000")[:3].ljust(3, b"0"), zone, pid)
+
+    def convert(self, data: bytes) -> bytes:
+        return _SYSLOG_PARTS.sub(self._replace, _SYSLOG_CUT.sub(b"", data)).replace(b"#011", b"\t")
+
+
 class SyslogAsStderr:
     """A read()-able view of a syslog stream as stderr text, converted a complete line at a time
     (so stderr_blocks can cut it at entry boundaries as usual)."""
 
-    def __init__(self, stream) -> None:
+    def __init__(self, stream, convert=syslog_to_stderr) -> None:
         self.stream = stream
         self.carry = b""
+        self.convert = convert
 
     def read(self, size: int) -> bytes:
         while True:
             chunk = self.stream.read(size)
             if not chunk:
                 rest, self.carry = self.carry, b""
-                return syslog_to_stderr(rest)
+                return self.convert(rest)
             data = self.carry + chunk
             # Keep back the last complete line, and the line its pieces hang from if it is a
             # piece: pieces of it may start the next chunk.
@@ -177,7 +243,7 @@ class SyslogAsStderr:
                 position = data.rfind(b"\n", 0, position)
             cut = position + 1
             self.carry = data[cut:]
-            converted = syslog_to_stderr(data[:cut])
+            converted = self.convert(data[:cut])
             if converted:
                 return converted
 
