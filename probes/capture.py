@@ -30,7 +30,8 @@ import pyarrow as pa
 from core import children
 from core.errors import BadInput, Unavailable, WorkFailed
 from probes.base import ProbeBase, Window, finding, findings_table, require_root, rows_to_table
-from probes.pcap_analysis import FLOWS_SCHEMA, TURNS_SCHEMA, analyse_capture, flows_findings, flows_headlines
+from probes.pcap_analysis import (FLOWS_SCHEMA, TURNS_SCHEMA, analyse_capture, flows_findings, flows_headlines,
+                                  folded_flows_findings)
 
 # 14 Ethernet + 4 VLAN + 40 IPv6 + 60 TCP (with options) + 10 payload bytes
 HEADERS_SNAPLEN_BYTES = 128
@@ -283,7 +284,8 @@ class CaptureProbe(ProbeBase):
             "payload_captured": bool(self.option("capture_payload")), **counters,
         }
         flows, turns, summary = analyse_capture(CaptureReader(target), spill_dir=window.bundle_dir)
-        findings = capture_findings(row) + flows_findings(flows, self.name).to_pylist()
+        findings = (capture_findings(row) + flows_findings(flows, self.name).to_pylist()
+                    + folded_flows_findings(summary, self.name))
         if summary.partial:
             self.status_reason = summary.error
         return {
