@@ -11,7 +11,8 @@ Memory: captures written with numpy (tests/fixtures/pcap/synthetic.py) at 1M, 4M
 of 100 flows and at 10k, 100k and 1M concurrent flows (10 packets each); each is read by
 `guardian-agent pcap --no-html` as built here ("after"), by the same command from a baseline
 commit ("before", --baseline, default the last commit before flat memory) and by `tcpdump -r`
-(and tshark on the captures up to 1M packets: it reads ~0.1M packets/s). Peak RSS of each whole
+(tshark on the captures up to 1M packets: it reads ~0.1M packets/s; beyond, `tcpdump -r FILE -w
+/dev/null`, libpcap reading the file, as a floor; printing every packet took minutes). Peak RSS of each whole
 process comes from wait4(); written to benchmarks/results/pcap_memory.json.
 
     python benchmarks/bench_pcap.py [--quick] [--packets N] [--keep FILE] [--memory-only | --speed-only]
@@ -171,8 +172,8 @@ def memory_curves(work: Path, baseline: Path | None, quick: bool) -> list[dict]:
             mib, seconds, _ = peak_rss([tshark, "-r", str(capture), "-q", "-z", "conv,tcp"], cwd=work)
             row.update(tshark_peak_rss_mib=round(mib, 1), tshark_s=round(seconds, 2),
                        after_over_tshark=round(after_mib / mib, 2))
-        elif tcpdump:  # a flat floor where tshark would take minutes
-            mib, seconds, _ = peak_rss([tcpdump, "-n", "-q", "-r", str(capture)], cwd=work)
+        elif tcpdump:  # where tshark would take minutes: libpcap reading the file, a flat floor
+            mib, seconds, _ = peak_rss([tcpdump, "-r", str(capture), "-w", "/dev/null"], cwd=work)
             row.update(tcpdump_peak_rss_mib=round(mib, 1), tcpdump_s=round(seconds, 2),
                        after_over_tcpdump=round(after_mib / mib, 1))
         capture.unlink()

@@ -19,7 +19,7 @@ SUB_BUCKETS = 1 << SUB_BUCKET_BITS
 BIN_BITS = 13  # bins of values below 2^52 ns (52 days) stay below 2^13
 LARGEST_NS = (1 << 52) - 1
 RELATIVE_ERROR = 1.0 / (2 * SUB_BUCKETS)
-DEFAULT_BUFFER_SAMPLES = 1 << 20
+DEFAULT_BUFFER_SAMPLES = 1 << 18
 
 
 def latency_bins(values: np.ndarray) -> np.ndarray:
