@@ -97,10 +97,16 @@ class FlowLatencies:
         self._set_buffer(flows[~fold], latencies[~fold])
 
     def _merge(self, flows: np.ndarray, latencies: np.ndarray) -> None:
-        keys = np.concatenate((self.keys, (flows << BIN_BITS) | latency_bins(latencies)))
-        counts = np.concatenate((self.counts, np.ones(len(flows), dtype=np.int64)))
-        self.keys, inverse = np.unique(keys, return_inverse=True)
-        self.counts = np.bincount(inverse.ravel(), weights=counts, minlength=len(self.keys)).astype(np.int64)
+        if not len(flows):
+            return
+        # Count the new samples per (flow, bin) first: the histogram itself is small next to
+        # them (occupied buckets only), so the union and the scatter-adds are cheap.
+        new_keys, new_counts = np.unique((flows << BIN_BITS) | latency_bins(latencies), return_counts=True)
+        keys = np.union1d(self.keys, new_keys)
+        counts = np.zeros(len(keys), dtype=np.int64)
+        counts[np.searchsorted(keys, self.keys)] += self.counts
+        counts[np.searchsorted(keys, new_keys)] += new_counts
+        self.keys, self.counts = keys, counts
 
     def pop_quantiles(self, flows: np.ndarray, minimum_ns: np.ndarray, maximum_ns: np.ndarray,
                       quantiles: tuple[float, ...] = (0.5, 0.99)) -> list[np.ndarray]:

@@ -713,9 +713,14 @@ class FlowAnalyzer:
         flow_ids = self.flows["flow"][slots]
         latency = runs.first_ts[rows + 1] - runs.first_ts[rows]
         flows = self.flows
-        np.add.at(flows["turns"], slots, 1)
-        np.minimum.at(flows["latency_min"], slots, latency)
-        np.maximum.at(flows["latency_max"], slots, latency)
+        # Runs are sorted by slot, so each slot's turns are contiguous: reduce per group.
+        starts = _group_starts(slots)
+        group_slots = slots[starts]
+        flows["turns"][group_slots] += np.diff(np.append(starts, len(slots))).astype(np.int32)
+        flows["latency_min"][group_slots] = np.minimum(flows["latency_min"][group_slots],
+                                                       np.minimum.reduceat(latency, starts))
+        flows["latency_max"][group_slots] = np.maximum(flows["latency_max"][group_slots],
+                                                       np.maximum.reduceat(latency, starts))
         self.latencies.add(flow_ids, latency)
         self.all_latencies.add(np.zeros(len(latency), dtype=np.int64), latency)
         self.latency_extremes = [min(self.latency_extremes[0], int(latency.min())),

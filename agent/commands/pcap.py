@@ -53,9 +53,6 @@ def pcap(capture_file: Path, out_dir: Path, block_mib: int, max_flows: int = 1_0
     reader = CaptureReader(capture_file, block_bytes=block_mib << 20,
                            progress=terminal_progress(capture_file.name))
     limits = FlowLimits(max_live_flows=max_flows, idle_timeout_s=flow_idle_s)
-    from agent.daemon import HeapKeeper
-
-    HeapKeeper(mmap_threshold_bytes=1 << 20)  # per-block arrays go back to the kernel when freed
     writer = BundleWriter(out_dir, host=Host.real())
     flow_findings = FlowFindings()
     try:
