@@ -1,8 +1,10 @@
 """Per-flow latency quantiles in bounded memory: exact for small flows, log-linear beyond.
 
-Raw (flow, latency) samples go to a buffer of at most `buffer_samples`. When it fills, the flows
-holding the most samples are folded into a sparse log-linear histogram until the buffer is half
-empty; a folded flow stays in the histogram from then on. Quantiles of a flow never folded are
+Raw (flow, latency) samples go to a buffer of `buffer_samples`. When it fills, the flows holding
+the most samples (more than SMALL_FLOW_SAMPLES) are folded into a sparse log-linear histogram
+until the buffer is half empty; a folded flow stays in the histogram from then on. Flows with
+few samples stay raw (a bucket costs what a sample does), so with very many small flows the
+buffer holds up to SMALL_FLOW_SAMPLES per live flow. Quantiles of a flow never folded are
 exact nearest-rank values (an observed latency); those of a folded flow come from its histogram:
 128 sub-buckets per power of two (values below 256 ns are exact), reported at the bucket's middle
 clamped to the flow's observed [min, max], so the error is at most 1/256 (0.39%) of the value.
@@ -20,6 +22,7 @@ BIN_BITS = 13  # bins of values below 2^52 ns (52 days) stay below 2^13
 LARGEST_NS = (1 << 52) - 1
 RELATIVE_ERROR = 1.0 / (2 * SUB_BUCKETS)
 DEFAULT_BUFFER_SAMPLES = 1 << 18
+SMALL_FLOW_SAMPLES = 16
 
 
 def latency_bins(values: np.ndarray) -> np.ndarray:
@@ -56,6 +59,7 @@ class FlowLatencies:
         self.counts = np.zeros(0, dtype=np.int64)
         self.sketched_flows = np.zeros(0, dtype=np.int64)  # sorted flow ids folded into the histogram
         self.flows_ever_sketched = 0
+        self.limit = self.buffer_samples
 
     def add(self, flows: np.ndarray, latencies_ns: np.ndarray) -> None:
         if not len(flows):
@@ -63,8 +67,11 @@ class FlowLatencies:
         self._flow_parts.append(flows.astype(np.int64, copy=False))
         self._latency_parts.append(latencies_ns.astype(np.int64, copy=False))
         self.buffered += len(flows)
-        if self.buffered > self.buffer_samples:
+        if self.buffered > self.limit:
             self._fold_heaviest()
+            # Samples of small flows stay (a histogram bucket costs what a sample does): when
+            # they alone fill the buffer it grows with them, ≤ SMALL_FLOW_SAMPLES per live flow.
+            self.limit = max(self.buffer_samples, 2 * self.buffered)
 
     def nbytes(self) -> int:
         return (16 * self.buffered + self.keys.nbytes + self.counts.nbytes + self.sketched_flows.nbytes)
@@ -84,8 +91,10 @@ class FlowLatencies:
     def _fold_heaviest(self) -> None:
         flows, latencies = self._buffer()
         ids, counts = np.unique(flows, return_counts=True)
-        # Heaviest first until what stays fits half the buffer; flows already folded always go.
+        # Heaviest first until what stays fits half the buffer, among flows with more than
+        # SMALL_FLOW_SAMPLES (smaller ones stay exact); flows already folded always go.
         order = np.argsort(-counts, kind="stable")
+        order = order[counts[order] > SMALL_FLOW_SAMPLES]
         kept_after = len(flows) - np.cumsum(counts[order])
         chosen = order[: int(np.searchsorted(-kept_after, -self.buffer_samples // 2)) + 1]
         fold_ids = np.union1d(ids[chosen], np.intersect1d(ids, self.sketched_flows, assume_unique=True))
@@ -121,6 +130,7 @@ class FlowLatencies:
         raw_flows, raw_latencies = buffer_flows[mine], buffer_latencies[mine]
         if mine.any():
             self._set_buffer(buffer_flows[~mine], buffer_latencies[~mine])
+            self.limit = max(self.buffer_samples, 2 * self.buffered)
         sketched = np.isin(flows, self.sketched_flows)
         if sketched.any():
             to_fold = np.isin(raw_flows, flows[sketched])

@@ -787,15 +787,16 @@ class FlowAnalyzer:
                 | (last <= clock - int(limits.idle_timeout_s * 1e9)))
 
     def _write_flows(self, slots: np.ndarray, unanswered: np.ndarray) -> None:
-        # In batches: a row's strings cost ~250 bytes of Python objects while the batch is built.
+        flows = self.flows
+        p50, p99 = self.latencies.pop_quantiles(flows["flow"][slots], flows["latency_min"][slots],
+                                                flows["latency_max"][slots])
+        # Rows in batches: a row's strings cost ~250 bytes while its batch is being built.
         for start in range(0, len(slots), FLOW_BATCH_ROWS):
-            batch, batch_unanswered = slots[start:start + FLOW_BATCH_ROWS], unanswered[start:start + FLOW_BATCH_ROWS]
-            flows = self.flows
-            p50, p99 = self.latencies.pop_quantiles(flows["flow"][batch], flows["latency_min"][batch],
-                                                    flows["latency_max"][batch])
-            self.flows_written += len(batch)
-            self._flow_rows_pending.append(_flow_rows(flows, self.directions, batch, batch_unanswered, p50, p99))
-            self._flow_rows_pending_count += len(batch)
+            end = start + FLOW_BATCH_ROWS
+            self.flows_written += len(slots[start:end])
+            self._flow_rows_pending.append(_flow_rows(flows, self.directions, slots[start:end],
+                                                      unanswered[start:end], p50[start:end], p99[start:end]))
+            self._flow_rows_pending_count += len(slots[start:end])
             if self._flow_rows_pending_count >= FLOW_BATCH_ROWS:
                 self._flush_flows()
 
