@@ -750,18 +750,15 @@ class FlowAnalyzer:
         }, schema=TURNS_SCHEMA))
 
     # -- finished flows -------------------------------------------------------------------------
-    def _retire(self, force: bool, everything: bool = False) -> None:
+    def _retire(self, force: bool) -> None:
         """Write the rows of finished flows, finish their turns and free their slots."""
         size = self.flows.size
         if size == 0:
             return
-        if everything:
-            done = np.ones(size, dtype=bool)
-        else:
-            done = self._finished(size)
-            count = int(done.sum())
-            if count == 0 or (not force and count < min(RETIRE_MIN_FLOWS, max(size // 8, 1))):
-                return
+        done = self._finished(size)
+        count = int(done.sum())
+        if count == 0 or (not force and count < min(RETIRE_MIN_FLOWS, max(size // 8, 1))):
+            return
         in_done = done[self.pending.flow]
         finishing = self.pending.take(np.flatnonzero(in_done))
         self.pending = self.pending.take(np.flatnonzero(~in_done))
@@ -795,12 +792,37 @@ class FlowAnalyzer:
         # Rows in batches: a row's strings cost ~250 bytes while its batch is being built.
         for start in range(0, len(slots), FLOW_BATCH_ROWS):
             end = start + FLOW_BATCH_ROWS
-            self.flows_written += len(slots[start:end])
-            self._flow_rows_pending.append(_flow_rows(flows, self.directions, slots[start:end],
-                                                      unanswered[start:end], p50[start:end], p99[start:end]))
-            self._flow_rows_pending_count += len(slots[start:end])
-            if self._flow_rows_pending_count >= FLOW_BATCH_ROWS:
-                self._flush_flows()
+            self._write_flow_batch(slots[start:end], unanswered[start:end], p50[start:end], p99[start:end])
+
+    def _write_flow_batch(self, slots, unanswered, p50, p99) -> None:
+        self.flows_written += len(slots)
+        self._flow_rows_pending.append(_flow_rows(self.flows, self.directions, slots, unanswered, p50, p99))
+        self._flow_rows_pending_count += len(slots)
+        if self._flow_rows_pending_count >= FLOW_BATCH_ROWS:
+            self._flush_flows()
+
+    def _retire_all(self) -> None:
+        """The end of the capture: every live flow, batch by batch (pending runs are sorted by
+        slot), without the copies and renumbering a partial retirement needs."""
+        flows, size = self.flows, self.flows.size
+        pending, self.pending = self.pending, _Runs.empty()
+        if size == 0:
+            return
+        # Final turns first (they add latency samples), then one quantile pass, then the rows.
+        edges = np.searchsorted(pending.flow, np.arange(0, size + FLOW_BATCH_ROWS, FLOW_BATCH_ROWS))
+        unanswered = np.zeros(size, dtype=np.int64)
+        for batch in range(len(edges) - 1):
+            _, unanswered_slots = self._emit_turns(pending.take(slice(edges[batch], edges[batch + 1])), final=True)
+            unanswered[unanswered_slots] = 1
+        del pending
+        p50, p99 = self.latencies.pop_quantiles(flows["flow"][:size], flows["latency_min"][:size],
+                                                flows["latency_max"][:size])
+        for start in range(0, size, FLOW_BATCH_ROWS):
+            end = min(start + FLOW_BATCH_ROWS, size)
+            self._write_flow_batch(np.arange(start, end), unanswered[start:end], p50[start:end], p99[start:end])
+        flows.keep(np.zeros(0, dtype=np.int64))
+        self.directions.keep(np.zeros(0, dtype=np.int64))
+        self.index.rebuild(np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64))
 
     def _flush_flows(self) -> None:
         if self._flow_rows_pending:
@@ -812,7 +834,7 @@ class FlowAnalyzer:
         if self.finished:
             return
         self.finished = True
-        self._retire(force=True, everything=True)
+        self._retire_all()
         self._flush_turns()
         if self.folded_packets:
             self.flows_written += 1
