@@ -10,13 +10,13 @@ writing the bundle). Prints packets/s and the ratio; writes benchmarks/results/p
 Memory: captures written with numpy (tests/fixtures/pcap/synthetic.py) at 1M, 4M and 16M packets
 of 100 flows and at 10k, 100k and 1M concurrent flows (10 packets each); each is read by
 `guardian-agent pcap --no-html` as built here ("after"), by the same command from a baseline
-commit ("before", --baseline, default the last commit before flat memory) and by `tcpdump -r`
+commit ("before", with --baseline [REF], default REF the last commit before flat memory) and by `tcpdump -r`
 (tshark on the captures up to 1M packets: it reads ~0.1M packets/s; beyond, `tcpdump -r FILE -w
 /dev/null`, libpcap reading the file, as a floor; printing every packet took minutes). Peak RSS of each whole
 process comes from wait4(); written to benchmarks/results/pcap_memory.json.
 
     python benchmarks/bench_pcap.py [--quick] [--packets N] [--keep FILE] [--memory-only | --speed-only]
-                                    [--baseline REF | --no-baseline]
+                                    [--baseline [REF]]
 """
 
 from __future__ import annotations
@@ -193,7 +193,7 @@ def state_bytes_per_flow() -> dict:
 
 
 def run_memory(args, work: Path) -> None:
-    baseline = None if args.no_baseline else baseline_tree(work, args.baseline)
+    baseline = baseline_tree(work, args.baseline) if args.baseline else None
     print(f"memory: peak RSS, after = this tree, before = {args.baseline if baseline else 'not measured'}",
           flush=True)
     rows = memory_curves(work, baseline, args.quick)
@@ -226,8 +226,9 @@ def main() -> int:
     parser.add_argument("--keep", type=Path, help="reuse/keep the capture at this path")
     parser.add_argument("--memory-only", action="store_true", help="only the peak RSS curves")
     parser.add_argument("--speed-only", action="store_true", help="only the loopback speed comparison")
-    parser.add_argument("--baseline", default=DEFAULT_BASELINE, help="git ref measured as 'before'")
-    parser.add_argument("--no-baseline", action="store_true", help="do not measure the baseline")
+    parser.add_argument("--baseline", nargs="?", const=DEFAULT_BASELINE, default=None,
+                        help=f"also measure this git ref as 'before' (default ref {DEFAULT_BASELINE}; "
+                             "off in `make bench` to keep it within 4 minutes)")
     args = parser.parse_args()
     if os.geteuid() != 0 or shutil.which("tcpdump") is None:
         print("bench_pcap: needs root and tcpdump (make setup) to capture loopback traffic", file=sys.stderr)
