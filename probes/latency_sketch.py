@@ -143,10 +143,15 @@ class FlowLatencies:
 
     @staticmethod
     def _exact_quantiles(flows, raw_flows, raw_latencies, quantiles, results) -> None:
-        order = np.lexsort((raw_latencies, raw_flows))
-        raw_flows, raw_latencies = raw_flows[order], raw_latencies[order]
-        ids, starts, counts = np.unique(raw_flows, return_index=True, return_counts=True)
-        where = np.searchsorted(flows, ids)
+        rank = np.searchsorted(flows, raw_flows)
+        if len(flows) < (1 << 23) and (raw_latencies < (1 << 40)).all() and (raw_latencies >= 0).all():
+            # One sort of (flow rank, latency) packed in an int64: 3-4x faster than lexsort.
+            packed = np.sort((rank << 40) | raw_latencies)
+            rank, raw_latencies = packed >> 40, packed & ((1 << 40) - 1)
+        else:
+            order = np.lexsort((raw_latencies, rank))
+            rank, raw_latencies = rank[order], raw_latencies[order]
+        where, starts, counts = np.unique(rank, return_index=True, return_counts=True)
         for result, quantile in zip(results, quantiles):
             result[where] = raw_latencies[starts + nearest_ranks(counts, quantile)]
 
