@@ -31,6 +31,7 @@ from core import children
 from core.errors import BadInput, Unavailable, WorkFailed
 from probes.base import ProbeBase, Window, finding, findings_table, require_root, rows_to_table
 from probes.pcap_analysis import FLOWS_SCHEMA, TURNS_SCHEMA, analyse_capture, flows_findings, flows_headlines
+# The analyser's own findings: what was not decoded, clamps, flows folded beyond the cap.
 from probes.pcap_analysis import capture_findings as decoding_findings
 
 # 14 Ethernet + 4 VLAN + 40 IPv6 + 60 TCP (with options) + 10 payload bytes

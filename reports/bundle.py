@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -137,6 +137,18 @@ def format1_buckets(table: pa.Table) -> pa.Table:
     return table.select(columns)
 
 
+@dataclass
+class TableStream:
+    writer: Any
+    schema: pa.Schema
+    rows: int = 0
+
+    def write(self, table: pa.Table) -> None:
+        if table.num_rows:
+            self.writer.write_table(table.replace_schema_metadata(self.schema.metadata))
+            self.rows += table.num_rows
+
+
 class BundleWriter:
     """Writes one bundle. Create it only after validate_out_dir(); call finish() last."""
 
@@ -173,6 +185,24 @@ class BundleWriter:
             )
         self.tables_written[name] = table.num_rows
         return table.num_rows
+
+    @contextlib.contextmanager
+    def table_stream(self, name: str, schema: pa.Schema, probe: str) -> Iterator["TableStream"]:
+        """Write table `name` batch by batch (`.write(table)`): one Parquet file, row group per
+        batch, put in place atomically when the block ends, so a table larger than memory
+        never has to be whole in memory."""
+        if name in self.tables_written:
+            raise ValueError(f"table {name!r} written twice in one bundle")
+        metadata = {"run_id": self.run_id, "probe": probe, "table": name, "agent_version": __version__}
+        schema = schema.with_metadata({**(schema.metadata or {}),
+                                       **{k.encode(): str(v).encode() for k, v in metadata.items()}})
+        with self._abort_on_os_error(f"{name}.parquet"), atomic_path(self.path(f"{name}.parquet")) as temp:
+            stream = TableStream(pq.ParquetWriter(temp, schema, compression="zstd"), schema)
+            try:
+                yield stream
+            finally:
+                stream.writer.close()
+        self.tables_written[name] = stream.rows
 
     @contextlib.contextmanager
     def _abort_on_os_error(self, what: str):
