@@ -49,8 +49,8 @@ def _run(arguments: list[str], timeout_s: float) -> tuple[subprocess.CompletedPr
 def load(page: Path, screenshot: Path | None = None, width_px: int = 1300, height_px: int = 2400,
          timeout_s: float = 90) -> LoadedPage:
     """One Chromium run for the DOM (scripts run, virtual time lets onload handlers finish) and,
-    when asked, the screenshot of the same load: Chromium's new headless mode (the only one since
-    Chromium 132; Debian 12 ships 156) takes both in one run, which halves the report tests' cost
+    when asked, the screenshot of the same load: Chromium's new headless mode (the default headless
+    mode of current releases; checked on Debian 12's 156) takes both in one run, which halves the report tests' cost
     (a cold Chromium start is most of a page's time). An older Chromium that writes no screenshot
     alongside --dump-dom gets a second run for it."""
     url = Path(page).resolve().as_uri()
