@@ -49,10 +49,9 @@ def _run(arguments: list[str], timeout_s: float) -> tuple[subprocess.CompletedPr
 def load(page: Path, screenshot: Path | None = None, width_px: int = 1300, height_px: int = 2400,
          timeout_s: float = 90) -> LoadedPage:
     """One Chromium run for the DOM (scripts run, virtual time lets onload handlers finish) and,
-    when asked, the screenshot of the same load: Chromium's new headless mode (the default headless
-    mode of current releases; checked on Debian 12's 156) takes both in one run, which halves the report tests' cost
-    (a cold Chromium start is most of a page's time). An older Chromium that writes no screenshot
-    alongside --dump-dom gets a second run for it."""
+    when asked, the screenshot of the same load: Chromium's new headless mode (checked on Debian
+    12's Chromium 156) takes both in one run, one cold Chromium start per page instead of two. An
+    older Chromium that writes no screenshot alongside --dump-dom gets a second run for it."""
     url = Path(page).resolve().as_uri()
     arguments = ["--virtual-time-budget=3000", "--dump-dom", url]
     if screenshot is not None:
