@@ -14,7 +14,7 @@ audit: setup
 	$(VENV)/bin/guardian-agent audit $(AUDIT_ARGS)
 
 test: setup
-	$(PYTHON) -m pytest -q -p no:cacheprovider tests
+	$(PYTHON) -m pytest -q -p no:cacheprovider --durations=20 tests
 
 bench: setup
 	$(PYTHON) benchmarks/run_all.py

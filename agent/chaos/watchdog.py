@@ -11,8 +11,9 @@ the agent's death instead of after a cold import (~0.3 s here).
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
+
+from core.deadman import undo_after_eof
 
 RETRY_FOR_S = 30.0
 
@@ -25,24 +26,10 @@ def main(argv: list[str]) -> int:
 
     sys.stdout.write("ready\n")
     sys.stdout.flush()
-    try:
-        while sys.stdin.buffer.read(4096):
-            pass
-    except OSError:
-        pass
-    deadline = time.monotonic() + RETRY_FOR_S
-    while True:
-        try:
-            sweep(directory, by="watchdog", run_id=run_id)
-            return 0
-        except Exception as error:  # noqa: BLE001 - keep trying until the deadline
-            if time.monotonic() > deadline:
-                try:
-                    journal.append(directory, "watchdog_error", run_id=run_id, error=str(error))
-                except OSError:
-                    pass
-                return 1
-            time.sleep(0.2)
+    return undo_after_eof(sys.stdin.buffer, lambda: sweep(directory, by="watchdog", run_id=run_id),
+                          retry_for_s=RETRY_FOR_S, pause_s=0.2,
+                          give_up=lambda error: journal.append(directory, "watchdog_error",
+                                                               run_id=run_id, error=str(error)))
 
 
 if __name__ == "__main__":

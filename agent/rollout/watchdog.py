@@ -9,39 +9,36 @@ while because the balancer may be briefly unreachable.
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
+
+from core.deadman import undo_after_eof
 
 RETRY_FOR_S = 60.0
 
 
+def restore_blue_unless_finished(journal_path: Path, run_id: str) -> None:
+    # Imported once the driver is gone, not while the watchdog idles beside a live rollout.
+    from agent.rollout.driver import restore_blue_from_journal
+    from agent.rollout.journal import last_run
+
+    state = last_run(journal_path)
+    if state.run_id != run_id or state.terminal is not None:
+        return
+    restore_blue_from_journal(journal_path, "driver died mid-rollout: watchdog restored blue",
+                              "rolled_back", driver_alive=False)
+
+
+def record_error(journal_path: Path, run_id: str, error: Exception) -> None:
+    from agent.rollout.journal import Journal
+
+    Journal(journal_path).append("watchdog_error", run_id=run_id, error=str(error))
+
+
 def main(argv: list[str]) -> int:
     journal_path, run_id = Path(argv[0]), argv[1]
-    try:
-        while sys.stdin.buffer.read(4096):
-            pass
-    except OSError:
-        pass
-    from agent.rollout.driver import restore_blue_from_journal
-    from agent.rollout.journal import Journal, last_run
-
-    deadline = time.monotonic() + RETRY_FOR_S
-    while True:
-        try:
-            state = last_run(journal_path)
-            if state.run_id != run_id or state.terminal is not None:
-                return 0
-            restore_blue_from_journal(journal_path, "driver died mid-rollout: watchdog restored blue",
-                                      "rolled_back", driver_alive=False)
-            return 0
-        except Exception as error:  # noqa: BLE001 - keep trying until the deadline
-            if time.monotonic() > deadline:
-                try:
-                    Journal(journal_path).append("watchdog_error", run_id=run_id, error=str(error))
-                except OSError:
-                    pass
-                return 1
-            time.sleep(0.5)
+    return undo_after_eof(sys.stdin.buffer, lambda: restore_blue_unless_finished(journal_path, run_id),
+                          retry_for_s=RETRY_FOR_S, pause_s=0.5,
+                          give_up=lambda error: record_error(journal_path, run_id, error))
 
 
 if __name__ == "__main__":
