@@ -449,8 +449,8 @@ def test_undo_record_alone_removes_a_live_owned_fault(http_target):
         holder.wait()
 
 
-# SIGKILL at named points of apply(): right as it starts, 20/60 ms into it (a proxy is starting,
-# nft is being fed), and once it returned. Residue is searched by the holder's pid, which every
+# SIGKILL at named points of apply(): right as it starts (cpu: its stopped standby workers and cap
+# child exist), 20/60 ms into it (a proxy is starting, nft is being fed), and once it returned. Residue is searched by the holder's pid, which every
 # name the injectors create carries (tables, proxy argv, stress-ng environment).
 STEPPER = r"""
 import json, sys
@@ -488,12 +488,13 @@ def residue_of(pid: int) -> list[str]:
 
 
 @pytest.mark.parametrize("kind, kill_after_s", [("latency", 0.0), ("latency", 0.02), ("latency", 0.06),
-                                                ("http_error", None), ("loss", 0.0), ("memory", 0.02)])
+                                                ("http_error", None), ("loss", 0.0), ("memory", 0.02),
+                                                ("cpu", 0.0)])
 def test_sigkill_during_apply_leaves_nothing(http_target, kind, kill_after_s):
     specs = {"latency": {"delay_ms": 50}, "http_error": {"share_pct": 50}, "loss": {"share_pct": 50},
-             "memory": {"size_bytes": 256 << 20}}
+             "memory": {"size_bytes": 256 << 20}, "cpu": {"cpus": str(max(os.sched_getaffinity(0)))}}
     spec = {"kind": kind, "duration_s": 30, **specs[kind]}
-    if kind != "memory":
+    if kind not in ("memory", "cpu"):
         spec["target"] = http_target
     env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))
     holder = subprocess.Popen([sys.executable, "-c", STEPPER, json.dumps(spec)], stdin=subprocess.PIPE,
@@ -511,3 +512,91 @@ def test_sigkill_during_apply_leaves_nothing(http_target, kind, kill_after_s):
         time.sleep(0.02)
     assert time.monotonic() - killed_at <= 2.0, residue_of(holder.pid)
     assert not residue_of(holder.pid)
+
+
+def process_state(pid: int) -> str:
+    raw = Path(f"/proc/{pid}/stat").read_bytes()
+    return raw[raw.rfind(b")") + 2:].split()[0].decode()
+
+
+def test_pressure_standby_is_stopped_capped_at_duration_and_discarded():
+    """check() leaves cpu and memory on standby: stopped, using no CPU and holding no memory, and
+    discard() (a run refused before apply) ends it; applied, each ends at duration_s by itself
+    (the cap child / alarm), without remove()."""
+    from agent.chaos.faults.pressure import process_cpu_ticks, resident_bytes
+
+    cpu = make({"kind": "cpu", "cpus": str(max(os.sched_getaffinity(0))), "load_pct": 100, "duration_s": 1})
+    memory = make({"kind": "memory", "size_bytes": 128 << 20, "duration_s": 1})
+    markers = [cpu.undo_record()["marker"], memory.undo_record()["marker"]]
+    try:
+        workers = cpu.workers()
+        ticks_before = process_cpu_ticks(workers)
+        time.sleep(0.3)
+        assert workers and {process_state(pid) for pid in workers} == {"T"}
+        assert process_cpu_ticks(workers) == ticks_before
+        assert process_state(cpu.cap.pid) == process_state(memory.child.pid) == "T"
+        assert resident_bytes(memory.workers()) < 32 << 20
+        for injector in (cpu, memory):
+            injector.discard()
+        assert not any(stress_marker_processes(marker) for marker in markers)
+        for injector in (cpu, memory):
+            injector.apply()                   # a fresh standby, then SIGCONT
+        assert resident_bytes(memory.workers()) >= (128 << 20) * 0.9
+        assert cpu.proof()["bit"]
+        deadline = time.monotonic() + 3
+        while any(stress_marker_processes(marker) for marker in markers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(stress_marker_processes(marker) for marker in markers)
+    finally:
+        for injector in (cpu, memory):
+            injector.remove()
+
+
+def test_runner_refusing_a_run_ends_the_standby(tmp_path):
+    """A run that was not steady (nothing listens on its URL) injects nothing and leaves no
+    stopped standby behind, as does a check() failing on a later fault."""
+    from agent.chaos.experiment import load_experiment
+    from agent.chaos.runner import ChaosRun, prepare_injectors
+    from core.errors import BadInput
+    from core.host import Host
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    path = tmp_path / "pressure.toml"
+    text = f"""
+title = "pressure"
+hypothesis = "nothing"
+environment = "paper-trading"
+[steady_state]
+url = "http://127.0.0.1:{port}/"
+rate_per_s = 20
+before_s = 1
+after_s = 1
+max_error_rate_pct = 1
+max_p99_ms = 200
+[[fault]]
+kind = "cpu"
+cpus = "{max(os.sched_getaffinity(0))}"
+load_pct = 20
+duration_s = 5
+[[fault]]
+kind = "memory"
+size_bytes = {64 << 20}
+duration_s = 5
+"""
+    path.write_text(text)
+    experiment = load_experiment(path)
+    injectors = prepare_injectors(experiment, Host.real())
+    markers = [injector.undo_record()["marker"] for injector in injectors]
+    assert all(stress_marker_processes(marker) for marker in markers)
+    outcome = ChaosRun(experiment, injectors, tmp_path, "test-refused").run()
+    assert outcome.verdict == "not-steady" and all(record.applying_ns is None for record in outcome.faults)
+    assert not any(stress_marker_processes(marker) for marker in markers)
+    path.write_text(text + '[[fault]]\nkind = "cpu"\ncgroup = "guardian_chaos_no_such_group"\nduration_s = 5\n')
+    before = {pid for pid in os.listdir("/proc") if pid.isdigit()}
+    with pytest.raises(BadInput):
+        prepare_injectors(load_experiment(path), Host.real())
+    started = {pid for pid in os.listdir("/proc") if pid.isdigit()} - before
+    assert not [pid for pid in started if Path(f"/proc/{pid}").exists() and b"GUARDIAN_CHAOS_FAULT="
+                in Path(f"/proc/{pid}/environ").read_bytes() and process_state(int(pid)) != "Z"]

@@ -47,16 +47,21 @@ def prepare_injectors(experiment: Experiment, host: Host) -> list:
 
     source = str(experiment.path)
     injectors = []
-    for fault in experiment.faults:
-        injector = injector_for(fault.kind)(fault.spec, host)
-        try:
-            injector.check()
-        except Unavailable as error:
-            raise BadInput(f"{source}: {fault.where}.kind: {fault.kind} is unavailable on this host: {error}") from None
-        except BadInput as error:
-            message = str(error)
-            raise BadInput(message if message.startswith(source) else f"{source}: {fault.where}: {message}") from None
-        injectors.append(injector)
+    try:
+        for fault in experiment.faults:
+            injector = injector_for(fault.kind)(fault.spec, host)
+            try:
+                injector.check()
+            except Unavailable as error:
+                raise BadInput(f"{source}: {fault.where}.kind: {fault.kind} is unavailable on this host: {error}") from None
+            except BadInput as error:
+                message = str(error)
+                raise BadInput(message if message.startswith(source) else f"{source}: {fault.where}: {message}") from None
+            injectors.append(injector)
+    except BaseException:
+        for injector in injectors:  # their standby children: nothing is left of a refused run
+            injector.discard()
+        raise
     return injectors
 
 
@@ -364,9 +369,19 @@ class ChaosRun:
         finally:
             for collector in self.collectors.values():
                 collector.stop()
+            self._discard_unapplied()
         for thread in self._threads:
             thread.join(timeout=2)
         return self._outcome(checks)
+
+    def _discard_unapplied(self) -> None:
+        """A run refused (not steady) or aborted before a fault's apply(): end its standby."""
+        for position, injector in enumerate(self.injectors):
+            if self.faults[position].applying_ns is None:
+                try:
+                    injector.discard()
+                except Exception as error:  # noqa: BLE001 - PDEATHSIG still ends it with the agent
+                    self.progress(f"fault[{position}]: standby not ended: {error}")
 
     def _emergency_stop(self) -> None:
         try:

@@ -164,6 +164,8 @@ def plan_command(experiment_path: Path, as_json: bool, environment: str | None, 
     injectors = prepare_injectors(experiment, Host.real())
     plans = [{"fault": fault.where, "kind": fault.kind, "duration_s": fault.duration_s, **injector.plan()}
              for fault, injector in zip(experiment.faults, injectors, strict=True)]
+    for injector in injectors:  # a dry run: the standby children check() started end here
+        injector.discard()
     data = {"title": experiment.title, "hypothesis": experiment.hypothesis, "environment": experiment.environment,
             "host_environment": host_environment, "refused": refusal or None, "planned_s": experiment.planned_s,
             "faults": plans, "evaluation": _one_evaluation(experiment)}

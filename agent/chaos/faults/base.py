@@ -97,6 +97,9 @@ class Injector:
     def remove(self) -> None:
         raise NotImplementedError
 
+    def discard(self) -> None:
+        """End what check() prepared (a stopped standby child) when apply() never comes."""
+
     def proof(self) -> dict:
         raise NotImplementedError
 

@@ -1,8 +1,15 @@
 """Resource pressure: CPU on chosen CPUs or inside one cgroup, memory on the host or in a cgroup.
 
-Both are stress-ng children started with PR_SET_PDEATHSIG (stress-ng 0.15 gives its own
-workers a parent-death signal too), in their own process group, with stress-ng's --timeout as
-a second, independent cap: the pressure ends with the agent, with remove(), or at duration_s.
+Both start in check() on standby, stopped, so apply() is one SIGCONT (issue 12: active within
+100 ms; at load ~11 stress-ng took ~500 ms to fork its workers and 64 MiB took ~1.2 s to fill):
+  cpu     a stress-ng child whose workers are SIGSTOPped once they exist, plus a stopped cap child
+          that, once continued, ends the group at duration_s (stress-ng's own --timeout runs
+          from its start, so on standby it is only the outer cap: duration_s + STANDBY_MAX_S).
+  memory  an agent-owned child (python -I -S) stopped before it allocates anything; continued,
+          it arms alarm(duration_s) (the kernel's cap) and mmaps size_bytes with MAP_POPULATE.
+Every child has PR_SET_PDEATHSIG and its own process group (stopped stress-ng workers die too:
+their orphaned group gets SIGHUP+SIGCONT from the kernel) and carries the marker environment
+undo() searches. A standby never applied is ended by discard() (a refused or aborted run).
 Inside a cgroup the child joins the cgroup before exec, so its workers compete for that cgroup's
 CPU quota/shares or fill its memory limit, and nothing of the cgroup's settings is changed.
 """
@@ -14,6 +21,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -26,6 +34,44 @@ from .targets import resolve_cgroup
 # Memory pressure never takes more than this share of MemAvailable: the agent never harms the host.
 MAX_MEMORY_SHARE_OF_AVAILABLE = 0.75
 START_TIMEOUT_S = 2.0
+# Standby start-up happens before the run (check()): a loaded host may take longer than at apply.
+STANDBY_TIMEOUT_S = 10.0
+# The longest check() -> apply() wait a standby serves (watchdog start <= 15 s, warm-up, before_s
+# <= 600 s); older, apply() starts a fresh one (stress-ng's --timeout covers exactly this much).
+STANDBY_MAX_S = 630.0
+
+# The standby child: stops itself, and once apply() continues it either holds memory (the kernel
+# ends it at duration_s: SIGALRM's default action) or, as the cap of a stress-ng group, ends that
+# group at duration_s if it is still the same process (start ticks: no pid reuse).
+STANDBY_CHILD = r"""
+import mmap, os, signal, sys, time
+mode, seconds = sys.argv[1], float(sys.argv[2])
+if mode == "memory":
+    try:
+        with open("/proc/self/oom_score_adj", "w") as handle:
+            handle.write("1000")  # the OOM killer's first choice, as stress-ng makes its vm worker
+    except OSError:
+        pass
+os.kill(os.getpid(), signal.SIGSTOP)
+if mode == "memory":
+    signal.alarm(max(1, round(seconds + 0.499)))
+    area = mmap.mmap(-1, int(sys.argv[3]), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
+    while True:
+        signal.pause()
+time.sleep(seconds)
+pgid, ticks = int(sys.argv[3]), sys.argv[4]
+def same():
+    try:
+        with open(f"/proc/{pgid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[19] == ticks
+    except OSError:
+        return False
+# SIGALRM is stress-ng's own timeout: its workers stop and it reaps them (~50 ms); SIGKILL later.
+for signum, grace_s in ((signal.SIGALRM, 1.0), (signal.SIGKILL, 0)):
+    if same():
+        os.killpg(pgid, signum)
+        time.sleep(grace_s)
+"""
 
 
 def stress_ng() -> str | None:
@@ -53,11 +99,16 @@ class StressInjector(Injector):
         self.child: subprocess.Popen | None = None
         self.identity: dict | None = None
         self.cgroup: Path | None = None
+        self.cap: subprocess.Popen | None = None
+        self.stopped: list[dict] = []
+        self.standby_at = 0.0
 
     def check(self) -> None:
         super().check()
         if "cgroup" in self.spec:
             self.cgroup = resolve_cgroup(self.spec["cgroup"], self.controller, self.host, "target")
+        if self.child is None:
+            self.start_standby()
 
     def argv(self) -> list[str]:
         raise NotImplementedError
@@ -70,27 +121,70 @@ class StressInjector(Injector):
         # the record alone, without trusting a pid that may have been reused.
         return f"GUARDIAN_CHAOS_FAULT=guardian_chaos_{self.kind}_{id(self):x}_{os.getpid()}"
 
+    def spawn(self, argv: list[str], cgroup: bool = True, helper: bool = False) -> subprocess.Popen:
+        procs = str(self.cgroup / "cgroup.procs") if self.cgroup is not None and cgroup else None
+        name, _, value = self.marker().partition("=")
+        return spawn_owned(argv, stderr=subprocess.DEVNULL, cgroup_procs=procs, env=dict(os.environ, **{name: value}),
+                           helper=helper)
+
+    def start_standby(self) -> None:
+        """stress-ng with every worker forked and SIGSTOPped, and its stopped cap child."""
+        duration_s = self.spec["duration_s"]
+        timeout_s = math.ceil(duration_s + STANDBY_MAX_S)
+        self.child = self.spawn([stress_ng(), *self.argv(), "--timeout", f"{timeout_s}s"])
+        self.identity = process_identity(self.child.pid)
+        self.standby_at = time.monotonic()
+        deadline = time.monotonic() + STANDBY_TIMEOUT_S
+        while len(self.stopped) < self.worker_count():
+            self.stop_new_workers()
+            self.check_starting(deadline)
+            time.sleep(0.002)
+        self.cap = self.spawn([sys.executable, "-I", "-S", "-c", STANDBY_CHILD, "cap", f"{duration_s:g}",
+                               str(self.child.pid), str(self.identity["start_ticks"])], cgroup=False)
+        wait_stopped(self.cap, self.kind)
+
+    def worker_count(self) -> int:
+        raise NotImplementedError
+
+    def stop_new_workers(self) -> None:
+        known = {identity["pid"] for identity in self.stopped}
+        for pid in self.workers():
+            if pid not in known:
+                identity = process_identity(pid)
+                try:
+                    os.kill(pid, signal.SIGSTOP)
+                except ProcessLookupError:
+                    continue
+                self.stopped.append(identity)
+
+    def check_starting(self, deadline: float) -> None:
+        if self.child.poll() is not None:
+            self.discard()
+            raise WorkFailed(f"{self.kind}: stress-ng exited at once")
+        if time.monotonic() > deadline:
+            self.discard()
+            raise WorkFailed(f"{self.kind}: stress-ng did not start its {self.worker_count()} worker(s) "
+                             f"within {STANDBY_TIMEOUT_S:g} s")
+
     def apply(self) -> None:
         if self.cgroup is None and "cgroup" in self.spec:
             self.check()
-        timeout_s = max(1, math.ceil(self.spec["duration_s"]))
-        argv = [stress_ng(), *self.argv(), "--timeout", f"{timeout_s}s"]
-        procs = str(self.cgroup / "cgroup.procs") if self.cgroup is not None else None
-        name, _, value = self.marker().partition("=")
-        env = dict(os.environ, **{name: value})
-        self.child = spawn_owned(argv, stderr=subprocess.DEVNULL, cgroup_procs=procs, env=env)
-        self.identity = process_identity(self.child.pid)
-        self.wait_started()
+        if self.child is None or self.child.poll() is not None or time.monotonic() - self.standby_at > STANDBY_MAX_S:
+            self.discard()
+            self.start_standby()
+        self.go()
 
-    def wait_started(self) -> None:
-        """Active on return: stress-ng's workers exist (the parent forks them after parsing)."""
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not self.workers():
-            if self.child.poll() is not None:
-                raise WorkFailed(f"{self.kind}: stress-ng exited at once (status {self.child.returncode})")
-            if time.monotonic() > deadline:
-                raise WorkFailed(f"{self.kind}: stress-ng started no worker within {START_TIMEOUT_S:g} s")
-            time.sleep(0.005)
+    def go(self) -> None:
+        """Active on return: the stopped workers are continued (they run at their next tick)."""
+        for identity in self.stopped:
+            if is_alive(identity):
+                os.kill(identity["pid"], signal.SIGCONT)
+        os.kill(self.cap.pid, signal.SIGCONT)
+
+    def discard(self) -> None:
+        """End a standby that was never applied (or any state): nothing of it survives."""
+        self.remove()
+        self.gone_ns = None
 
     def workers(self) -> list[int]:
         if self.child is None:
@@ -117,10 +211,15 @@ class StressInjector(Injector):
                 self.child.wait(timeout=1)
             except subprocess.TimeoutExpired:
                 pass
-        self.child = self.identity = None
+        if self.cap is not None:
+            end_process_group(process_identity(self.cap.pid))
+            self.cap.poll()
+        self.child = self.identity = self.cap = None
+        self.stopped = []
 
     def end_workers(self) -> None:
-        identities = [process_identity(pid) for pid in self.workers()]
+        # The workers stopped on standby are known: no /proc scan (60-85 ms on a busy host).
+        identities = self.stopped or [process_identity(pid) for pid in self.workers()]
         for identity in identities:
             try:
                 os.kill(identity["pid"], signal.SIGKILL)
@@ -134,6 +233,22 @@ class StressInjector(Injector):
     def undo(record: dict) -> None:
         for identity in processes_with_environment(record["marker"]):
             end_process_group(identity)
+
+
+def wait_stopped(child: subprocess.Popen, kind: str) -> None:
+    """Until the standby child stopped itself (state T), bounded."""
+    deadline = time.monotonic() + STANDBY_TIMEOUT_S
+    while True:
+        try:
+            raw = Path(f"/proc/{child.pid}/stat").read_bytes()
+            if raw[raw.rfind(b")") + 2:].split()[0] == b"T":
+                return
+        except OSError:
+            pass
+        if child.poll() is not None or time.monotonic() > deadline:
+            end_process_group(process_identity(child.pid))
+            raise WorkFailed(f"{kind}: the standby child did not start (status {child.poll()})")
+        time.sleep(0.002)
 
 
 def processes_with_environment(entry_text: str) -> list[dict]:
@@ -221,6 +336,9 @@ class CpuInjector(StressInjector):
     def cpu_list(self) -> list[int]:
         return parse_cpu_list(self.spec["cpus"]) if "cpus" in self.spec else self.host.online_cpus()
 
+    def worker_count(self) -> int:
+        return len(self.cpu_list()) * self.spec["workers_per_cpu"]
+
     def argv(self) -> list[str]:
         cpus = self.cpu_list()
         argv = ["--cpu", str(len(cpus) * self.spec["workers_per_cpu"]), "--cpu-load", str(round(self.spec["load_pct"])),
@@ -235,7 +353,7 @@ class CpuInjector(StressInjector):
             where += f", inside cgroup {self.spec['cgroup']}"
         return {"target": where, "backend": self.backend_name(),
                 "undo": "SIGKILL the stress-ng process group (the kernel does it if the agent dies; "
-                        "stress-ng --timeout caps it at duration_s)",
+                        "a cap child ends it at duration_s)",
                 "blast_radius": f"{self.spec['load_pct']:g}% load by {len(self.cpu_list()) * self.spec['workers_per_cpu']} "
                                 f"worker(s) on {where}"}
 
@@ -275,12 +393,20 @@ class MemoryInjector(StressInjector):
             spec["size_pct"] = number(spec, "size_pct", where, 1, 100 * MAX_MEMORY_SHARE_OF_AVAILABLE)
         return spec
 
+    @classmethod
+    def availability(cls, host):
+        return True, "", cls.backend_name()
+
+    @classmethod
+    def backend_name(cls) -> str:
+        return "agent-owned child (PDEATHSIG, MAP_POPULATE)"
+
     def __init__(self, spec, host=None):
         super().__init__(spec, host)
         self.size_bytes = 0
 
     def check(self) -> None:
-        super().check()
+        # The size first: the standby started by super().check() is told how much to hold.
         available = mem_available_bytes(self.host)
         wanted = self.spec.get("size_bytes") or int(available * self.spec["size_pct"] / 100)
         cap = int(available * MAX_MEMORY_SHARE_OF_AVAILABLE)
@@ -288,27 +414,42 @@ class MemoryInjector(StressInjector):
             raise BadInput(f"fault.size_bytes: {wanted} is above {MAX_MEMORY_SHARE_OF_AVAILABLE:.0%} of "
                            f"MemAvailable ({available} bytes): the agent never harms the host")
         self.size_bytes = wanted
+        super().check()
 
-    def argv(self) -> list[str]:
-        if not self.size_bytes:
-            self.check()
-        # --vm-populate faults every page in at mmap time; --vm-hang 0 then holds them without
-        # burning CPU (the default worker rewrites its pages in a loop).
-        return ["--vm", "1", "--vm-bytes", str(self.size_bytes), "--vm-populate", "--vm-hang", "0"]
+    def start_standby(self) -> None:
+        """The child, stopped before it allocates anything: it holds ~6 MiB (the interpreter).
+        At HELPER_NICE: it burns no CPU once its pages are in, but faulting them in (and freeing
+        them at SIGKILL: the exit runs in its context) at nice 0 behind 8 CPU hogs took ~300 ms
+        (~100 ms to free) instead of ~30 (~10): a one-shot step of the fault, not a load."""
+        self.child = self.spawn([sys.executable, "-I", "-S", "-c", STANDBY_CHILD, "memory",
+                                 f"{self.spec['duration_s']:g}", str(self.size_bytes)], helper=True)
+        self.identity = process_identity(self.child.pid)
+        self.standby_at = time.monotonic()
+        wait_stopped(self.child, self.kind)
+        self.stopped = [self.identity]
 
-    def wait_started(self) -> None:
-        super().wait_started()
-        # Active on return means resident: wait (bounded) until the worker's RSS reached 90%.
+    def workers(self) -> list[int]:
+        return [self.child.pid] if self.child is not None and self.child.poll() is None else []
+
+    def go(self) -> None:
+        """Active on return means resident: wait (bounded) until the child's RSS reached 90%.
+        MAP_POPULATE: ~0.5 ms per MiB at load 7 here (64 MiB 38 ms, 512 MiB 270 ms); touching
+        transparent huge pages (madvise) was slower: 64 MiB 243 ms, compaction stalls."""
+        os.kill(self.child.pid, signal.SIGCONT)
         deadline = time.monotonic() + START_TIMEOUT_S
         while resident_bytes(self.workers()) < self.size_bytes * 0.9 and time.monotonic() < deadline:
-            time.sleep(0.005)
+            if self.child.poll() is not None:
+                raise WorkFailed(f"{self.kind}: the memory child ended while allocating (status "
+                                 f"{self.child.returncode}; a cgroup limit below size_bytes?)")
+            time.sleep(0.002)
 
     def plan(self) -> dict:
         if not self.size_bytes:
             self.check()
         where = f"cgroup {self.spec['cgroup']}" if "cgroup" in self.spec else "the host"
         return {"target": where, "backend": self.backend_name(),
-                "undo": "SIGKILL the stress-ng process group (the kernel does it if the agent dies)",
+                "undo": "SIGKILL the memory child (the kernel does it if the agent dies; alarm() caps it "
+                        "at duration_s)",
                 "blast_radius": f"{self.size_bytes} bytes resident in {where} (cap: "
                                 f"{MAX_MEMORY_SHARE_OF_AVAILABLE:.0%} of MemAvailable)"}
 
