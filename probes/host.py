@@ -200,7 +200,10 @@ def cpu_interval_rows(before: Snapshot, after: Snapshot) -> list[dict]:
         row = {"ts": ts, "cpu": cpu, "interval_s": interval}
         for field in CPU_FIELDS:
             row[f"{field}_pct"] = _pct(delta, field, total_ticks)
-        row["busy_pct"] = 100.0 - row["idle_pct"] - row["iowait_pct"] if total_ticks else 0.0
+        # From integer ticks: 100 - idle% - iowait% in floats gave -1.4e-14 on an idle CPU (1 idle
+        # + 2 iowait ticks), outside 0..100 for anyone who checks the range.
+        busy_ticks = max(0, total_ticks - delta.get("idle", 0) - delta.get("iowait", 0))
+        row["busy_pct"] = _pct({"busy": busy_ticks}, "busy", total_ticks)
         if cpu == TOTAL_CPU:
             row["context_switches"] = max(0, after.stat.get("ctxt", 0) - before.stat.get("ctxt", 0))
             row["interrupts"] = max(0, after.stat.get("intr", 0) - before.stat.get("intr", 0))

@@ -96,6 +96,17 @@ def test_parsers_on_recorded_proc_files(fixtures_dir):
     assert {"TIMER", "NET_RX", "SCHED"} <= set(softirqs)
 
 
+@pytest.mark.parametrize("idle_ticks,iowait_ticks", [(1, 2), (7, 3), (0, 5), (5, 0), (0, 0)])
+def test_busy_share_stays_in_range_on_idle_cpus(idle_ticks, iowait_ticks):
+    """An interval with only idle and iowait ticks is exactly 0% busy (float sums left -1.4e-14)."""
+    line = "cpu  {u} 0 0 {i} {w} 0 0 0 0 0\ncpu0 {u} 0 0 {i} {w} 0 0 0 0 0\nctxt 1\nintr 1\n"
+    before = snapshot(line.format(u=10, i=100, w=100), SCHEDSTAT_BEFORE, INTERRUPTS_BEFORE, SOFTIRQS_BEFORE, 10.0)
+    after = snapshot(line.format(u=10, i=100 + idle_ticks, w=100 + iowait_ticks), SCHEDSTAT_AFTER,
+                     INTERRUPTS_AFTER, SOFTIRQS_AFTER, 10.25)
+    for row in cpu_interval_rows(before, after):
+        assert row["busy_pct"] == 0.0, row
+
+
 def test_interval_rows_split_time_per_cpu():
     before = snapshot(STAT_BEFORE, SCHEDSTAT_BEFORE, INTERRUPTS_BEFORE, SOFTIRQS_BEFORE, 10.0)
     after = snapshot(STAT_AFTER, SCHEDSTAT_AFTER, INTERRUPTS_AFTER, SOFTIRQS_AFTER, 11.0)

@@ -1,11 +1,13 @@
 """`tune experiment` on a real kernel knob with a known effect: the CPU quota of the cgroup the
 workload runs in (cgroup v1 cpu.cfs_quota_us here, v2 cpu.max where that is the host's).
 
-The test's own cgroup tree (unique name) starts with the workload's group throttled to 20% of a
-10 ms period; the workload wants ~70% of a CPU (a 0.2 ms nap, then a fixed slice of work; one
+The test's own cgroup tree (unique name) starts with the workload's group throttled to 50% of a
+10 ms period (about seven cycles run, then one waits for the next period: the median stays among
+the fast cycles, the tail among the waits; at 20% only two or three cycles ran per period and the
+median flipped between the two modes from window to window, so an idle item read as +59%); the workload wants ~70% of a CPU (a 0.2 ms nap, then a fixed slice of work; one
 sample per cycle, in ns). Items: `throttle` (10%: every cycle waits longer), `lift` (no limit),
 `idle` (a quota on a sibling group nothing runs in). The effects are 2x and more, so the
-thresholds are widened to 25% (gate config) to stay clear of this shared 2-core host's noise
+thresholds are widened to 60% / 40% (median / p99, gate config) to stay clear of this shared 2-core host's noise
 (eight engineers' tests run beside it); the defaults' calibration is benchmarks/bench_tune_experiment.py."""
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from tests.conftest import run_agent
 V1_CPU = Path("/sys/fs/cgroup/cpu")
 V2_ROOT = Path("/sys/fs/cgroup")
 PERIOD_US = 10_000
+BASE_QUOTA_US = 5_000
 WORKER = r"""
 import os, sys, time
 with open(sys.argv[1] + "/cgroup.procs", "w") as f:
@@ -62,7 +65,7 @@ class CgroupTree:
         self.write(self.base, "cpu.shares" if self.v1 else "cpu.weight", "10240" if self.v1 else "1000")
         for group in ("work", "idle"):
             self.set_quota(group, -1)
-        self.set_quota("work", 2000)
+        self.set_quota("work", BASE_QUOTA_US)
 
     def write(self, directory: Path, file: str, value: str) -> None:
         (directory / file).write_text(value)
@@ -104,8 +107,10 @@ def test_cpu_quota_items_worsen_improve_and_do_nothing(cgroups, tmp_path):
         f'[cgroup_cpu.lift]\ncgroup = "{cgroups.name}/work"\nquota_us = -1\n\n'
         f'[cgroup_cpu.idle]\ncgroup = "{cgroups.name}/idle"\nquota_us = 1200\n')
     gate = tmp_path / "gate.toml"
-    gate.write_text('[metrics."tuning.latency_ns"]\nthreshold_pct = 25\n\n'
-                    '[metrics."tuning.latency_ns.p99"]\nthreshold_pct = 25\n')
+    # The fast cycles' median moves ±30% between windows on this host (measured: +27% for `lift`,
+    # whose real effect is p99 −86%): thresholds well above that noise, far below the 2x+ effects.
+    gate.write_text('[metrics."tuning.latency_ns"]\nthreshold_pct = 60\n\n'
+                    '[metrics."tuning.latency_ns.p99"]\nthreshold_pct = 40\n')
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
     state = tmp_path / "state"
@@ -120,8 +125,8 @@ def test_cpu_quota_items_worsen_improve_and_do_nothing(cgroups, tmp_path):
     assert rows["cgroup_cpu:throttle"]["verdict"] == "worsens", summary
     assert rows["cgroup_cpu:lift"]["verdict"] == "improves", summary
     assert rows["cgroup_cpu:idle"]["verdict"] == "no measurable effect", summary
-    assert rows["cgroup_cpu:throttle"]["effect_pct"] > 25 and rows["cgroup_cpu:lift"]["effect_pct"] < -25
-    expected = ("2000", "-1") if cgroups.v1 else (f"2000 {PERIOD_US}", f"max {PERIOD_US}")
+    assert rows["cgroup_cpu:throttle"]["effect_pct"] > 60 and rows["cgroup_cpu:lift"]["effect_pct"] < -40
+    expected = (str(BASE_QUOTA_US), "-1") if cgroups.v1 else (f"{BASE_QUOTA_US} {PERIOD_US}", f"max {PERIOD_US}")
     assert (rows["cgroup_cpu:lift"]["value_before"], rows["cgroup_cpu:lift"]["value_after"]) == expected
     # Every B window was rolled back byte-exact through the journal, nothing is left pending.
     assert cgroups.quota_files() == before
