@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import socket
 import sys
 import threading
@@ -44,6 +45,20 @@ def ping(port: int, pause_s: float, deadline: float) -> None:
             time.sleep(pause_s)
 
 
+def listen_below_ephemeral_ports() -> socket.socket:
+    """A listener on a port below the kernel's ephemeral range, as real services have. A capture
+    that starts mid-connection sees no SYN, and the analyser then takes the higher port for the
+    client: with the server on an ephemeral port too, roles were a coin flip, and a flipped flow
+    times pong -> next ping (the client's 0.5 ms pause) instead of the server's delay."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for port in random.sample(range(max(1024, low - 12000), low), 200):
+        try:
+            return socket.create_server(("127.0.0.1", port))
+        except OSError:
+            continue
+    raise SystemExit("no free port below the ephemeral range")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--root", type=Path, required=True)
@@ -57,7 +72,7 @@ def main() -> int:
     except OSError as error:
         print(f"SCHED_FIFO refused ({error}): latencies will carry scheduling noise", file=sys.stderr)
     deadline = time.monotonic() + args.lifetime_s
-    listener = socket.create_server(("127.0.0.1", 0))
+    listener = listen_below_ephemeral_ports()
     port = listener.getsockname()[1]
     for target, arguments in ((serve, (listener, args.root, args.delay_s, args.slow_when_tuned, deadline)),
                               (ping, (port, args.pause_s, deadline))):
