@@ -7,8 +7,13 @@
    pcap`: the same three figures for its report.
 3. The textfile write per daemon window: window families from the audit bundle plus the agent
    file, written atomically by prometheus_client (median of 30).
+4. With --memory [REF]: peak RSS (whole process, GNU time) of `guardian-agent report` on pcap
+   bundles of 100 flows with 0.25M, 1M, 4M and 16M turns (captures written by
+   tests/fixtures/pcap/synthetic.py, bundles by `pcap --no-html`), for this tree and, with REF,
+   for the tree at that commit (git archive). Writes benchmarks/results/report_memory.json.
 
     python benchmarks/bench_reports.py [--quick]     # --quick: 3 s audit, 200k packets
+    python benchmarks/bench_reports.py --memory [REF]
 
 Writes benchmarks/results/reports.json. The machine is shared: figures are medians of a few runs.
 """
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -75,10 +81,58 @@ def textfile_figures(bundle: Path, work: Path) -> dict:
             "window_file_bytes": (work / "textfile" / WINDOW_FILE).stat().st_size}
 
 
+TURN_CURVE = [("0.25M turns", 100, 2_500), ("1M turns", 100, 10_000), ("4M turns", 100, 40_000),
+              ("16M turns", 100, 160_000)]
+RENDERED_AT = re.compile(rb"Rendered [^ ]+ by")  # the footer's time stamp: the only part that may differ
+
+
+def report_memory(baseline_ref: str | None) -> dict:
+    """Peak RSS of `report` on pcap bundles as the turns table grows (flat = streamed)."""
+    sys.path.insert(0, str(HERE))
+    sys.path.insert(0, str(PROJECT / "tests" / "fixtures" / "pcap"))
+    import synthetic
+    from bench_pcap import baseline_tree, peak_rss
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-report-memory-") as scratch:
+        work = Path(scratch)
+        baseline = baseline_tree(work, baseline_ref) if baseline_ref else None
+        for label, flows, turns in TURN_CURVE:
+            capture, bundle = work / "synthetic.pcap", work / "bundle"
+            packets = synthetic.write_capture(capture, flows=flows, turns=turns)
+            agent("pcap", str(capture), "--out", str(bundle), "--no-html")
+            capture.unlink()
+            row = {"bundle": label, "flows": flows, "packets": packets,
+                   "turns_bytes": (bundle / "turns.parquet").stat().st_size}
+            sides = [("after", PROJECT)] + ([("before", baseline)] if baseline is not None else [])
+            for side, tree in sides:
+                out = work / f"{side}.html"
+                env = dict(os.environ, PYTHONPATH=str(tree))
+                mib, seconds, status = peak_rss([sys.executable, "-m", "agent.cli", "report", str(bundle),
+                                                 "--out", str(out)], cwd=tree, env=env)
+                row.update({f"{side}_peak_rss_mib": round(mib, 1), f"{side}_s": round(seconds, 2),
+                            f"{side}_exit": status, f"{side}_html_bytes": out.stat().st_size if out.exists() else None})
+            if baseline is not None:
+                pages = [RENDERED_AT.sub(b"", (work / f"{side}.html").read_bytes()) for side in ("after", "before")]
+                row["same_page"] = pages[0] == pages[1]
+            subprocess.run(["rm", "-rf", str(bundle)], check=True)
+            rows.append(row)
+            print("  " + ", ".join(f"{key} {value}" for key, value in row.items()), flush=True)
+    return {"measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "load_average": os.getloadavg(), "baseline": baseline_ref if baseline else None, "rows": rows}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--memory", nargs="?", const="", metavar="REF",
+                        help="only the report's peak RSS as turns grow; REF: also the tree at that commit")
     args = parser.parse_args()
+    if args.memory is not None:
+        result = report_memory(args.memory or None)
+        (HERE / "results").mkdir(exist_ok=True)
+        (HERE / "results" / "report_memory.json").write_text(json.dumps(result, indent=2) + "\n")
+        return 0
     results: dict = {"measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                      "shared_machine": True}
     blank_s = None

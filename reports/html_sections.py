@@ -17,13 +17,15 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from reports import html_charts as charts
 from reports.html_blocks import (Cell, Chart, Embed, Note, Section, Table, cell, heat_style,
                                  table_from_rows)
-from reports.html_data import (ReportSource, latency_log2_histogram, log2_histogram, syscall_buckets,
+from reports.html_data import (ReportSource, log2_histogram, syscall_buckets,
                                syscall_pairs, top_syscalls)
 from reports.tuning_impact import effect_text, measured_effect
+from reports.turn_stats import flow_turn_stats, turn_row_count
 
 SEVERITY_ORDER = {"critical": 0, "warning": 1, "info": 2}
 TOP_SYSCALL_HISTOGRAMS = 6
@@ -33,6 +35,8 @@ TOP_FLOWS = 6
 TOP_QUERIES = 20
 MAX_FINDING_GROUPS = 200
 CDF_POINTS = 400
+CDF_FRACTIONS = np.linspace(0, 1, CDF_POINTS + 1)[1:].tolist()
+TURN_QUANTILES = [0.5, 0.99, 0.999]
 # Tables beyond this many rows are summarised (quantiles, buckets), never listed whole.
 AGGREGATE_ABOVE_ROWS = 100_000
 _DIGITS = re.compile(r"\d+(\.\d+)?")
@@ -291,8 +295,7 @@ def tcp_section(source: ReportSource) -> Section | None:
 
 def flows_section(source: ReportSource) -> Section | None:
     flows = source.table("flows")
-    turns = source.table("turns")
-    if flows is None and turns is None:
+    if flows is None and not source.has("turns"):
         return None
     section = Section("turns", "Flows and request → response turns")
     if flows is not None and flows.num_rows:
@@ -302,52 +305,33 @@ def flows_section(source: ReportSource) -> Section | None:
                                "turn_p99_ns", "turn_max_ns", "retransmits") if c in flows.column_names]
         section.blocks.append(table_from_rows(rows, columns, "flows", "flow", ("packets", "bytes", "turns"),
                                               total_rows=flows.num_rows, caption="flows by turns"))
-    if turns is None or turns.num_rows == 0:
+    # Streamed from the file (reports/turn_stats.py): the page's memory does not grow with turns.
+    paths = source.files.get("turns", [])
+    turn_rows = turn_row_count(paths)
+    if turn_rows == 0 or "latency_ns" not in pq.read_schema(paths[0]).names:
         section.blocks.append(Note("No request → response turns in this bundle."))
         return section
-    if turns.num_rows > AGGREGATE_ABOVE_ROWS:
-        section.blocks.append(Note(f"turns has {turns.num_rows:,} rows: shown as per-flow quantiles, log2 buckets "
+    if turn_rows > AGGREGATE_ABOVE_ROWS:
+        section.blocks.append(Note(f"turns has {turn_rows:,} rows: shown as per-flow quantiles, log2 buckets "
                                    f"and a {CDF_POINTS}-point CDF, not row by row (the Parquet file has them all).",
                                    "aggregated"))
-    latency = turns["latency_ns"].to_numpy(zero_copy_only=False)
-    flow_ids = turns["flow"].to_numpy(zero_copy_only=False) if "flow" in turns.column_names else None
-    top_flows = _top_flows(flow_ids)
     summary_rows = []
     cdfs = {}
-    for flow in top_flows:
-        values = latency if flow is None else latency[flow_ids == flow]
-        values = values[values >= 0]
-        if values.size == 0:
-            continue
-        label = "all" if flow is None else f"flow {flow}"
-        q = np.quantile(values, [0.5, 0.99, 0.999], method="higher")
-        summary_rows.append({"flow": label, "turns": int(values.size), "p50_ns": int(q[0]), "p99_ns": int(q[1]),
-                             "p999_ns": int(q[2]), "max_ns": int(values.max())})
-        cdfs[label] = _cdf_points(values)
-        histogram = latency_log2_histogram(values)
-        if histogram:
-            section.blocks.append(Chart(charts.log2_histogram_svg(histogram, f"{label}: turn latency, log2 buckets "
-                                                                              f"({values.size:,} turns)")))
+    for flow in flow_turn_stats(paths, TOP_FLOWS, TURN_QUANTILES + CDF_FRACTIONS):
+        label = "all" if flow.flow is None else f"flow {flow.flow}"
+        p50, p99, p999 = flow.quantiles_ns[:len(TURN_QUANTILES)]
+        summary_rows.append({"flow": label, "turns": flow.turns, "p50_ns": p50, "p99_ns": p99,
+                             "p999_ns": p999, "max_ns": flow.max_ns})
+        cdfs[label] = ([max(x, 1) for x in flow.quantiles_ns[len(TURN_QUANTILES):]], CDF_FRACTIONS)
+        if flow.log2:
+            section.blocks.append(Chart(charts.log2_histogram_svg(flow.log2, f"{label}: turn latency, log2 buckets "
+                                                                               f"({flow.turns:,} turns)")))
     section.blocks.insert(1 if flows is not None and flows.num_rows else 0, table_from_rows(
         summary_rows, ["flow", "turns", "p50_ns", "p99_ns", "p999_ns", "max_ns"], "turns", "flow",
         ("turns", "p50_ns", "p99_ns", "max_ns"), caption="turn latency per flow (quantiles: observed values)"))
     if cdfs:
         section.blocks.append(Chart(charts.cdf_svg(cdfs, "turn latency CDF per flow", "latency ns")))
     return section
-
-
-def _top_flows(flow_ids) -> list:
-    if flow_ids is None:
-        return [None]
-    values, counts = np.unique(flow_ids, return_counts=True)
-    order = np.argsort(-counts, kind="stable")[:TOP_FLOWS]
-    return [values[i].item() if hasattr(values[i], "item") else values[i] for i in order]
-
-
-def _cdf_points(values: np.ndarray) -> tuple[list[float], list[float]]:
-    fractions = np.linspace(0, 1, CDF_POINTS + 1)[1:]
-    xs = np.quantile(values, fractions, method="higher")
-    return np.maximum(xs, 1).tolist(), fractions.tolist()
 
 
 # ---------------------------------------------------------------------------------------------
