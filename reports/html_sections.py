@@ -653,7 +653,9 @@ def generic_sections(source: ReportSource) -> list[Section]:
             if table.num_rows > 50:
                 section.blocks.append(Note(f"{name} has {table.num_rows:,} rows: its numeric columns are "
                                            "summarised above and its first 50 rows listed.", "aggregated"))
-            section.blocks.append(table_from_rows(table.slice(0, 50).to_pylist(), table.column_names,
+            # Keyed by row number ("<table>:<row>:<column>"), so a script or a test can read any cell.
+            rows = [dict(row, _row=index) for index, row in enumerate(table.slice(0, 50).to_pylist())]
+            section.blocks.append(table_from_rows(rows, table.column_names, name, "_row", tuple(table.column_names),
                                                   total_rows=table.num_rows))
         sections.append(section)
     return sections

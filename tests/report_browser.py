@@ -114,3 +114,20 @@ def keyed_cells(dom: str) -> dict[str, str]:
 def shown_number(text: str) -> float:
     """The number a cell shows ('1,234.5' -> 1234.5)."""
     return float(text.replace(",", ""))
+
+
+# Anything that would make the browser fetch from elsewhere (CSP would block it, and log that).
+FETCH = re.compile(r"""(?:src|href|action)\s*=\s*["']?(?:https?:)?//|url\(\s*["']?(?:https?:)?//|@import""", re.I)
+
+
+def check_page(page: Path, tmp_path: Path, size_limit_bytes: int = 3_000_000) -> dict[str, str]:
+    """Load PAGE in Chromium: no console message, a non-blank screenshot, under the size budget;
+    returns the keyed cells as shown."""
+    assert page.exists(), page
+    assert page.stat().st_size < size_limit_bytes, page.stat().st_size
+    text = page.read_text()
+    assert not FETCH.search(text), FETCH.search(text).group(0)
+    loaded = load(page, screenshot=tmp_path / f"{page.parent.name}.png")
+    assert loaded.console == [], loaded.console
+    assert non_blank_share(loaded.screenshot) > 0.05
+    return keyed_cells(loaded.dom)

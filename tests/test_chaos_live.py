@@ -278,6 +278,7 @@ def assert_held_with_timeouts(result: subprocess.CompletedProcess, state: Path, 
     assert pq.read_table(out / "findings.parquet").column("severity").to_pylist() == ["info"]
     assert json.loads((out / "manifest.json").read_text())["chaos"]["verdict"] == "held"
     assert data["report"] == str(out / "report.html") and "held" in (out / "report.html").read_text()
+    _report_loads_and_shows_the_fault(out, fault, state)
     runs = ds.dataset(dataset / "table=chaos_runs", format="parquet", partitioning="hive").to_table().to_pylist()
     assert [row["verdict"] for row in runs if row["run_id"] == data["run_id"]] == ["held"]
     assert {row["verdict"] for row in runs} <= {"held", "not-steady"}
@@ -300,6 +301,18 @@ def assert_refuted_without_timeout(result: subprocess.CompletedProcess) -> None:
 
 
 # --- safety ----------------------------------------------------------------------------------------
+def _report_loads_and_shows_the_fault(bundle: Path, fault: dict, scratch: Path) -> None:
+    """The chaos run's report.html in Chromium: no console error, not blank, the fault's row as
+    chaos_faults.parquet holds it."""
+    from tests.report_browser import check_page, chromium_missing_reason
+
+    if chromium_missing_reason():
+        pytest.skip(chromium_missing_reason())  # after every other check of the run
+    cells = check_page(bundle / "report.html", scratch)
+    assert cells["chaos_faults:0:removed_by"] == fault["removed_by"]
+    assert cells["chaos_faults:0:kind"] == fault["kind"]
+
+
 def test_a_safeguard_aborts_at_once(tmp_path):
     ports = free_ports(4)
     experiment = short_experiment(tmp_path / "e.toml", ports, before_s=1, duration_s=8, extra="""

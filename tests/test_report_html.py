@@ -10,10 +10,8 @@ the Parquet tables hold.
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +20,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from tests.report_browser import chromium_missing_reason, keyed_cells, load, non_blank_share, shown_number
+from tests.report_browser import check_page, chromium_missing_reason, shown_number
 
-# Anything that would make the browser fetch from elsewhere (CSP would block it, and log that).
-FETCH = re.compile(r"""(?:src|href|action)\s*=\s*["']?(?:https?:)?//|url\(\s*["']?(?:https?:)?//|@import""", re.I)
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 sys.path.insert(0, str(FIXTURES / "pcap"))
 
@@ -35,19 +31,6 @@ def browser():
     reason = chromium_missing_reason()
     if reason:
         pytest.skip(reason)
-
-
-def check_page(page: Path, tmp_path: Path, size_limit_bytes: int = 3_000_000) -> dict[str, str]:
-    """Load PAGE in Chromium: no console message, a non-blank screenshot, under the size budget;
-    returns the keyed cells as shown."""
-    assert page.exists(), page
-    assert page.stat().st_size < size_limit_bytes, page.stat().st_size
-    text = page.read_text()
-    assert not FETCH.search(text), FETCH.search(text).group(0)
-    loaded = load(page, screenshot=tmp_path / f"{page.parent.name}.png")
-    assert loaded.console == [], loaded.console
-    assert non_blank_share(loaded.screenshot) > 0.05
-    return keyed_cells(loaded.dom)
 
 
 def report_path_from(stdout: str) -> Path:

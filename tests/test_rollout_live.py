@@ -385,6 +385,27 @@ def test_green_with_2ms_more_latency_is_rolled_back(lb, agent_cli):
     relaxed = agent_cli("gate", "--rollout", str(report), "--config", str(loose), "--no-record", "--json")
     latency = next(m for m in json.loads(relaxed.stdout)["metrics"] if m["metric"] == "turns.latency_ns")
     assert latency["classification"] != "fail" and relaxed.returncode != 1
+    _post_mortem_page_shows_the_failing_decision(report, lb.dir)
+
+
+def _post_mortem_page_shows_the_failing_decision(report: Path, scratch: Path) -> None:
+    """The post-mortem's report.html in Chromium: the latest gate decision's counts and effect
+    as rollout_verdicts.parquet holds them."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from tests.report_browser import check_page, chromium_missing_reason, shown_number
+
+    if chromium_missing_reason():
+        pytest.skip(chromium_missing_reason())  # after every other check of the rollback
+    cells = check_page(report / "report.html", scratch)
+    verdicts = pq.read_table(report / "rollout_verdicts.parquet")
+    latest = verdicts.filter(pc.equal(verdicts["decided_at"], pc.max(verdicts["decided_at"]))).to_pylist()
+    judged = [row for row in latest if row["metric"] and row["effect_pct"] is not None]
+    assert judged
+    for row in judged:
+        assert shown_number(cells[f"gate:{row['metric']}:effect_pct"]) == pytest.approx(row["effect_pct"], abs=0.0005)
+        assert shown_number(cells[f"gate:{row['metric']}:baseline_count"]) == row["baseline_count"]
 
 
 @pytest.mark.live

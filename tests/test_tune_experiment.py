@@ -106,6 +106,22 @@ def test_verdicts_keep_bundle_and_a_pending_journal_refuses_the_next_run(tree, t
     assert again.returncode == 2 and "a tuning journal is pending" in again.stderr
     assert again.stderr.count("\n") == 1
     assert tune(root, state, "rollback").returncode == 0 and snapshot(root) == before
+    _report_shows_the_verdicts(out, tmp_path)
+
+
+def _report_shows_the_verdicts(bundle: Path, tmp_path: Path) -> None:
+    """`report` of a tune experiment bundle: loads in Chromium and shows each item's verdict."""
+    from tests.conftest import run_agent
+    from tests.report_browser import check_page, chromium_missing_reason
+
+    result = run_agent("report", str(bundle))
+    assert result.returncode == 0, result.stderr
+    if chromium_missing_reason():
+        pytest.skip(chromium_missing_reason())
+    cells = check_page(bundle / "report.html", tmp_path)
+    verdicts = pq.read_table(bundle / "tuning_verdicts.parquet").to_pylist()
+    assert [cells[f"tuning_verdicts:{i}:verdict"] for i in range(len(verdicts))] == [r["verdict"] for r in verdicts]
+    assert [cells[f"tuning_verdicts:{i}:item"] for i in range(len(verdicts))] == [r["item"] for r in verdicts]
 
 
 def test_sigkill_at_every_phase_is_finished_byte_exact_by_tune_rollback(tree, tmp_path):
