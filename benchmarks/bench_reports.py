@@ -134,7 +134,7 @@ def main() -> int:
         (HERE / "results" / "report_memory.json").write_text(json.dumps(result, indent=2) + "\n")
         return 0
     results: dict = {"measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                     "shared_machine": True}
+                     "shared_machine": True, "load_average_at_start": os.getloadavg()}
     blank_s = None
     if chromium_missing_reason() is None:
         with tempfile.TemporaryDirectory() as scratch:
@@ -161,6 +161,7 @@ def main() -> int:
         pcap_bundle = work / "pcap"
         agent("pcap", str(capture), "--out", str(pcap_bundle), "--no-html")
         results["pcap"] = {"packets": packets, **report_figures(pcap_bundle, work, blank_s)}
+    results["load_average_at_end"] = os.getloadavg()  # the figures scale with it on a shared VM
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "reports.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))

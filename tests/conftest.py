@@ -82,22 +82,35 @@ def cli_runner():
 
 
 SYSCALL_LOAD = """
-import os, sys, time
+import os, socket, sys, threading, time
 deadline = time.monotonic() + float(sys.argv[1])
+client = None
+if sys.argv[2:] == ["tcp"]:  # a loopback ping/pong each round: connections with sRTT samples
+    server = socket.create_server(("127.0.0.1", 0))
+    def serve():
+        peer, _ = server.accept()
+        while peer.recv(64):
+            peer.sendall(b"pong")
+    threading.Thread(target=serve, daemon=True).start()
+    client = socket.create_connection(server.getsockname())
 while time.monotonic() < deadline:
     for _ in range(50):
         os.getppid()
+    if client is not None:
+        client.sendall(b"ping")
+        client.recv(64)
     time.sleep(0.005)
 """
 
 
 @contextmanager
-def syscall_load(max_s: float = 60.0):
+def syscall_load(max_s: float = 60.0, tcp: bool = False):
     """A child that makes getppid bursts and 5 ms naps for at most MAX_S seconds (it stops by
     itself; leaving the block kills it sooner). The syscalls probe leaves out the agent's own
     calls, and a CI container may run nothing else: tests that expect rows bring their own load
-    and check that its pid shows up. Yields the child's pid."""
-    child = subprocess.Popen([sys.executable, "-c", SYSCALL_LOAD, str(max_s)])
+    and check that its pid shows up. With `tcp`, each round is also a loopback ping/pong on one
+    connection (for the tcp probe). Yields the child's pid."""
+    child = subprocess.Popen([sys.executable, "-c", SYSCALL_LOAD, str(max_s), *(["tcp"] if tcp else [])])
     try:
         yield child.pid
     finally:

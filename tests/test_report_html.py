@@ -41,12 +41,31 @@ def report_path_from(stdout: str) -> Path:
 # ---------------------------------------------------------------------------------------------
 
 
+# The audit's target: CPU work for the flame graph and a loopback request/response loop, so the
+# tcp probe has connections with sRTT samples to show (per connection and per peer role).
+TARGET = """
+import socket, threading, time
+end = time.time() + 120
+server = socket.create_server(("127.0.0.1", 0))
+def serve():
+    peer, _ = server.accept()
+    while peer.recv(64):
+        peer.sendall(b"pong")
+threading.Thread(target=serve, daemon=True).start()
+client = socket.create_connection(server.getsockname())
+def spin():
+    return sum(i * i for i in range(20000))
+while time.time() < end:
+    spin()
+    client.sendall(b"ping")
+    client.recv(64)
+    time.sleep(0.001)
+"""
+
+
 @pytest.mark.live
 def test_audit_report_shows_the_bundle_numbers(browser, agent_cli, tmp_path):
-    target = subprocess.Popen([sys.executable, "-c",
-                               "import time\nend = time.time() + 120\n"
-                               "def spin():\n    return sum(i * i for i in range(20000))\n"
-                               "while time.time() < end:\n    spin(); time.sleep(0.001)\n"])
+    target = subprocess.Popen([sys.executable, "-c", TARGET])
     try:
         bundle = tmp_path / "audit"
         result = agent_cli("audit", "--duration", "3", "--profile", "trading-latency", "--out", str(bundle),
@@ -87,6 +106,13 @@ def test_audit_report_shows_the_bundle_numbers(browser, agent_cli, tmp_path):
     assert "pid × syscall heat map" in html and "CPU time split per CPU" in html
     if (bundle / "stacks.svg").exists():
         assert "data:image/svg+xml;base64," in html
+    assert "Interrupts and softirqs per CPU" in html and "why" in html and "reboot required" in html
+    tcp = [row for row in pq.read_table(bundle / "tcp.parquet").to_pylist() if row["srtt_us_p50"] is not None]
+    assert tcp, "the target's loopback connection has sRTT samples"
+    for row in tcp:
+        key = f"tcp:{row['laddr']}:{row['lport']} → {row['raddr']}:{row['rport']}:srtt_us_p50"
+        assert shown_number(cells[key]) == pytest.approx(row["srtt_us_p50"], rel=1e-3)
+    assert "sRTT by peer role" in html and "smoothed RTT per connection" in html
     jitter = pq.read_table(bundle / "jitter.parquet").to_pylist()
     for row in jitter:
         assert shown_number(cells[f"jitter:{row['cpu']}:gap_count"]) == row["gap_count"]

@@ -68,7 +68,7 @@ def test_daemon_textfile_and_listen_match_the_window_in_the_dataset(tmp_path, fr
     daemon = Daemon(config, REGISTRY, max_windows=2, metrics=exporter)
     codes = []
     # The daemon runs in this process, whose own calls the probe leaves out: bring a load.
-    with syscall_load():
+    with syscall_load(tcp=True):
         runner = threading.Thread(target=lambda: codes.append(daemon.run()))
         runner.start()
         scraped = ""
@@ -106,7 +106,18 @@ def test_daemon_textfile_and_listen_match_the_window_in_the_dataset(tmp_path, fr
         assert series[key]["count"] == calls[key], key
     busy = {s.labels["cpu"] for s in families["guardian_cpu_busy_ratio"].samples}
     assert "0" in busy and "-1" in busy
+    # sRTT per peer role: the connections the same window's tcp table has samples for, role by role.
+    tcp = [pq.read_table(p) for p in root.glob(f"table=tcp/**/{last_run}.parquet")]
+    expected_roles: dict[str, int] = {}
+    for row in (pa.concat_tables(tcp).to_pylist() if tcp else []):
+        if row["srtt_us_p50"] is not None:
+            role = row.get("role") or "unlabelled"
+            expected_roles[role] = expected_roles.get(role, 0) + 1
+    shown_roles = {s.labels["role"]: s.value for s in families["guardian_tcp_connections"].samples}
+    assert expected_roles and shown_roles == expected_roles
+    assert {s.labels["role"] for s in families["guardian_tcp_srtt_median_seconds"].samples} == set(expected_roles)
     agent = parse((textfiles / AGENT_FILE).read_text())
+    assert agent["guardian_agent_cpu_seconds"].samples[0].value > 0
     assert agent["guardian_agent_windows"].samples[0].value == 2
     assert agent["guardian_agent_resident_memory_bytes"].samples[0].value > 10e6
     with pytest.raises(OSError):  # the server stopped with the daemon
