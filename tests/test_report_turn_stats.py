@@ -117,16 +117,15 @@ def _turns_bundle(path, rows: int):
 
     rng = np.random.default_rng(11)
     writer = BundleWriter(path)
-    writer.write_table("turns", pa.table({"flow": rng.integers(0, 100, rows), "ts_ns": np.arange(rows),
-                                          "latency_ns": rng.lognormal(11, 0.8, rows).astype(np.int64),
-                                          "request_bytes": np.full(rows, 100)}), "pcap")
+    writer.write_table("turns", pa.table({"flow": rng.integers(0, 100, rows),
+                                          "latency_ns": rng.lognormal(11, 0.8, rows).astype(np.int64)}), "pcap")
     writer.finish()
     return path
 
 
 def test_report_peak_memory_does_not_grow_with_turns(tmp_path):
-    """Whole `report` processes on 1M and 4M turns: peak RSS (VmHWM, the child's own: exec starts
-    a fresh one) grows by less than 40 MB; loading the table whole grew it from 241 to 440 MiB."""
+    """Whole `report` processes on 1M and 3M turns: peak RSS (VmHWM, the child's own: exec starts
+    a fresh one) grows by less than 30 MiB; loading the table whole grew it by 95 MiB here."""
     import os
     import subprocess
     import sys
@@ -134,7 +133,7 @@ def test_report_peak_memory_does_not_grow_with_turns(tmp_path):
     from tests.conftest import PROJECT_ROOT
 
     peaks_kib = []
-    for rows in (1_000_000, 4_000_000):
+    for rows in (1_000_000, 3_000_000):
         bundle = _turns_bundle(tmp_path / f"turns-{rows}", rows)
         result = subprocess.run([sys.executable, "-c", RENDER_AND_PEAK, str(bundle), str(tmp_path / f"{rows}.html")],
                                 capture_output=True, text=True, timeout=120, cwd=PROJECT_ROOT,
@@ -142,4 +141,4 @@ def test_report_peak_memory_does_not_grow_with_turns(tmp_path):
         assert result.returncode == 0, result.stderr
         peaks_kib.append(int(result.stdout.split()[-1]))
         assert f"turns has {rows:,} rows" in (tmp_path / f"{rows}.html").read_text()
-    assert peaks_kib[1] - peaks_kib[0] < 40 * 1024, peaks_kib
+    assert peaks_kib[1] - peaks_kib[0] < 30 * 1024, peaks_kib
