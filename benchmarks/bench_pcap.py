@@ -45,12 +45,10 @@ sys.path.insert(0, str(PROJECT / "tests" / "fixtures" / "pcap"))
 from loopback_traffic import DelayedEchoServer, request_loop  # noqa: E402
 import synthetic  # noqa: E402
 
-from probes.pcap_reader import CaptureReader  # noqa: E402
+from probes.pcap_reader import CaptureCorrupt, CaptureReader  # noqa: E402
 
 
 def count_packets(path: Path) -> int:
-    from probes.pcap_reader import CaptureCorrupt
-
     total = 0
     try:
         for block in CaptureReader(path).blocks():

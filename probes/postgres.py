@@ -407,7 +407,6 @@ class PostgresProbe(ProbeBase):
         super().__init__(config)
         self._dsn: str | None = None
         self._start: dict | None = None
-        self.status_reason = ""
 
     def check(self) -> None:
         dsn = read_dsn(self.option("pg_dsn"), self.option("pg_dsn_file"))

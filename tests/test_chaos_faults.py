@@ -7,7 +7,7 @@ import pytest
 from agent.chaos.faults import REGISTRY, injector_for
 from agent.chaos.faults.network import parse_endpoint
 from agent.chaos.faults.proxy import content_length
-from core.errors import BadInput
+from core.errors import BadInput, Unavailable
 from core.host import Host
 
 
@@ -102,7 +102,6 @@ def test_unit_targets_unavailable_without_systemd(tmp_path):
     cls = injector_for("kill")
     injector = cls(cls.validate({"kind": "kill", "unit": "strategy.service", "duration_s": 3}, "fault[0]"),
                    Host(tmp_path))
-    from core.errors import Unavailable
     with pytest.raises(Unavailable, match="PID 1 is not systemd \\(it is 'init'\\)"):
         injector.check()
     assert "units: no, PID 1 is not systemd" in cls.availability(Host(tmp_path))[2]

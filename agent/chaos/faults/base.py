@@ -1,6 +1,6 @@
 """The injector contract shared by every fault kind, and the helpers they all need.
 
-Lifetime rule (issue 12, "nothing outlives the agent"): an injector whose `owned_by_kernel` is
+Lifetime rule ("nothing outlives the agent"): an injector whose `owned_by_kernel` is
 True builds its fault only from objects the kernel removes when the agent dies (an nft table with
 `flags owner` held by a child, children started with PR_SET_PDEATHSIG). An injector with False
 (freezer state, SIGSTOP) is journaled by the runner through `undo_record()` before `apply()` and
@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 from core.errors import BadInput, Unavailable, WorkFailed
 from core.host import Host
 
-# Hard caps every fault obeys whatever the experiment says (blast radius, issue 12).
+# Hard caps every fault obeys whatever the experiment says (the blast radius).
 MAX_DURATION_S = 3600.0
 MAX_SHARE_PCT = 100.0
 # Prefix of every kernel object a fault creates (nft tables, cgroups), so a sweep finds them.

@@ -1,4 +1,4 @@
-"""The kernel's own delay and loss: netem on an htb class that a u32 filter feeds (issue 12).
+"""The kernel's own delay and loss: netem on an htb class that a u32 filter feeds.
 
 Where sch_netem exists (a module that loads, or built in), latency, jitter and loss on host:port
 are put on the path by tc instead of the fault proxy / nft rules:
