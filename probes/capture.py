@@ -28,6 +28,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from core import children
+from core.atomic import atomic_path
 from core.errors import BadInput, Unavailable, WorkFailed
 from probes.base import ProbeBase, Window, finding, findings_table, require_root, rows_to_table
 from probes.pcap_analysis import FLOWS_SCHEMA, TURNS_SCHEMA, analyse_capture, flows_findings, flows_headlines
@@ -110,7 +111,7 @@ def merge_ring(ring_files: list[Path], target: Path, max_packets: int) -> tuple[
     counts = [sum(len(block) for block in _complete_blocks(path)) for _, path in parts]
     skip = discarded = max(0, sum(counts) - max_packets)
     written_packets = 0
-    with open(target, "wb") as out:
+    with atomic_path(target) as temp, open(temp, "wb") as out:
         if parts:
             with open(parts[0][1], "rb") as handle:
                 out.write(handle.read(24))

@@ -135,6 +135,5 @@ def differential_flamegraph(plan, writer: BundleWriter) -> str:
         return "not drawn: a stacks bundle holds no samples"
     svg = differential_svg(blue, green, title=f"{plan.name}: blue -> green",
                            subtitle="red: share of samples grew on green, blue: shrank")
-    (writer.out_dir / "stacks.diff.svg").write_text(svg)
-    writer.add_extra("stacks.diff.svg")
+    writer.write_extra("stacks.diff.svg", svg)
     return "stacks.diff.svg"

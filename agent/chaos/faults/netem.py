@@ -40,8 +40,10 @@ import subprocess
 from dataclasses import dataclass
 from typing import Callable
 
-from core.errors import BadInput, Unavailable, WorkFailed
+from core.errors import Unavailable, WorkFailed
 from core.host import Host
+
+from .base import spec_table
 
 NETEM_KINDS = ("latency", "jitter", "postgres_latency", "loss")
 BACKENDS = ("auto", "netem", "fallback")
@@ -234,7 +236,4 @@ def plan_for(kind: str, spec: dict, device: str, address: str, port: int, family
 
 
 def validate_backend(spec: dict, where: str) -> str:
-    value = spec.get("backend", "auto")
-    if value not in BACKENDS:
-        raise BadInput(f"{where}.backend: must be one of {', '.join(BACKENDS)}")
-    return value
+    return spec_table(spec, where).choice("backend", BACKENDS, "auto")
