@@ -35,6 +35,7 @@ class quiet_stderr:
 
 def compile_program(source: str):
     """Compile and load a BCC program (serialised, warnings silenced)."""
+    # BCC on use only: it is optional (Debian's python3-bpfcc), and `probes` runs without it.
     import bcc
 
     with COMPILE_LOCK, quiet_stderr():

@@ -101,6 +101,7 @@ def clean_statement(text: str) -> str:
 
 def fingerprint_statement(text: str) -> tuple[str, str, bool]:
     """(fingerprint, normalised query without literals, parsed by libpg_query?)."""
+    # pglast on first use (70 ms to import here): only fingerprinting needs it.
     from pglast import parser
 
     text = clean_statement(text)
