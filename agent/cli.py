@@ -19,7 +19,8 @@ import click
 
 from agent import __version__
 from agent.option_types import INTERVAL_SECONDS, WINDOW_SECONDS, Seconds  # noqa: F401 - re-exported
-from core.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, BadInput, GuardianError
+from core.errors import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, BadInput, GuardianError,
+                         Unavailable)
 from probes.options import PROBE_OPTIONS, ProbeOption, validated_options
 
 
@@ -216,7 +217,6 @@ def probes_command(as_json: bool, pids) -> None:
     """List every probe with available / unavailable and the reason."""
     import json
 
-    from core.errors import Unavailable
     from probes import REGISTRY
     from probes.base import ProbeConfig
 

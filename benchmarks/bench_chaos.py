@@ -1,4 +1,4 @@
-"""Chaos fault injectors (issue 12): accuracy, activation/removal time, and the fault proxy's cost.
+"""Chaos fault injectors: accuracy, activation/removal time, and the fault proxy's cost.
 
 Target: a small asyncio HTTP/1.1 keep-alive server on loopback started by this script; every
 figure is measured through the faulted path by the agent's own probe (agent/chaos/faults/pathprobe).

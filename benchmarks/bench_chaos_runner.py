@@ -1,8 +1,8 @@
 """Chaos runner lifecycle: how fast a fault is active after the decision, gone after its planned
 removal or an abort (kill switch), and gone after a SIGKILL of the agent (watchdog / kernel).
 
-Issue 12's budgets: active within 100 ms of the decision, gone within 100 ms of the removal or the
-abort, nothing left 2 s after the agent's death. Measured on the paper-trading stack of the tests
+The chaos budgets (docs/chaos.md): active within 100 ms of the decision, gone within 100 ms of
+the removal or the abort, nothing left 2 s after the agent's death. Measured on the paper-trading stack of the tests
 (tests/paper_trading.py) with two kinds: `latency` (nft owner table + fault proxy: dies with the
 agent) and `pause` (cgroup freezer: journal + watchdog). Times come from the fsync'd journal:
   decision -> active   phase "fault" record -> fault_applied record (includes the journal fsync

@@ -45,12 +45,11 @@ sys.path.insert(0, str(PROJECT / "tests" / "fixtures" / "pcap"))
 from loopback_traffic import DelayedEchoServer, request_loop  # noqa: E402
 import synthetic  # noqa: E402
 
-from probes.pcap_reader import CaptureReader  # noqa: E402
+import probes.pcap_reader as pcap_reader  # noqa: E402
+from probes.pcap_reader import CaptureCorrupt, CaptureReader  # noqa: E402
 
 
 def count_packets(path: Path) -> int:
-    from probes.pcap_reader import CaptureCorrupt
-
     total = 0
     try:
         for block in CaptureReader(path).blocks():
@@ -272,8 +271,6 @@ def main() -> int:
         analysis_cpu_s = time.process_time() - cpu_started
         # The same analysis with the reader's uniform-stride shortcut switched off: the rate for
         # captures whose record lengths vary (full payloads, mixed traffic).
-        import probes.pcap_reader as pcap_reader
-
         shortcut = pcap_reader.UNIFORM_RUN_RECORDS
         pcap_reader.UNIFORM_RUN_RECORDS = 0
         try:

@@ -1,4 +1,4 @@
-"""Benchmark: pg-log's peak memory as the log grows and as its shapes multiply (issue 17), before
+"""Benchmark: pg-log's peak memory as the log grows and as its shapes multiply, before
 and after, with pgBadger on the same files.
 
 Logs are generated here (benchmarks/pglog_generate.py: Debian's default prefix, Zipf-like shape

@@ -17,6 +17,7 @@ import json
 import math
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -73,16 +74,12 @@ def aa_run(index: int) -> dict:
 
 
 def defect_run(kind: str) -> dict:
-    import threading
-
     with tempfile.TemporaryDirectory(prefix="bench-rollout-") as directory:
         setup = Setup(Path(directory))
         sick_at: list[float] = []
         try:
             if kind == "down":
                 def make_sick():
-                    from tests.test_rollout_live import Setup as _  # noqa: F401 - same module
-
                     deadline = time.monotonic() + 60
                     while time.monotonic() < deadline:
                         try:

@@ -82,13 +82,16 @@ class TomlDocument:
 
     source: str
     locate: Callable[[KeyPath], int] | None = None
+    # ": " after a file name; "." when `source` is itself a key path ("exp.toml: fault[0]"), for
+    # a table handed on as a dict (a chaos fault's spec) whose keys continue that path.
+    key_separator: str = ": "
 
     def error(self, parts: KeyPath, message: str) -> BadInput:
         where = self.source
         if self.locate is not None:
             where = f"{where}:{self.locate(parts)}"
         key = render_key_path(parts)
-        return BadInput(f"{where}: {key}: {message}" if key else f"{where}: {message}")
+        return BadInput(f"{where}{self.key_separator}{key}: {message}" if key else f"{where}: {message}")
 
 
 def describe(value: Any) -> str:

@@ -7,7 +7,7 @@ import sys
 import threading
 from typing import Iterable
 
-from core.errors import Unavailable
+from core.errors import Unavailable, WorkFailed
 
 # BCC's clang front end (its in-memory kernel headers) is not thread-safe: two probes compiling
 # at once in the runner's parallel prepare threads make one fail with "'linux/types.h' file not
@@ -35,6 +35,7 @@ class quiet_stderr:
 
 def compile_program(source: str):
     """Compile and load a BCC program (serialised, warnings silenced)."""
+    # BCC on use only: it is optional (Debian's python3-bpfcc), and `probes` runs without it.
     import bcc
 
     with COMPILE_LOCK, quiet_stderr():
@@ -124,8 +125,6 @@ def lookup_batch(table, max_entries: int, key_bytes: int, value_bytes: int,
     import errno
 
     from bcc.libbcc import lib
-
-    from core.errors import WorkFailed
 
     keys = ctypes.create_string_buffer(max(key_bytes * max_entries, 1))
     values = ctypes.create_string_buffer(max(value_bytes * max_entries, 1))

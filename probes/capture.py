@@ -28,6 +28,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from core import children
+from core.atomic import atomic_path
 from core.errors import BadInput, Unavailable, WorkFailed
 from probes.base import ProbeBase, Window, finding, findings_table, require_root, rows_to_table
 from probes.pcap_analysis import FLOWS_SCHEMA, TURNS_SCHEMA, analyse_capture, flows_findings, flows_headlines
@@ -110,7 +111,7 @@ def merge_ring(ring_files: list[Path], target: Path, max_packets: int) -> tuple[
     counts = [sum(len(block) for block in _complete_blocks(path)) for _, path in parts]
     skip = discarded = max(0, sum(counts) - max_packets)
     written_packets = 0
-    with open(target, "wb") as out:
+    with atomic_path(target) as temp, open(temp, "wb") as out:
         if parts:
             with open(parts[0][1], "rb") as handle:
                 out.write(handle.read(24))
@@ -172,7 +173,6 @@ class CaptureProbe(ProbeBase):
     def __init__(self, config=None):
         super().__init__(config)
         self.process: subprocess.Popen | None = None
-        self.status_reason = ""
         self.ring_dir: Path | None = None
         # collect() merges the ring and removes ring_dir itself; abandon() before it does.
         self.process_is_collecting = False
@@ -196,13 +196,12 @@ class CaptureProbe(ProbeBase):
         # refused before the window rather than found as an empty capture after it.
         if self.config.host.is_real and not Path(f"/sys/class/net/{self.iface}").exists() and self.iface != "any":
             raise BadInput(f"--iface {self.iface}: no such interface (see `ip link`)")
-        # options.get, not option(): works with both the old ProbeConfig.option and arch's ProbeBase.option.
-        if self.config.options.get("capture_filter") and self.config.host.is_real:
+        if self.option("capture_filter") and self.config.host.is_real:
             self._compile_filter(shutil.which("tcpdump"))
 
     def _compile_filter(self, tcpdump: str) -> None:
         """`tcpdump -d` compiles the filter for the interface's link type and exits."""
-        capture_filter = self.config.options["capture_filter"]
+        capture_filter = self.option("capture_filter")
         try:
             result = children.run([tcpdump, "-d", "-i", self.iface, "-s", str(self.snaplen_bytes), capture_filter],
                                   capture_output=True, text=True, timeout=10)

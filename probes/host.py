@@ -15,7 +15,7 @@ from typing import ClassVar
 import pyarrow as pa
 
 from core.host import Host, format_cpu_list
-from probes.base import ProbeBase, ProbeConfig, Window, finding, findings_table, rows_to_table
+from probes.base import ProbeBase, Window, finding, findings_table, rows_to_table
 
 NAME = "host"
 CPU_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
@@ -415,10 +415,6 @@ class HostProbe(ProbeBase):
     extra_schemas: ClassVar[dict[str, pa.Schema]] = {"host_nics": NICS_SCHEMA, "host_processes": PROCESSES_SCHEMA}
     description: ClassVar[str] = "per-CPU time split, context switches, IRQs/softirqs, memory, NICs (psutil + /proc)"
     finish_grace_s: ClassVar[float] = 10.0
-
-    def __init__(self, config: ProbeConfig | None = None):
-        super().__init__(config)
-        self.status_reason = ""
 
     def check(self) -> None:
         from core.errors import Unavailable

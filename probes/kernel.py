@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from core.errors import BadInput, Unavailable, WorkFailed
 from probes.base import ProbeBase, finding, findings_table, rows_to_table
-from reports.tuning_impact import MEASURED_COLUMNS, effect_text, measured_effect
+from reports.tuning_impact import MEASURED_COLUMNS, effect_text, last_effects, measured_effect
 
 SEVERITY_BY_RISK = {"high": "critical", "medium": "warning", "low": "warning"}
 
@@ -130,7 +130,6 @@ class KernelProbe(ProbeBase):
     def _effects(self) -> tuple[dict[str, dict], list[dict]]:
         """The ledger's last effect per item on this host; a damaged ledger costs the columns,
         not the audit (the finding names it)."""
-        from reports.tuning_impact import last_effects
 
         directory = self.option("tuning_state_dir")
         if directory is None:

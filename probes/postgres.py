@@ -237,6 +237,7 @@ def blocking_rows(samples: list[list[dict]], interval_s: float) -> list[dict]:
 
 
 def _column_name(node) -> str | None:
+    # pglast on first use (70 ms to import here): only plans with a Filter need it.
     from pglast import ast
 
     while isinstance(node, ast.TypeCast):
@@ -407,7 +408,6 @@ class PostgresProbe(ProbeBase):
         super().__init__(config)
         self._dsn: str | None = None
         self._start: dict | None = None
-        self.status_reason = ""
 
     def check(self) -> None:
         dsn = read_dsn(self.option("pg_dsn"), self.option("pg_dsn_file"))

@@ -454,7 +454,6 @@ class StacksProbe(ProbeBase):
         self.targets: list[Target] = []
         self.python_pids: list[int] = []
         self.native_pids: list[int] = []
-        self.status_reason = ""
         self._samplers: list[_Sampler] = []
         self._timelines: list[dict] = []  # py-spy samples in time order, for the speedscope file
         # Targets left out (unreadable, exited, no sampler for them), named in the status reason.

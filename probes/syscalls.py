@@ -341,6 +341,7 @@ class SyscallsProbe(LoadedProgram, ProbeBase):
         bpf_prerequisites(self.host, self.tracepoints)
 
     def prepare(self) -> None:
+        # BCC is optional (Debian's python3-bpfcc, not PyPI): `probes` must list this probe without it.
         import bcc
 
         self._reset_windows()

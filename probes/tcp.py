@@ -6,7 +6,7 @@ in the caller's context); accepted connections change state in softirq context, 
 current task is unrelated, so their owner is resolved here from the listening socket's owner
 (snapshot at attach time) or from the open sockets at the end of the window (psutil).
 
-Peers get a role from configuration: `tcp_roles` option / `--peer-role PORT[-PORT]=ROLE` or
+Peers get a role from configuration: `peer_roles` option / `--peer-role PORT[-PORT]=ROLE` or
 `CIDR=ROLE`, on top of defaults (5432/3306/1521/1433/27017/6379 → database); anything else
 is `internal` (loopback/private) or `external`.
 """
@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from core.errors import BadInput, Unavailable
 from probes.base import ProbeBase, ProbeConfig, Window, finding, findings_table, rows_to_table
-from probes.bpf import LoadedProgram
+from probes.bpf import LoadedProgram, bpf_prerequisites, compile_program, lookup_batch
 
 BPF_SOURCE = Path(__file__).with_name("tcp.c")
 SRTT_SLOTS = 128
@@ -384,15 +384,10 @@ class TcpProbe(LoadedProgram, ProbeBase):
         self._bpf = None
         self.closed: list[dict] = []
         self.listeners: dict[int, tuple[int, str]] = {}
-        self.status_reason = ""
-        # Set by a caller that collects window after window on this instance (the daemon).
-        self.keep_attached = False
         self._previous_open: dict[tuple, dict] = {}
         self._previous_lost = [0, 0]
 
     def check(self) -> None:
-        from probes.bpf import bpf_prerequisites
-
         bpf_prerequisites(self.host, TRACEPOINTS)
         parse_roles(self._role_items())
 
@@ -401,8 +396,6 @@ class TcpProbe(LoadedProgram, ProbeBase):
         return [items] if isinstance(items, str) else list(items)
 
     def prepare(self) -> None:
-        from probes.bpf import compile_program
-
         self.closed, self._previous_open, self._previous_lost = [], {}, [0, 0]
 
         try:
@@ -486,7 +479,6 @@ def build_source(max_connections: int) -> str:
 def read_open_connections(table, max_connections: int) -> list[dict]:
     """Every open connection's record, with one batch lookup (100,000 sockets one lookup at a
     time took seconds)."""
-    from probes.bpf import lookup_batch
 
     leaf_bytes = ctypes.sizeof(table.Leaf)
     _, values, count = lookup_batch(table, max_connections, ctypes.sizeof(table.Key), leaf_bytes)

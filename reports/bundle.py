@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from core import __version__
-from core.atomic import atomic_path, write_json_atomic
+from core.atomic import atomic_path, write_json_atomic, write_text_atomic
 from core.errors import BadInput, WorkFailed
 from core.host import Host, format_cpu_list
 
@@ -241,6 +241,12 @@ class BundleWriter:
     def add_extra(self, name: str) -> None:
         if name not in self.extras:
             self.extras.append(name)
+
+    def write_extra(self, name: str, text: str) -> None:
+        """Write a text extra (an SVG, a journal copy) atomically and list it in the manifest."""
+        with self._abort_on_os_error(name):
+            write_text_atomic(text, self.path(name))
+        self.add_extra(name)
 
     def finish(self, tuning_profile: str | None = None, extra: dict[str, Any] | None = None) -> dict:
         """Write manifest.json last. After this the bundle is complete."""

@@ -48,6 +48,7 @@ def render_html(source: ReportSource) -> str:
 
 
 def _template():
+    # Jinja2 on first use (80 ms to import here): only rendering needs it (--no-html never does).
     import jinja2
 
     environment = jinja2.Environment(

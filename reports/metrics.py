@@ -79,6 +79,8 @@ def window_families(source: ReportSource, gate_record: Path | None = None) -> li
 
 
 def syscall_families(source: ReportSource) -> list:
+    # prometheus_client on first use, in every function here (110 ms to import): importing this
+    # module stays cheap for the commands that only name its functions.
     from prometheus_client.core import HistogramMetricFamily
 
     pairs, buckets = syscall_pairs(source), syscall_buckets(source)

@@ -9,7 +9,7 @@ import pytest
 
 from core.errors import BadInput, Unavailable
 from probes.base import ProbeConfig
-from probes.capture import (HEADERS_SNAPLEN_BYTES, CaptureProbe, merge_ring, pick_timestamp_type,
+from probes.capture import (HEADERS_SNAPLEN_BYTES, CaptureProbe, capture_findings, merge_ring, pick_timestamp_type,
                             tcpdump_command, tcpdump_counters)
 from probes.pcap_reader import CaptureReader
 
@@ -87,8 +87,6 @@ def test_check_names_what_is_missing():
 
 
 def test_kernel_drops_and_ring_discards_become_findings():
-    from probes.capture import capture_findings
-
     row = {"iface": "eth0", "packets_dropped_by_kernel": 13, "packets_dropped_by_interface": -1,
            "packets_discarded_by_ring": 0, "packets_in_file": 1000}
     findings = capture_findings(row)

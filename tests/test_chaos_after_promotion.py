@@ -1,4 +1,4 @@
-"""Chaos experiments after a rollout's promotion (issue 12): the plan's [after_promotion] table is
+"""Chaos experiments after a rollout's promotion: the plan's [after_promotion] table is
 validated with the plan (a missing or bad experiment is one line, exit 2, before any hook or
 weight moves), and a refuted hypothesis lands in the rollout's bundle, JSON and exit code while
 the promotion stands. The live test runs the real HAProxy rollout stack of test_rollout_live.py

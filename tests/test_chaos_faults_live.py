@@ -21,7 +21,7 @@ import pytest
 
 from agent.chaos.faults import injector_for, pathprobe
 from agent.chaos.faults.nft import table_exists
-from agent.chaos.faults.pressure import processes_with_environment
+from agent.chaos.faults.pressure import process_cpu_ticks, processes_with_environment, resident_bytes
 from tests.conftest import PROJECT_ROOT
 from tests.pg_server import PG_BIN, PgServer, postgres_available
 
@@ -523,7 +523,6 @@ def test_pressure_standby_is_stopped_capped_at_duration_and_discarded():
     """check() leaves cpu and memory on standby: stopped, using no CPU and holding no memory, and
     discard() (a run refused before apply) ends it; applied, each ends at duration_s by itself
     (the cap child / alarm), without remove()."""
-    from agent.chaos.faults.pressure import process_cpu_ticks, resident_bytes
 
     cpu = make({"kind": "cpu", "cpus": str(max(os.sched_getaffinity(0))), "load_pct": 100, "duration_s": 1})
     memory = make({"kind": "memory", "size_bytes": 128 << 20, "duration_s": 1})

@@ -276,7 +276,10 @@ def assert_held_with_timeouts(result: subprocess.CompletedProcess, state: Path, 
     active_s = (fault["removed_at"] - fault["applied_at"]).total_seconds()
     assert 9.9 <= active_s <= 10.5 and fault["removed_by"] == "runner" and fault["proof_bit"]
     assert pq.read_table(out / "findings.parquet").column("severity").to_pylist() == ["info"]
-    assert json.loads((out / "manifest.json").read_text())["chaos"]["verdict"] == "held"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["chaos"]["verdict"] == "held" and "journal.jsonl" in manifest["extras"]
+    journal_events = [json.loads(line)["event"] for line in (out / "journal.jsonl").read_text().splitlines()]
+    assert "fault_applied" in journal_events, journal_events  # the run's own records, copied whole
     assert data["report"] == str(out / "report.html") and "held" in (out / "report.html").read_text()
     _report_loads_and_shows_the_fault(out, fault, state)
     runs = ds.dataset(dataset / "table=chaos_runs", format="parquet", partitioning="hive").to_table().to_pylist()

@@ -122,7 +122,7 @@ def test_backend_netem_demanded_where_it_cannot_be_is_unavailable_and_bad_values
     with pytest.raises(Unavailable, match='backend = "netem": no sch_netem on this kernel'):
         netem.choose("loss", {"backend": "netem", "share_pct": 5}, Host(tmp_path), "127.0.0.1",
                      FakeSystem(tmp_path, module="absent"))
-    with pytest.raises(BadInput, match=r"^fault\[0\]\.backend: must be one of auto, netem, fallback$"):
+    with pytest.raises(BadInput, match=r"^fault\[0\]\.backend: expected one of auto, netem, fallback, got 'tc'$"):
         latency_spec(backend="tc")
     assert netem.choose("reset", {}, Host(tmp_path), "127.0.0.1", FakeSystem(tmp_path))[0] == "fallback"
 

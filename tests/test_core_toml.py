@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from core.errors import BadInput
-from core.toml_config import TomlTable, load_toml, parse_toml_text, render_key_path
+from core.toml_config import TomlDocument, TomlTable, load_toml, parse_toml_text, render_key_path
 
 
 def root(text: str, known=None) -> TomlTable:
@@ -81,3 +81,13 @@ def test_locate_adds_a_line_number():
     table = TomlTable.root(document, "p.toml", locate=lambda parts: 2 if parts == ("a", "b") else 1)
     with pytest.raises(BadInput, match=r"^p.toml:2: a.b: expected an integer"):
         table.table("a").number("b", integer=True)
+
+
+def test_a_table_handed_on_as_a_dict_continues_its_key_path():
+    """A chaos fault's spec is validated after the experiment hands it on as a dict: its keys
+    continue the path (`x.toml: fault[0].delay_ms`), in the same wording."""
+    table = TomlTable({"delay_ms": -1, "dealy": 2}, TomlDocument("x.toml: fault[0]", key_separator="."))
+    with pytest.raises(BadInput, match=r"^x.toml: fault\[0\]\.delay_ms: expected a number in 0..10, got -1$"):
+        table.number("delay_ms", low=0, high=10)
+    with pytest.raises(BadInput, match=r"^x.toml: fault\[0\]\.dealy: unknown key \(known: delay_ms\)$"):
+        table.check_keys(["delay_ms"])

@@ -13,7 +13,7 @@ import time
 import pyarrow as pa
 import pytest
 
-from agent.daemon import Daemon, budget_pause_s
+from agent.daemon import Daemon, budget_pause_s, process_cpu_s
 from agent.fleet.query import run_query
 from probes.base import ProbeBase, rows_to_table
 from tests.conftest import PROJECT_ROOT, syscall_load
@@ -158,7 +158,7 @@ def test_rolling_ebpf_probes_compile_once_and_stay_attached_across_windows(tmp_p
     later windows only read the maps (their CPU is a small fraction of the first's)."""
     import probes.bpf
     import probes.syscalls
-    from agent.daemon import process_cpu_s
+    import probes.tcp
     from probes.syscalls import SyscallsProbe
     from probes.tcp import TcpProbe
 
@@ -171,6 +171,7 @@ def test_rolling_ebpf_probes_compile_once_and_stay_attached_across_windows(tmp_p
 
     monkeypatch.setattr(probes.bpf, "compile_program", counting_compile)
     monkeypatch.setattr(probes.syscalls, "compile_program", counting_compile)
+    monkeypatch.setattr(probes.tcp, "compile_program", counting_compile)
     root = tmp_path / "dataset"
     config = make_config(root, probes=("syscalls", "tcp"))
     config.daemon.window_s = 1.0

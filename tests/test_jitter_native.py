@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from probes.jitter import choose_meter, oslat_rows, run_oslat
+from probes.jitter import JitterProbe, choose_meter, oslat_rows, run_oslat
 from probes.jitter_cyclictest import cyclictest_command, cyclictest_rows
 
 
@@ -67,7 +67,6 @@ def test_probe_runs_each_meter_and_the_manifest_reason_names_it():
 
     from core.host import Host
     from probes.base import ProbeConfig, Window
-    from probes.jitter import JitterProbe
 
     assert shutil.which("cyclictest") and shutil.which("oslat"), "rt-tests is installed on this host (make setup)"
     cpu = Host.real().online_cpus()[-1]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from core.errors import BadInput
-from probes.pcap_analysis import analyse_capture
+from probes.pcap_analysis import MAX_FLOW_FINDINGS, analyse_capture, flows_findings
 from probes.pcap_reader import CaptureCorrupt, CaptureReader
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "pcap"))
@@ -216,8 +216,6 @@ def test_non_tcp_packets_are_counted_not_analysed(tmp_path):
 
 def test_findings_name_the_worst_flows_and_summarise_the_rest():
     import pyarrow as pa
-
-    from probes.pcap_analysis import MAX_FLOW_FINDINGS, flows_findings
 
     count = MAX_FLOW_FINDINGS + 5
     flows = pa.table({

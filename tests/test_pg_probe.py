@@ -11,7 +11,7 @@ from probes.postgres import (PG_INDEX_ADVICE_SCHEMA, PG_STATEMENTS_SCHEMA, Postg
                              blocking_rows, dsn_target, filter_columns, index_statement, plan_total_cost,
                              redact_dsn, scrub, seq_scan_filters, statement_delta_rows, table_delta_rows,
                              wait_rows)
-from probes.base import rows_to_table
+from probes.base import ProbeConfig, rows_to_table
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "pglog"
 
@@ -128,7 +128,6 @@ def test_dsn_password_is_scrubbed(dsn, password):
 
 def test_probe_without_dsn_is_unavailable_with_the_action():
     from core.errors import Unavailable
-    from probes.base import ProbeConfig
 
     with pytest.raises(Unavailable, match=r"needs --pg-dsn or --pg-dsn-file"):
         PostgresProbe(ProbeConfig(options={})).check()

@@ -1,4 +1,4 @@
-"""pg-log's bounded state (issue 17): percentiles from the fixed log-linear histogram against a
+"""pg-log's bounded state: percentiles from the fixed log-linear histogram against a
 brute-force nearest rank, exact while a fingerprint has few calls; the fingerprint cap folds the
 rarest shapes into an 'other' row that keeps every total, with a finding; the per-minute series
 widens instead of growing; state stays within its bounds however many durations go in."""

@@ -12,6 +12,7 @@ import pytest
 from probes import REGISTRY
 from probes.base import FINDINGS_SCHEMA, Probe, ProbeBase, ProbeConfig
 from probes.options import BY_NAME, PROBE_OPTIONS, declared
+from probes.pglog import PG_LOG_ERRORS_SCHEMA, PG_QUERIES_SCHEMA, PG_QUERY_MINUTES_SCHEMA
 
 # ARCHITECTURE.md "The report bundle (stable)": the columns other tools read. syscall_buckets is
 # checked once a probe declares it (bundle format 2).
@@ -25,9 +26,13 @@ STABLE_COLUMNS = {
     "turns": {"flow", "ts", "latency_ns", "request_bytes", "response_bytes"},
     "stacks": {"stack", "samples", "thread"},
     "kernel": {"item", "current", "expected", "compliant", "source", "reboot_required"},
+    "pg_queries": {"fingerprint", "query", "calls", "total_ms", "p50_ms", "p99_ms", "p999_ms", "max_ms"},
     "findings": {"probe", "severity", "subject", "message", "recommendation"},
 }
-MUST_BE_DECLARED = {"host", "syscalls", "tcp", "flows", "turns", "stacks", "kernel"}
+MUST_BE_DECLARED = {"host", "syscalls", "tcp", "flows", "turns", "stacks", "kernel", "pg_queries"}
+# Tables a command writes without a probe (pg-log), held to the same stable columns and units.
+COMMAND_TABLES = {"pg_queries": PG_QUERIES_SCHEMA, "pg_query_minutes": PG_QUERY_MINUTES_SCHEMA,
+                  "pg_log_errors": PG_LOG_ERRORS_SCHEMA}
 
 UNITS = ("ns", "us", "ms", "s", "bytes", "pct", "hz")
 # A name saying "this is a time or a size" must say in which unit (srtt_us_p50, latency_ns);
@@ -49,7 +54,8 @@ def unit_problems(column: str) -> list[str]:
 
 
 def all_tables() -> dict[str, tuple[str, pa.Schema]]:
-    tables = {"findings": ("(shared)", FINDINGS_SCHEMA)}
+    tables = {"findings": ("(shared)", FINDINGS_SCHEMA),
+              **{name: ("pg-log", schema) for name, schema in COMMAND_TABLES.items()}}
     for probe in REGISTRY:
         for table, schema in {probe.name: probe.schema, **probe.extra_schemas}.items():
             assert table not in tables, f"table {table!r} declared by {tables[table][0]} and {probe.name}"

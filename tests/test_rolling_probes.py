@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import probes.syscalls
 from probes.base import ProbeConfig, Window
 from probes.syscalls import SyscallsProbe, summarize, window_histograms
 
@@ -137,7 +138,7 @@ def test_syscalls_probe_rolls_exact_windows_without_detaching():
         probe = SyscallsProbe(ProbeConfig(pids=(child.process.pid,)))
         probe.check()
         probe.prepare()
-        probe.keep_attached = True
+        probe.keep_attached_between_windows()
         bpf = probe._bpf
         counts = []
         for getppids in (300, 700):
@@ -189,7 +190,7 @@ def test_tcp_probe_rolls_per_window_bytes_without_detaching():
     probe = TcpProbe(ProbeConfig())
     probe.check()
     probe.prepare()
-    probe.keep_attached = True
+    probe.keep_attached_between_windows()
     bpf = probe._bpf
     client = None
     try:
@@ -232,15 +233,13 @@ def test_tcp_probe_rolls_per_window_bytes_without_detaching():
 @pytest.mark.timeout(120)
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="getppid is syscall 110 on x86_64")
 def test_syscalls_probe_rearms_before_its_maps_fill_and_stays_exact(monkeypatch):
-    import probes.syscalls
-
     monkeypatch.setattr(probes.syscalls, "REARM_FRACTION", 0.0)  # re-arm after every window
     child = SyscallChild()
     probe = SyscallsProbe(ProbeConfig(pids=(child.process.pid,)))
     try:
         probe.check()
         probe.prepare()
-        probe.keep_attached = True
+        probe.keep_attached_between_windows()
         first = probe._bpf
         for getppids in (300, 700):
             tables = probe.collect(window_while(lambda n=getppids: child.round(n)))

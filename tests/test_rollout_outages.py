@@ -1,4 +1,4 @@
-"""Rollouts that cannot cause the outage they exist to prevent (issue 16), live: a real HAProxy
+"""Rollouts that cannot cause the outage they exist to prevent, live: a real HAProxy
 2.6 with `option httpchk`, two real services, and the users' own traffic (ClientLoad) through the
 frontend counting every non-2xx answer and connection error, independently of the driver."""
 

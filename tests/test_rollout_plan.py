@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from core.errors import BadInput
+from core.errors import BadInput, WorkFailed
 from agent.rollout.journal import Journal, last_run
-from agent.rollout.plan import load_plan
-from agent.rollout.shadow import split_requests
+from agent.rollout.plan import ShadowSettings, load_plan
+from agent.rollout.shadow import pcap_requests, shadow_compare, split_requests
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -187,9 +187,6 @@ def test_split_requests_from_a_stream():
 def test_shadow_replays_pcap_requests_against_blue_and_green(tmp_path):
     from scapy.all import IP, TCP, Raw, wrpcap
 
-    from agent.rollout.plan import ShadowSettings
-    from agent.rollout.shadow import pcap_requests, shadow_compare
-
     sys.path.insert(0, str(PROJECT_ROOT / "tests"))
     from test_rollout_live import free_ports, wait_for_port
 
@@ -299,7 +296,6 @@ def test_failed_looks_limit(tmp_path):
 def test_adapter_error_during_rollback_still_writes_a_postmortem(tmp_path):
     from agent.rollout.adapters import TrafficAdapter
     from agent.rollout.collector import LoadCollector
-    from core.errors import WorkFailed
     from reports.bundle import Bundle
 
     class Broken(TrafficAdapter):

@@ -14,10 +14,9 @@ import pyarrow.compute as pc
 import pytest
 
 from probes.base import ProbeConfig, Window
-from probes.syscalls import (
-    BUCKETS, BUCKETS_SCHEMA, SCHEMA, SyscallsProbe, bucket_bounds, build_source, histogram_quantile,
-    merge_cpu_values, summarize, syscall_findings, syscalls_rows,
-)
+from probes.syscalls import (BUCKETS, BUCKETS_SCHEMA, HIST_DTYPE, ROW_KEY_DTYPE, SCHEMA, SyscallsProbe,
+                             bucket_bounds, build_source, histogram_quantile, merge_cpu_values, snapshot_rows,
+                             summarize, syscall_findings, syscalls_rows)
 from probes.base import rows_to_table
 
 CHILD = Path(__file__).with_name("syscall_child.py")
@@ -222,8 +221,6 @@ def test_snapshot_rows_maps_each_cpus_row_number_to_its_histogram():
     """The batch-read maps as the kernel lays them out: row_ids keys with a row number + 1 per
     CPU (0 = never ran there), histogram rows x CPUs; empty rows are left out."""
     import numpy as np
-
-    from probes.syscalls import HIST_DTYPE, ROW_KEY_DTYPE, snapshot_rows
 
     keys = np.array([(7, 0), (8, 1)], dtype=ROW_KEY_DTYPE)
     rows_plus_one = np.array([[1, 2], [0, 1]], dtype="<u4")  # pid 7 on both CPUs, pid 8 on cpu 1

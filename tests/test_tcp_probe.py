@@ -15,8 +15,8 @@ import pytest
 
 from core.errors import BadInput
 from probes.base import ProbeConfig, Window
-from probes.tcp import (SRTT_SLOTS, TcpProbe, parse_roles, peer_role, slots_quantile, srtt_slot,
-                        srtt_slot_bounds, tcp_rows)
+from probes.tcp import (MAX_CONNECTION_FINDINGS, SRTT_SLOTS, TcpProbe, parse_roles, peer_role, slots_quantile,
+                        srtt_slot, srtt_slot_bounds, tcp_findings, tcp_rows)
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "pcap"))
 from loopback_traffic import DelayedEchoServer, request_loop  # noqa: E402
@@ -168,8 +168,6 @@ def test_tcp_and_syscalls_probes_compile_side_by_side(tmp_path):
 
 
 def test_findings_keep_the_worst_connections_and_summarise_the_rest():
-    from probes.tcp import MAX_CONNECTION_FINDINGS, tcp_findings
-
     rows = tcp_rows([recorded(lport=50000 + i, retransmits=i + 1) for i in range(MAX_CONNECTION_FINDINGS + 3)],
                     4_000_000_000, 0)
     findings = tcp_findings(rows, lost_untracked=2, lost_closed=0)

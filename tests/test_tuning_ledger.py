@@ -14,7 +14,7 @@ from agent.config import parse_config
 from agent.tuning.ledger import FILE_NAME, IMPACT_SCHEMA, append_impact, last_effects, read_ledger
 from core.errors import BadInput, WorkFailed
 from core.host import Host
-from reports.bundle import BundleWriter, ProbeRecord
+from reports.bundle import Bundle, BundleWriter, ProbeRecord
 
 
 def row(item="vm.stat_interval", run_id="run-1", host="alpha", verdict="improves", effect=-38.0, **extra):
@@ -144,7 +144,6 @@ def test_kernel_probe_carries_the_last_effect_and_warns_on_an_applied_item_that_
 def test_audit_profile_shows_measured_effects_in_bundle_summary_and_html(tmp_path):
     import socket
 
-    from reports.bundle import Bundle
     from tests.conftest import run_agent
     from tests.report_browser import keyed_cells
 

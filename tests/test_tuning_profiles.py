@@ -49,6 +49,10 @@ def test_builtin_profiles_load(fake_host):
     ('[sysctl."vm.swappiness"]\nwhy = "no value"\n', ':1: sysctl."vm.swappiness".value: missing required key'),
     ('[cmdline.nohz_full]\nvalue = "${nope}"\n', ':2: cmdline.nohz_full.value: unknown variable ${nope}'),
     ('[profile]\ninclude = ["does-not-exist"]\n', ':2: profile.include: included profile'),
+    ('[profile]\ndescrption = "x"\n', ':2: profile.descrption: unknown key (known: description, include)'),
+    ('[variables.cores]\ntype = "float"\n', ":2: variables.cores.type: expected one of cpulist, int, text, got 'float'"),
+    ('[topology]\nmin_housekeeping_cores = -1\n', ':2: topology.min_housekeeping_cores: expected an integer in 0.., got -1'),
+    ('[sysctl."vm.swappiness"]\nvalue = 10\noptional = "yes"\n', ":3: sysctl.\"vm.swappiness\".optional: expected true or false"),
 ])
 def test_bad_profiles_name_file_line_and_key(tmp_path, fake_host, body, expected):
     path = write(tmp_path, "bad.toml", body)

@@ -1,4 +1,4 @@
-"""PICT chaos experiments (issue 12): steady state, hypothesis, bounded faults, a gate verdict.
+"""PICT chaos experiments: steady state, hypothesis, bounded faults, a gate verdict.
 
 `agent.chaos.faults` holds one injector per fault kind; the runner, journal and watchdog that
 drive them live beside it.

@@ -212,8 +212,7 @@ def write_bundle(run: ChaosRun, outcome: Outcome, out_dir: Path, started_at: dat
     state = journal.read_state(run.directory).runs.get(outcome.run_id)
     if state is not None:
         lines = "".join(json.dumps(record, default=str) + "\n" for record in state.records)
-        (writer.path("journal.jsonl")).write_text(lines)
-        writer.add_extra("journal.jsonl")
+        writer.write_extra("journal.jsonl", lines)
     writer.add_probe(ProbeRecord(PROBE, "ok", "", counts, (datetime.now(timezone.utc) - started_at).total_seconds()))
     writer.finish(extra={"chaos": {"title": experiment.title, "verdict": outcome.verdict, "reason": outcome.reason,
                                    "recovery_s": outcome.recovery_s, "experiment": str(experiment.path)}})

@@ -1,7 +1,7 @@
 """One chaos experiment from its file to its bundle: what `chaos run` does, as a library call,
 so a rollout can run experiments after promotion (`run_after_promotion`) the same way.
 
-Order (issue 12): validate everything (file, faults, targets, backends) -> refuse unless the host
+Order: validate everything (file, faults, targets, backends) -> refuse unless the host
 carries the experiment's environment marker -> refuse while the kill switch is present or another
 run is active -> sweep leftovers -> run -> bundle, gate decision record, chaos_runs dataset.
 Nothing is injected before every refusal had its chance.
@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from core.errors import BadInput
+from core.errors import BadInput, GuardianError
 from core.host import Host
 from agent.chaos import journal
 
@@ -120,7 +120,6 @@ def run_after_promotion(experiment_paths: list[Path], *, state_dir: Path | None 
     other; one summary per experiment (verdict, reason, bundle), a refusal or bad file included
     as verdict "invalid" with its reason, so the rollout's bundle can report a refuted hypothesis."""
     from agent.chaos.report import summary
-    from core.errors import GuardianError
 
     results = []
     for path in experiment_paths:

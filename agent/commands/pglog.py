@@ -95,7 +95,7 @@ def _pg_log(obj, files, out_dir, log_format, prefix, keep_literals, top_count, n
     # The byte-progress line the pcap command draws (one stderr line, terminal only).
     from agent.progress import terminal_progress
 
-    verbose = bool(getattr(obj, "verbose", False))
+    verbose = obj.verbose
     started = time.monotonic()
     analysis = analyse_logs(list(files), log_format=log_format, prefix=prefix,
                             keep_literals=keep_literals, progress=terminal_progress("pg-log"),

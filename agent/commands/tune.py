@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from agent.commands import tune_experiment as _tune_experiment
-from core.errors import EXIT_DRIFT, BadInput
+from core.errors import EXIT_DRIFT, BadInput, WorkFailed
 
 
 def _common(function):
@@ -176,8 +176,6 @@ def rollback_command(profile_dir, profile_vars, state_dir, host_root, force):
         click.echo("Kept values are named above; `tune rollback` has finished. Restore them by hand "
                    "or re-apply and roll back with --force.")
     if report.failed:
-        from core.errors import WorkFailed
-
         raise WorkFailed(f"{len(report.failed)} value(s) could not be restored; the journal stays pending")
     return EXIT_DRIFT if report.kept else 0
 

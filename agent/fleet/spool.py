@@ -32,6 +32,7 @@ from core.errors import WorkFailed
 from agent.fleet.layout import StagedObject, stage_bundle
 from agent.fleet.stores import StoreUnavailable, ensure_writable_dir
 from core.atomic import write_json_atomic
+from core.journal import append_record, read_journal_records
 from reports.bundle import MANIFEST_NAME
 
 READY_NAME = "ready.json"
@@ -99,7 +100,7 @@ class Spool:
         ledger = self.path / "dropped.jsonl"
         if not ledger.exists():
             return []
-        return [json.loads(line) for line in ledger.read_text().splitlines() if line.strip()]
+        return read_journal_records(ledger).records
 
     # -- entering the spool ------------------------------------------------------------------
 
@@ -132,12 +133,8 @@ class Spool:
         return dropped
 
     def _drop(self, run_id: str, size: int, why: str) -> None:
-        ledger = self.path / "dropped.jsonl"
-        with open(ledger, "a") as handle:
-            handle.write(json.dumps({"run_id": run_id, "bytes": size, "why": why,
-                                     "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        append_record(self.path / "dropped.jsonl", {"run_id": run_id, "bytes": size, "why": why,
+                                                    "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         shutil.rmtree(self.entries_dir / run_id, ignore_errors=True)
 
     def recover(self) -> list[str]:

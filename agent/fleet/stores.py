@@ -70,6 +70,7 @@ class S3Store:
 
     def __init__(self, url: str, endpoint_url: str | None = None, region: str | None = None,
                  connect_timeout_s: float = 3.0, read_timeout_s: float = 30.0, max_attempts: int = 3):
+        # Optional (the `s3` extra) and slow (0.5 s here): only an s3:// dataset imports it.
         import boto3
         from botocore.config import Config
 

@@ -87,6 +87,8 @@ def hl_rank_bound(m: int, n: int, confidence: float, tie_counts: np.ndarray | No
         # Coverage of [D_(k), D_(mn+1-k)] is 1 - 2 P(U <= k - 1).
         below = np.nonzero(cdf <= alpha / 2.0 + 1e-12)[0]
         return int(below[-1]) + 1 if below.size else 0
+    # scipy on first use, in each test: `import scipy.stats` took 3.1 s here (load 9), a cost every
+    # command that imports the gate would pay.
     from scipy.stats import norm
 
     total = m + n

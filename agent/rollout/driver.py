@@ -30,7 +30,7 @@ from core.errors import BadInput, WorkFailed
 from agent.gate.kpi import MetricData, turns_metrics
 from agent.gate.record import append_decision, decision_rows
 from agent.gate.verdict import GateVerdict, judge
-from agent.rollout.adapters import BalancerView, TrafficAdapter, make_adapter
+from agent.rollout.adapters import BalancerView, TrafficAdapter, adapter_from_dict, make_adapter
 from agent.rollout.collector import BASELINE_STAGE, WARMUP_STAGE, LoadCollector, Sample, make_collector, samples_table
 from agent.rollout.journal import Journal, current_roles, last_run, pid_alive
 from agent.rollout.plan import Plan, Stage
@@ -881,7 +881,6 @@ def restore_blue_from_journal(journal_path: Path, reason: str, event: str, drive
     The watchdog passes driver_alive=False: its pipe closed, so the driver is gone even while its
     pid still exists for a moment (exiting, not yet reaped).
     """
-    from agent.rollout.adapters import adapter_from_dict
 
     state = last_run(journal_path)
     adapter = adapter_from_dict(state.start["traffic"])
@@ -895,7 +894,6 @@ def restore_blue_from_journal(journal_path: Path, reason: str, event: str, drive
 
 def undo_promotion(journal_path: Path, reason: str, adapter: TrafficAdapter | None = None) -> dict:
     """`rollout undo`: after a promotion, before blue is decommissioned, blue serves again."""
-    from agent.rollout.adapters import adapter_from_dict
 
     state = last_run(journal_path)
     if state.status != "promoted":

@@ -137,7 +137,7 @@ class NotifySettings:
 
 @dataclass
 class AfterPromotion:
-    """Chaos experiments run once green serves 100% (issue 12), validated with the plan."""
+    """Chaos experiments run once green serves 100%, validated with the plan."""
     experiments: list[Path]
     environment: str | None = None
     config: Path | None = None

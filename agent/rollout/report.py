@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from agent.gate.record import decision_rows, decision_table
 from probes.base import finding, findings_table, rows_to_table
-from reports.bundle import BundleWriter, ProbeRecord
+from reports.bundle import Bundle, BundleWriter, ProbeRecord
 
 STAGES_SCHEMA = pa.schema([
     ("stage", pa.int32()), ("weight_pct", pa.float64()), ("version", pa.string()), ("samples", pa.int64()),
@@ -74,7 +74,7 @@ def write_rollout_bundle(driver, status: str, reason: str) -> Path:
     tables["rollout_verdicts"] = decision_table(rows)
     from agent.chaos.session import rollout_findings
 
-    chaos_results = getattr(driver, "chaos_results", [])
+    chaos_results = driver.chaos_results
     tables["findings"] = findings_table([status_finding(plan, status, reason, chaos_results)]
                                         + rollout_findings(chaos_results))
     if plan.after_promotion is not None and status == "promoted":
@@ -113,8 +113,6 @@ def driver_decisions(driver) -> list[dict]:
 
 
 def folded_stacks(bundle_dir: Path) -> dict[str, float]:
-    from reports.bundle import Bundle
-
     table = Bundle(bundle_dir).table("stacks")
     folded: dict[str, float] = {}
     for stack, samples in zip(table.column("stack").to_pylist(), table.column("samples").to_pylist(), strict=True):
@@ -137,6 +135,5 @@ def differential_flamegraph(plan, writer: BundleWriter) -> str:
         return "not drawn: a stacks bundle holds no samples"
     svg = differential_svg(blue, green, title=f"{plan.name}: blue -> green",
                            subtitle="red: share of samples grew on green, blue: shrank")
-    (writer.out_dir / "stacks.diff.svg").write_text(svg)
-    writer.add_extra("stacks.diff.svg")
+    writer.write_extra("stacks.diff.svg", svg)
     return "stacks.diff.svg"

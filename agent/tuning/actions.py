@@ -138,6 +138,10 @@ class ActionKind:
     def state(self, host: Host, fields: dict, rollback_started: bool) -> tuple[str, str]:
         raise NotImplementedError
 
+    def created_directory(self, fields: dict) -> str | None:
+        """The directory this step created (its files vanish with it at undo), if any."""
+        return None
+
 
 class WriteKind(ActionKind):
     op = "write"
@@ -217,6 +221,9 @@ class MkdirKind(ActionKind):
 
     def state(self, host, fields, rollback_started):
         return ("applied", "") if host.path(fields["path"]).is_dir() else ("drifted", "directory gone")
+
+    def created_directory(self, fields):
+        return None if fields.get("existed") else fields["path"]
 
 
 class PmQosKind(ActionKind):

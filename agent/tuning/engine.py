@@ -229,8 +229,8 @@ class Engine:
             # Recorded first, so `status` after a rollback cut short knows the values already back at
             # their original were restored by the agent, not "reverted by someone else".
             self._journal_rollback(writer, report, {"op": "rollback_started", "at": now_iso(), "pid": os.getpid()})
-            created_dirs = {i["action"]["path"] for i in journal.intents
-                            if i["action"]["op"] == "mkdir" and not i["action"].get("existed")}
+            created_dirs = {ACTION_KINDS[i["action"]["op"]].created_directory(i["action"]) for i in journal.intents}
+            created_dirs.discard(None)
             for intent in reversed(journal.intents):
                 seq = intent["seq"]
                 step = self._undo(intent, created_dirs, force, report.stale_boot, journal.boot_id)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import BadInput
-from core.toml_config import TomlDocument, parse_toml_text, read_toml_text
+from core.toml_config import TomlDocument, TomlTable, parse_toml_text, read_toml_text
 from core.host import Host, format_cpu_list, parse_cpu_list
 from probes.kernel_tuning.plan import NAME_PATTERN, SECTIONS, cpulist_part
 
@@ -162,81 +162,59 @@ class _Source:
         self.text = read_toml_text(path, f"profile file {path}")
         self.data = parse_toml_text(self.text, str(path))
 
+    def locate_parts(self, parts: tuple) -> int:
+        """The line of a key path: its last part is the key, the rest its table."""
+        return locate(self.text, [str(part) for part in parts[:-1]], str(parts[-1])) if parts else 1
+
+    def root(self) -> TomlTable:
+        return TomlTable.root(self.data, str(self.path), known=TOP_LEVEL, locate=self.locate_parts)
+
     def error(self, table: list[str], key: str | None, message: str) -> BadInput:
         """core/toml_config's wording, with the line number tomllib cannot give."""
         document = TomlDocument(f"{self.path}:{locate(self.text, table, key)}")
         return document.error(tuple(table) + ((key,) if key else ()), message)
 
 
-def _check_common(source: _Source, table: list[str], fields: dict) -> None:
-    if "why" in fields and not isinstance(fields["why"], str):
-        raise source.error(table, "why", "expected a one-line string")
-    if "optional" in fields and not isinstance(fields["optional"], bool):
-        raise source.error(table, "optional", f"expected true or false, got {fields['optional']!r}")
-    if "risk" in fields and fields["risk"] not in RISKS:
-        raise source.error(table, "risk", f"expected one of {', '.join(RISKS)}, got {fields['risk']!r}")
+def _check_common(item: TomlTable) -> None:
+    item.string("why", None, allow_empty=True)
+    item.boolean("optional", False)
+    if "risk" in item:
+        item.choice("risk", RISKS)
 
 
 def _parse_items(source: _Source) -> tuple[list[ItemSpec], dict, dict, dict]:
-    data = source.data
-    for top in data:
-        if top not in TOP_LEVEL:
-            raise source.error([], top, f"unknown key (known: {', '.join(sorted(TOP_LEVEL))})")
-    header = data.get("profile", {})
-    if not isinstance(header, dict):
-        raise source.error([], "profile", "expected a table")
-    for key in header:
-        if key not in PROFILE_KEYS:
-            raise source.error(["profile"], key, f"unknown key (known: {', '.join(sorted(PROFILE_KEYS))})")
-    include = header.get("include", [])
+    root = source.root()
+    header = root.table("profile", PROFILE_KEYS)
+    include = header.raw("include", [])
     if isinstance(include, str):
         include = [include]
     if not isinstance(include, list) or not all(isinstance(i, str) for i in include):
-        raise source.error(["profile"], "include", "expected a profile name or a list of names")
+        header.fail("include", "expected a profile name or a list of names")
 
-    variables = data.get("variables", {})
-    for name, spec in variables.items():
-        if not isinstance(spec, dict):
-            raise source.error(["variables"], name, "expected a table with type/description/default")
-        for key in spec:
-            if key not in VARIABLE_KEYS:
-                raise source.error(["variables", name], key,
-                                   f"unknown key (known: {', '.join(sorted(VARIABLE_KEYS))})")
-        if spec.get("type", "text") not in VARIABLE_TYPES:
-            raise source.error(["variables", name], "type", f"expected one of {', '.join(VARIABLE_TYPES)}")
+    variables = root.table("variables")
+    for _name, spec in variables.named_tables(known=VARIABLE_KEYS):
+        spec.choice("type", VARIABLE_TYPES, "text")
 
-    topology = data.get("topology", {})
-    for key, value in topology.items():
-        if key not in TOPOLOGY_KEYS:
-            raise source.error(["topology"], key, f"unknown key (known: {', '.join(sorted(TOPOLOGY_KEYS))})")
-    if "smt_siblings_isolated" in topology and not isinstance(topology["smt_siblings_isolated"], bool):
-        raise source.error(["topology"], "smt_siblings_isolated", "expected true or false")
-    minimum = topology.get("min_housekeeping_cores", 1)
-    if isinstance(minimum, bool) or not isinstance(minimum, int) or minimum < 0:
-        raise source.error(["topology"], "min_housekeeping_cores", "expected a non-negative integer")
+    topology = root.table("topology", TOPOLOGY_KEYS)
+    topology.boolean("smt_siblings_isolated", False)
+    if "min_housekeeping_cores" in topology:  # an int from here on, as the planner counts cores with it
+        topology.data["min_housekeeping_cores"] = topology.number("min_housekeeping_cores", low=0, integer=True)
 
     items: list[ItemSpec] = []
     for section, kind in SECTIONS.items():
-        allowed = kind.keys | COMMON_KEYS
-        if section not in data:
+        if section not in root:
             continue
-        body = data[section]
-        if not isinstance(body, dict):
-            raise source.error([], section, "expected a table")
-        entries = [("", body)] if kind.single_item else list(body.items())
+        body = root.table(section)
+        entries = [("", body.data)] if kind.single_item else list(body.data.items())
         for key, fields in entries:
             table = [section] + ([key] if key else [])
             if not isinstance(fields, dict):
-                raise source.error([section], key, "expected a table of settings (value, why, risk)")
-            for field_name in fields:
-                if field_name not in allowed:
-                    raise source.error(table, field_name,
-                                       f"unknown key (known: {', '.join(sorted(allowed))})")
-            _check_common(source, table, fields)
+                body.fail(key, "expected a table of settings (value, why, risk)")
+            _check_common(TomlTable(fields, root.document, tuple(table), known=kind.keys | COMMON_KEYS))
             kind.validate(source, key, table, fields)
             items.append(ItemSpec(section, key or section, dict(fields), source.path,
                                   locate(source.text, table)))
-    return items, variables, topology, {"include": include, "description": header.get("description", "")}
+    return items, variables.data, topology.data, {"include": include, "description": header.raw("description", "")}
 
 
 def load_profile(name: str, profile_dir: Path | None = None, variables: dict[str, str] | None = None,

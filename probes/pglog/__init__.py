@@ -25,12 +25,14 @@ from core.errors import BadInput
 from probes.pglog.aggregate import (COUNTED_KINDS, DEFAULT_MAX_FINGERPRINTS, DEFAULT_MAX_MINUTE_CELLS,
                                    PG_LOG_ERRORS_SCHEMA, PG_QUERIES_SCHEMA, PG_QUERY_MINUTES_SCHEMA,
                                    SOURCE_PLAN, SOURCE_STATEMENT, DurationAggregator, MinuteResolver)
-from probes.pglog.fastpath import FastPath, fast_path_layout
+from probes.pglog.fastpath import (DIGITS_TO_ZERO, KIND_EXECUTE, KIND_PLAN, KIND_STATEMENT, FastPath,
+                                   fast_path_layout, minute_keys, string_views)
 from probes.pglog.fingerprint import FingerprintCache
 from probes.pglog.pairing import DurationPairer
-from probes.pglog.readers import (BLOCK_BYTES, ParseProblems, csv_entry_batches, detect_format,
-                                 json_entry_batches, open_stream, read_head, resolve_prefix,
-                                 stderr_block_entries, stderr_blocks, stderr_line_pattern)
+from probes.pglog.readers import (BLOCK_BYTES, TIMED_PREFIX, ParseProblems, SyslogAsStderr, SyslogTimes,
+                                  compression_of, csv_entry_batches, detect_format, json_entry_batches,
+                                  open_stream, read_head, resolve_prefix, server_prefix_has_time,
+                                  stderr_block_entries, stderr_blocks, stderr_line_pattern, syslog_to_stderr)
 
 FORMATS = ("auto", "stderr", "syslog", "csv", "json")
 
@@ -147,9 +149,6 @@ class _Analyser:
             self.consume_plans(entries.filter(plans), problems)
 
     def consume_fast(self, columns: dict, problems: ParseProblems, zone_offset: int) -> None:
-        from probes.pglog.fastpath import (DIGITS_TO_ZERO, KIND_EXECUTE, KIND_PLAN, KIND_STATEMENT,
-                                          minute_keys, string_views)
-
         self.bind_parse_phases += columns["phases"]
         bare = columns["bare_lines"]
         if len(bare):
@@ -215,8 +214,6 @@ class _Analyser:
 def _read_file(analyser: _Analyser, path: Path, log_format: str, prefix: str | None,
                problems: ParseProblems, announce: Callable[[str], None],
                block_bytes: int = BLOCK_BYTES, fast: bool = True) -> FileSummary:
-    from probes.pglog.readers import (TIMED_PREFIX, SyslogAsStderr, SyslogTimes, compression_of,
-                                      server_prefix_has_time, syslog_to_stderr)
 
     if not path.exists():
         raise BadInput(f"{path}: no such file")
@@ -292,7 +289,7 @@ def _read_file(analyser: _Analyser, path: Path, log_format: str, prefix: str | N
 
 
 def capacity_findings(analysis: "LogAnalysis") -> list[dict]:
-    """What the caps folded away (issue 17: degrade gracefully, and say so)."""
+    """What the caps folded away (degrade gracefully, and say so)."""
     from probes.base import finding
 
     rows = []

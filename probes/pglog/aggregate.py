@@ -154,7 +154,7 @@ class MinuteResolver:
 
 
 # -- the aggregator --------------------------------------------------------------------------------
-# State per fingerprint only (issue 17): exact calls/sum/min/max/first/last per slot, a sparse
+# State per fingerprint only (memory flat in the log's size): exact calls/sum/min/max/first/last per slot, a sparse
 # histogram bounded per fingerprint (probes/pglog/histogram.py), the raw durations of slots with
 # few calls (exact percentiles while small), and per-minute cells whose total is capped by
 # widening the series' buckets. None of it grows with the number of lines.
@@ -274,6 +274,12 @@ class DurationAggregator:
         self.folded_shapes = 0
         self.width_index = 0
         self._size = 0
+        # Per-slot arrays, empty until _grow sizes them (one row per fingerprint x source).
+        empty = np.zeros(0, dtype=np.int64)
+        self.calls = self.sum_us = self.min_us = self.max_us = empty
+        self.first_minute = self.last_minute = empty
+        self.seen = np.zeros(0, dtype=bool)
+        self.route = empty
         self._grow(1024)
         self.histogram = SparseCells(("sum",))
         self.minute_cells = SparseCells(("sum", "sum", "max"))
@@ -296,13 +302,13 @@ class DurationAggregator:
                 new[:old] = array
             return new
 
-        self.calls = extended(getattr(self, "calls", None), 0)
-        self.sum_us = extended(getattr(self, "sum_us", None), 0)
-        self.min_us = extended(getattr(self, "min_us", None), _BIG)
-        self.max_us = extended(getattr(self, "max_us", None), 0)
-        self.first_minute = extended(getattr(self, "first_minute", None), _BIG)
-        self.last_minute = extended(getattr(self, "last_minute", None), 0)
-        self.seen = extended(getattr(self, "seen", None), False, bool)
+        self.calls = extended(self.calls, 0)
+        self.sum_us = extended(self.sum_us, 0)
+        self.min_us = extended(self.min_us, _BIG)
+        self.max_us = extended(self.max_us, 0)
+        self.first_minute = extended(self.first_minute, _BIG)
+        self.last_minute = extended(self.last_minute, 0)
+        self.seen = extended(self.seen, False, bool)
         route = np.arange(size, dtype=np.int64)
         if old:
             route[:old] = self.route

@@ -42,7 +42,7 @@ _LITERAL_FREE_KEY = re.compile(LITERAL_FREE_KEY_PATTERN)
 AMBIGUOUS = -1
 # The key -> id maps are only a cache (ids live in _id_by_fingerprint): past this many keys they
 # are emptied, so keys that never repeat (IN lists of every length, generated SQL) cost parser
-# calls, not memory that grows with the log (issue 17). ~250 B a key: ~60 MB at most.
+# calls, not memory that grows with the log. ~250 B a key: ~60 MB at most.
 MAX_CACHED_KEYS = 250_000
 
 # One tokenizer for the text that reaches a report. Alternatives are tried left to right at each
@@ -101,6 +101,7 @@ def clean_statement(text: str) -> str:
 
 def fingerprint_statement(text: str) -> tuple[str, str, bool]:
     """(fingerprint, normalised query without literals, parsed by libpg_query?)."""
+    # pglast on first use (70 ms to import here): only fingerprinting needs it.
     from pglast import parser
 
     text = clean_statement(text)

@@ -5,7 +5,7 @@ microsecond is its own bucket; above, each power of two is split into SUB_BUCKET
 so a bucket is at most 1/512 of its lower edge wide and its middle is within 0.1 % of any
 duration in it. A fingerprint therefore holds at most ~16,900 buckets up to 2^40 us (12 days)
 whatever the number of executions, where the previous histogram (exact below 100 ms) could hold
-100,000: that, times the fingerprints, was what grew with the log (issue 17).
+100,000: that, times the fingerprints, was what grew with the log.
 
 Percentiles are nearest-rank over executions: the smallest bucket whose cumulative count
 reaches ceil(p * calls), reported as its middle clamped to the exact min and max (never floored,

@@ -30,7 +30,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from core.errors import BadInput
-from probes.pglog.prefix import SEVERITY_PATTERN, detect_prefix, prefix_to_pattern, redact_line
+from probes.pglog.prefix import (SEVERITY_PATTERN, _match_fraction, detect_prefix, prefix_to_pattern, redact_line,
+                                 validate_prefix)
 
 # 8 MB: the same throughput as 32 MB blocks at half the peak memory (measured, see docs).
 BLOCK_BYTES = 8 << 20
@@ -314,8 +315,6 @@ def sample_entry_lines(head: bytes, limit: int = 2000) -> list[str]:
 def resolve_prefix(head: bytes, prefix: str | None, path: Path) -> tuple[str, float]:
     lines = sample_entry_lines(head)
     if prefix is not None:
-        from probes.pglog.prefix import _match_fraction, validate_prefix
-
         validate_prefix(prefix)
         fraction = _match_fraction(prefix, lines) if lines else 1.0
         if lines and fraction < 0.5:

@@ -1,4 +1,4 @@
-"""Fault injectors for chaos experiments (issue 12): one class per `kind`, see base.Injector.
+"""Fault injectors for chaos experiments: one class per `kind`, see base.Injector.
 
 The registry is an explicit ordered tuple, like probes/__init__.py: `chaos doctor` lists the
 kinds in this order.

@@ -1,6 +1,6 @@
 """The injector contract shared by every fault kind, and the helpers they all need.
 
-Lifetime rule (issue 12, "nothing outlives the agent"): an injector whose `owned_by_kernel` is
+Lifetime rule ("nothing outlives the agent"): an injector whose `owned_by_kernel` is
 True builds its fault only from objects the kernel removes when the agent dies (an nft table with
 `flags owner` held by a child, children started with PR_SET_PDEATHSIG). An injector with False
 (freezer state, SIGSTOP) is journaled by the runner through `undo_record()` before `apply()` and
@@ -10,17 +10,17 @@ undone from that record alone by `undo()` (abort, sweep, watchdog).
 from __future__ import annotations
 
 import ctypes
-import math
 import os
 import signal
 import subprocess
 import time
 from typing import Any, ClassVar
 
-from core.errors import BadInput, Unavailable, WorkFailed
+from core.errors import Unavailable, WorkFailed
 from core.host import Host
+from core.toml_config import MISSING, TomlDocument, TomlTable
 
-# Hard caps every fault obeys whatever the experiment says (blast radius, issue 12).
+# Hard caps every fault obeys whatever the experiment says (the blast radius).
 MAX_DURATION_S = 3600.0
 MAX_SHARE_PCT = 100.0
 # Prefix of every kernel object a fault creates (nft tables, cgroups), so a sweep finds them.
@@ -55,16 +55,11 @@ class Injector:
     # --- validation, before anything is touched -------------------------------------------------
     @classmethod
     def validate(cls, spec: dict, where: str) -> dict:
-        if not isinstance(spec, dict):
-            raise BadInput(f"{where}: must be a table")
-        allowed = cls.keys | {"kind", "duration_s"}
-        for key in spec:
-            if key not in allowed:
-                raise BadInput(f"{where}.{key}: unknown key for kind {cls.kind!r} "
-                               f"(known: {', '.join(sorted(allowed))})")
+        table = spec_table(spec, where)
+        table.check_keys(cls.keys | {"kind", "duration_s"})
         for key in sorted(cls.required | {"duration_s"}):
-            if key not in spec:
-                raise BadInput(f"{where}.{key}: required for kind {cls.kind!r}")
+            if key not in table:
+                table.fail(key, "missing required key")
         normal = dict(spec)
         normal["kind"] = cls.kind
         normal["duration_s"] = number(spec, "duration_s", where, 0.1, MAX_DURATION_S)
@@ -108,45 +103,36 @@ class Injector:
         raise NotImplementedError
 
 
-# --- spec helpers --------------------------------------------------------------------------------
+# --- spec helpers: core/toml_config's rules and wording, on a fault's spec dict -------------------
+def spec_table(spec: dict, where: str) -> TomlTable:
+    """`spec` as a TOML table whose keys continue the path `where` ("exp.toml: fault[0]")."""
+    return TomlTable(spec, TomlDocument(where, key_separator="."))
+
+
 def number(spec: dict, key: str, where: str, low: float, high: float, default: Any = None,
            integer: bool = False) -> float:
-    """A number in [low, high]; the error names the key and the range."""
-    value = spec.get(key, default)
-    kind = "an integer" if integer else "a number"
-    if value is None:
-        raise BadInput(f"{where}.{key}: required ({kind} between {low:g} and {high:g})")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-            (integer and not float(value).is_integer()) or not math.isfinite(value) or \
-            not low <= value <= high:
-        raise BadInput(f"{where}.{key}: must be {kind} between {low:g} and {high:g}")
-    return int(value) if integer else float(value)
+    """A number in [low, high]; None as the default: the key is required."""
+    return spec_table(spec, where).number(key, MISSING if default is None else default, low=low, high=high,
+                                          integer=integer)
 
 
 def text(spec: dict, key: str, where: str, default: str | None = None,
          choices: tuple[str, ...] | None = None) -> str:
-    value = spec.get(key, default)
-    if not isinstance(value, str) or not value.strip():
-        raise BadInput(f"{where}.{key}: must be a non-empty string")
-    if choices is not None and value not in choices:
-        raise BadInput(f"{where}.{key}: must be one of {', '.join(choices)}")
+    table = spec_table(spec, where)
+    default = MISSING if default is None else default
+    value = table.string(key, default) if choices is None else table.choice(key, choices, default)
     return value.strip()
 
 
 def share(spec: dict, where: str, default: float | None = None) -> float:
     """`share_pct`: the affected share of requests/packets/connections, above 0 and capped."""
-    value = spec.get("share_pct", default)
-    if value is None:
-        raise BadInput(f"{where}.share_pct: required (a number above 0 and at most {MAX_SHARE_PCT:g})")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_SHARE_PCT:
-        raise BadInput(f"{where}.share_pct: must be a number above 0 and at most {MAX_SHARE_PCT:g}")
-    cap = spec.get("max_share_pct")
-    if cap is not None:
-        if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0 < cap <= MAX_SHARE_PCT:
-            raise BadInput(f"{where}.max_share_pct: must be a number above 0 and at most {MAX_SHARE_PCT:g}")
+    table = spec_table(spec, where)
+    value = table.number("share_pct", MISSING if default is None else default, positive=True, high=MAX_SHARE_PCT)
+    if "max_share_pct" in table:
+        cap = table.number("max_share_pct", positive=True, high=MAX_SHARE_PCT)
         if value > cap:
-            raise BadInput(f"{where}.share_pct: {value:g} is above the blast-radius cap max_share_pct = {cap:g}")
-    return float(value)
+            table.fail("share_pct", f"{value:g} is above the blast-radius cap max_share_pct = {cap:g}")
+    return value
 
 
 def favour_helper() -> None:

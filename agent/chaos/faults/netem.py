@@ -1,4 +1,4 @@
-"""The kernel's own delay and loss: netem on an htb class that a u32 filter feeds (issue 12).
+"""The kernel's own delay and loss: netem on an htb class that a u32 filter feeds.
 
 Where sch_netem exists (a module that loads, or built in), latency, jitter and loss on host:port
 are put on the path by tc instead of the fault proxy / nft rules:
@@ -40,8 +40,10 @@ import subprocess
 from dataclasses import dataclass
 from typing import Callable
 
-from core.errors import BadInput, Unavailable, WorkFailed
+from core.errors import Unavailable, WorkFailed
 from core.host import Host
+
+from .base import spec_table
 
 NETEM_KINDS = ("latency", "jitter", "postgres_latency", "loss")
 BACKENDS = ("auto", "netem", "fallback")
@@ -234,7 +236,4 @@ def plan_for(kind: str, spec: dict, device: str, address: str, port: int, family
 
 
 def validate_backend(spec: dict, where: str) -> str:
-    value = spec.get("backend", "auto")
-    if value not in BACKENDS:
-        raise BadInput(f"{where}.backend: must be one of {', '.join(BACKENDS)}")
-    return value
+    return spec_table(spec, where).choice("backend", BACKENDS, "auto")

@@ -1,6 +1,6 @@
 """Resource pressure: CPU on chosen CPUs or inside one cgroup, memory on the host or in a cgroup.
 
-Both start in check() on standby, stopped, so apply() is one SIGCONT (issue 12: active within
+Both start in check() on standby, stopped, so apply() is one SIGCONT (the budget: active within
 100 ms; at load ~11 stress-ng took ~500 ms to fork its workers and 64 MiB took ~1.2 s to fill):
   cpu     a stress-ng child whose workers are SIGSTOPped once they exist, plus a stopped cap child
           that, once continued, ends the group at duration_s (stress-ng's own --timeout runs

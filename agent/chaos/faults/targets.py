@@ -8,7 +8,7 @@ from pathlib import Path
 from core.errors import BadInput, Unavailable
 from core.host import Host
 
-from .base import process_identity
+from .base import process_identity, spec_table
 
 PROCESS_KEYS = ("pid", "pid_file", "process", "unit")
 
@@ -24,8 +24,8 @@ def process_target_key(spec: dict, where: str, allowed: tuple[str, ...] = PROCES
     if key == "pid":
         if isinstance(value, bool) or not isinstance(value, int) or value <= 1:
             raise BadInput(f"{where}.pid: must be a process id above 1")
-    elif not isinstance(value, str) or not value.strip():
-        raise BadInput(f"{where}.{key}: must be a non-empty string")
+    else:
+        spec_table(spec, where).string(key)
     return key
 
 
