@@ -128,10 +128,19 @@ def s3_server(free_port, monkeypatch):
             self.server.stop()
             self.server = None
 
+    def reset():
+        # moto keeps every bucket in this process across tests: start each test from an empty store.
+        import urllib.request
+
+        urllib.request.urlopen(urllib.request.Request(f"{Server.endpoint}/moto-api/reset", method="POST"),
+                               timeout=10).close()
+
     server = Server()
     server.start()
+    reset()
     yield server
     if server.server is not None:
+        reset()
         server.stop()
 
 

@@ -17,7 +17,7 @@ import pytest
 from agent.config import parse_config
 from agent.fleet import compact as compact_module
 from agent.fleet.compact import compact
-from agent.fleet.iceberg import NAMESPACE, Landing, open_catalog
+from agent.fleet.iceberg import LEDGER_DIR, NAMESPACE, Landing, open_catalog
 from agent.fleet.query import run_query
 from core.errors import BadInput
 from tests.test_fleet_compact import DAYS, HOSTS, QUESTIONS, many_host_dataset
@@ -58,15 +58,21 @@ def seeded(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def s3_dataset(tmp_path, s3_server, seeded):
-    """(client, catalog URI, answers before compaction) for the many-host dataset on S3."""
+def s3_landed(tmp_path, s3_server, seeded):
+    """(boto3 client, catalog URI) with the many-host dataset landed on S3, nothing compacted."""
     import boto3
 
     client = boto3.client("s3", endpoint_url=s3_server.endpoint)
     upload(seeded, client)
-    before = answers(s3_server.endpoint, None)  # the Hive read, no catalog
+    return client, f"sqlite:///{tmp_path}/catalog.db"
+
+
+@pytest.fixture
+def s3_dataset(s3_landed, s3_server):
+    """(client, catalog URI, answers before compaction: the Hive read, no catalog)."""
+    before = answers(s3_server.endpoint, None)
     assert before[0] and len(before[0]) == len(HOSTS) * len(DAYS)
-    return client, f"sqlite:///{tmp_path}/catalog.db", before
+    return (*s3_landed, before)
 
 
 def iceberg_table(catalog_uri: str, endpoint: str, name: str):
@@ -81,7 +87,7 @@ def test_s3_compaction_through_the_catalog_keeps_rows_answers_and_evolves_the_sc
     report = compact(URL, older_than_days=1, today=TODAY, catalog_uri=catalog, endpoint_url=endpoint)
     assert (report.partitions, report.files_before, report.files_after) == (PARTITIONS, files_before, PARTITIONS)
     assert landed(client) == [], "every landed run file moved into the Iceberg tables"
-    assert not [k for k in keys(client) if "/_iceberg/ledger/" in k], "no ledger left once the keys are gone"
+    assert not [k for k in keys(client) if f"/{LEDGER_DIR}/" in k], "no ledger left once the keys are gone"
     assert answers(endpoint, catalog) == before
 
     # What Spark, Trino or Athena do through the catalog: a plain pyiceberg scan, no guardian code.
@@ -127,28 +133,26 @@ def landing_file(uri: str, endpoint: str):
     return s3_filesystem(endpoint, None).open_input_file(uri.split("://", 1)[1])
 
 
-@pytest.mark.parametrize("point", ["iceberg-before-commit", "iceberg-after-commit"])
-def test_compaction_killed_mid_way_loses_nothing_and_doubles_nothing(s3_dataset, s3_server, agent_cli, tmp_path,
-                                                                     point):
+def test_compaction_killed_before_or_after_its_commit_loses_nothing_and_doubles_nothing(
+        s3_dataset, s3_server, agent_cli, tmp_path):
     client, catalog, before = s3_dataset
     config = tmp_path / "config.toml"
     config.write_text(f'[dataset]\nroot = "{URL}"\ns3_endpoint_url = "{s3_server.endpoint}"\n'
                       f'iceberg_catalog = "{catalog}"\n')
-    killed = agent_cli("compact", "--config", str(config), "--older-than", "0",
-                       env={"GUARDIAN_AGENT_KILL_AT": f"compact:{point}"}, timeout=120)
-    assert killed.returncode == -9, killed.stderr
-    # What a reader sees right after the crash: landed files (and, after the commit, the Iceberg
-    # rows of the first batch, whose landed keys its ledger hides) — every row exactly once.
-    assert answers(s3_server.endpoint, catalog) == before
+    for point in ("iceberg-before-commit", "iceberg-after-commit"):
+        killed = agent_cli("compact", "--config", str(config), "--older-than", "0",
+                           env={"GUARDIAN_AGENT_KILL_AT": f"compact:{point}"}, timeout=120)
+        assert killed.returncode == -9, killed.stderr
+        # What a reader sees right after the crash: before the commit, the landed files (the new
+        # data files are referenced by no snapshot); after it, the first batch's Iceberg rows and
+        # the landed rest, the batch's landed keys hidden by its ledger: every row exactly once.
+        assert answers(s3_server.endpoint, catalog) == before, point
     finished = agent_cli("compact", "--config", str(config), "--older-than", "0", timeout=120)
     assert finished.returncode == 0, finished.stderr
-    assert ("half done" in finished.stderr) == (point == "iceberg-after-commit")
-    # The kill came at the first batch (one table): after its commit, only the other table is left.
-    left = PARTITIONS // 2 if point == "iceberg-after-commit" else PARTITIONS
-    assert f"compacted {left} partition(s)" in finished.stdout, finished.stdout
+    assert "finished 1 step(s) an earlier compaction left half done" in finished.stderr
+    # The kill after the commit came at the first batch (one table): only the other one is left.
+    assert f"compacted {PARTITIONS // 2} partition(s)" in finished.stdout, finished.stdout
     assert landed(client) == [] and answers(s3_server.endpoint, catalog) == before
-    if point != "iceberg-after-commit":
-        return
     answer = agent_cli("query", "--config", str(config), "--format", "json",
                        "SELECT host, count(*) AS n FROM loadavg GROUP BY host ORDER BY host", timeout=120)
     assert answer.returncode == 0, answer.stderr
@@ -190,8 +194,8 @@ def test_a_local_dataset_compacts_through_the_catalog_too(tmp_path, seeded):
     assert [run_query(str(root), question, catalog_uri=catalog)[1] for question in QUESTIONS] == before
 
 
-def test_a_bad_catalog_is_one_line_and_exit_2_before_anything_changes(s3_dataset, s3_server, agent_cli, tmp_path):
-    client, _, _ = s3_dataset
+def test_a_bad_catalog_is_one_line_and_exit_2_before_anything_changes(s3_landed, s3_server, agent_cli, tmp_path):
+    client, _ = s3_landed
     untouched = keys(client)
     config = tmp_path / "config.toml"
     config.write_text(f'[dataset]\nroot = "{URL}"\ns3_endpoint_url = "{s3_server.endpoint}"\n')

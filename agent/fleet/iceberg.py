@@ -9,7 +9,7 @@ compacted yet.
 
 Atomic on S3, which has no multi-object rename, because the only switch is the catalog's
 compare-and-swap of the table's metadata pointer (one row of the SQL catalog):
-  1. the batch's landed keys are written to a ledger object (ROOT/_iceberg/ledger/T/<uuid>.json);
+  1. the batch's landed keys are written to a ledger object (ROOT/_iceberg/_guardian_ledger/T/<uuid>.json);
   2. new data files are written (invisible: no snapshot references them yet);
   3. ONE commit replaces the batch's partitions (their old Iceberg rows are read and rewritten
      with the landed rows) and names the ledger in the snapshot summary (`guardian.ledger`);
@@ -38,12 +38,14 @@ from core.errors import BadInput, WorkFailed
 
 NAMESPACE = "guardian"
 WAREHOUSE_DIR = "_iceberg"
-LEDGER_DIR = f"{WAREHOUSE_DIR}/ledger"
+LEDGER_DIR = f"{WAREHOUSE_DIR}/_guardian_ledger"  # beside the tables' own directories, never in one
 LEDGER_PROPERTY = "guardian.ledger"
 CATALOG_SCHEMES = ("sqlite", "postgresql")
 COMMIT_ATTEMPTS = 5
 S3_DELETE_BATCH = 1000  # the most keys one DeleteObjects request takes
-BATCH_BYTES = 256 * 1024 * 1024  # landed Parquet read into one commit (memory bound, fewer snapshots)
+# Landed Parquet (compressed) read into one commit: bounds memory (a few times this in Arrow)
+# while keeping the snapshot count, and so the table's metadata, small.
+BATCH_BYTES = 128 * 1024 * 1024
 TABLE_PROPERTIES = {
     "write.parquet.compression-codec": "zstd",
     "write.parquet.row-group-limit": str(128 * 1024),
@@ -78,6 +80,7 @@ class Landing:
             self.filesystem = fs.LocalFileSystem()
             self.scheme = "file://"
         self.endpoint_url, self.region = endpoint_url, region
+        self._s3_store = None
 
     def path(self, relative: str) -> str:
         return f"{self.base}/{relative}"
@@ -150,7 +153,9 @@ class Landing:
         # empty "directory" marker object for every partition it empties.
         from agent.fleet.stores import S3Store
 
-        store = S3Store(self.root, endpoint_url=self.endpoint_url, region=self.region)
+        if self._s3_store is None:  # a boto3 client costs ~0.25 s to make: one per Landing
+            self._s3_store = S3Store(self.root, endpoint_url=self.endpoint_url, region=self.region)
+        store = self._s3_store
         for start in range(0, len(relatives), S3_DELETE_BATCH):
             chunk = relatives[start:start + S3_DELETE_BATCH]
             answer = store._call("delete_objects", Delete={
@@ -383,7 +388,8 @@ def commit_batch(catalog, landing: Landing, name: str, batch: Batch, skip: set[s
         landing.delete([ledger])  # ours, never committed: nobody reads it
         raise
     kill_point("iceberg-after-commit")
-    finish_ledgers(landing, [ledger])  # 4
+    landing.delete(keys)  # 4: the committed keys go, then the ledger that hid them from readers
+    landing.delete([ledger])
     skip.update(keys)
     summary = table.current_snapshot().summary.additional_properties
     report.partitions += len(batch.partitions)

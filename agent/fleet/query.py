@@ -23,7 +23,7 @@ from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
 
-from core.errors import BadInput
+from core.errors import BadInput, WorkFailed
 
 FORMATS = ("table", "csv", "json")
 READ_ONLY_STATEMENTS = ("SELECT",)
@@ -209,7 +209,7 @@ def run_query(root: str, sql: str, endpoint_url: str | None = None, region: str 
     return _run_once(root, sql, endpoint_url, region, catalog_uri)
 
 
-class LandedFileGone(BadInput):
+class LandedFileGone(WorkFailed):
     """A file listed for the query was compacted away before it was read."""
 
 
@@ -242,7 +242,10 @@ def _run_once(root: str, sql: str, endpoint_url: str | None, region: str | None,
         columns = [item[0] for item in cursor.description]
         return columns, cursor.fetchall()
     except FileNotFoundError as error:
-        raise LandedFileGone(f"query: {str(error).splitlines()[0]}") from None
+        if not catalog_uri:
+            raise
+        raise LandedFileGone(f"query: a file was compacted away while read 3 times: "
+                             f"{str(error).splitlines()[0]}") from None
     except duckdb.Error as error:
         message = str(error).splitlines()[0]
         if catalog_uri and FILE_GONE.search(str(error)):
