@@ -18,7 +18,7 @@ from agent.config import parse_config
 from agent.fleet import compact as compact_module
 from agent.fleet.compact import compact
 from agent.fleet.iceberg import LEDGER_DIR, NAMESPACE, Landing, open_catalog
-from agent.fleet.query import run_query
+from agent.fleet.query import open_dataset_connection, run_query
 from core.errors import BadInput
 from tests.test_fleet_compact import DAYS, HOSTS, QUESTIONS, many_host_dataset
 
@@ -48,7 +48,12 @@ def landed(client) -> list[str]:
 
 
 def answers(endpoint: str, catalog: str | None) -> list:
-    return [run_query(URL, question, endpoint_url=endpoint, catalog_uri=catalog)[1] for question in QUESTIONS]
+    """Every question over one set of views (one listing, one catalog load: the tests' main cost)."""
+    connection, _ = open_dataset_connection(URL, endpoint, None, None, catalog)
+    try:
+        return [connection.execute(question).fetchall() for question in QUESTIONS]
+    finally:
+        connection.close()
 
 
 @pytest.fixture(scope="module")
@@ -147,11 +152,9 @@ def test_compaction_killed_before_or_after_its_commit_loses_nothing_and_doubles_
         # data files are referenced by no snapshot); after it, the first batch's Iceberg rows and
         # the landed rest, the batch's landed keys hidden by its ledger: every row exactly once.
         assert answers(s3_server.endpoint, catalog) == before, point
-    finished = agent_cli("compact", "--config", str(config), "--older-than", "0", timeout=120)
-    assert finished.returncode == 0, finished.stderr
-    assert "finished 1 step(s) an earlier compaction left half done" in finished.stderr
+    finished = compact(URL, older_than_days=0, today=TODAY, catalog_uri=catalog, endpoint_url=s3_server.endpoint)
     # The kill after the commit came at the first batch (one table): only the other one is left.
-    assert f"compacted {PARTITIONS // 2} partition(s)" in finished.stdout, finished.stdout
+    assert (finished.recovered, finished.partitions) == (1, PARTITIONS // 2)
     assert landed(client) == [] and answers(s3_server.endpoint, catalog) == before
     answer = agent_cli("query", "--config", str(config), "--format", "json",
                        "SELECT host, count(*) AS n FROM loadavg GROUP BY host ORDER BY host", timeout=120)
@@ -182,6 +185,27 @@ def test_a_concurrent_compactor_wins_the_commit_and_ours_plans_again(s3_dataset,
     assert raced == ["iceberg-before-commit", PARTITIONS]  # the other one did everything first
     assert report.partitions == 0 and landed(client) == []
     assert answers(endpoint, catalog) == before
+
+
+def test_a_query_racing_a_compaction_plans_again_and_counts_each_row_once(s3_dataset, s3_server, monkeypatch):
+    """The compactor commits and deletes the landed files between the query's listing and its
+    reads: the read fails, the query lists again and finds the rows in the new snapshot."""
+    from agent.fleet import iceberg
+
+    client, catalog, before = s3_dataset
+    endpoint = s3_server.endpoint
+    original = iceberg.load_table
+    raced = []
+
+    def compaction_right_after_the_listing(*args):
+        if not raced:
+            raced.append(True)
+            compact(URL, older_than_days=0, today=TODAY, catalog_uri=catalog, endpoint_url=endpoint)
+        return original(*args)
+
+    monkeypatch.setattr(iceberg, "load_table", compaction_right_after_the_listing)
+    assert run_query(URL, QUESTIONS[0], endpoint_url=endpoint, catalog_uri=catalog)[1] == before[0]
+    assert raced and landed(client) == []
 
 
 def test_a_local_dataset_compacts_through_the_catalog_too(tmp_path, seeded):

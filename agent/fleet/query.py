@@ -244,8 +244,8 @@ def _run_once(root: str, sql: str, endpoint_url: str | None, region: str | None,
     except FileNotFoundError as error:
         if not catalog_uri:
             raise
-        raise LandedFileGone(f"query: a file was compacted away while read 3 times: "
-                             f"{str(error).splitlines()[0]}") from None
+        raise LandedFileGone(f"query: a landed file was compacted away under the query "
+                             f"({LANDED_RACE_ATTEMPTS} tries): {str(error).splitlines()[0]}") from None
     except duckdb.Error as error:
         message = str(error).splitlines()[0]
         if catalog_uri and FILE_GONE.search(str(error)):
