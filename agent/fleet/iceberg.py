@@ -44,9 +44,10 @@ CATALOG_SCHEMES = ("sqlite", "postgresql")
 COMMIT_ATTEMPTS = 5
 READ_THREADS = 16  # landed files read at once: small objects, latency-bound
 S3_DELETE_BATCH = 1000  # the most keys one DeleteObjects request takes
-# Landed Parquet (compressed) read into one commit: bounds memory (a few times this in Arrow)
-# while keeping the snapshot count, and so the table's metadata, small.
-BATCH_BYTES = 128 * 1024 * 1024
+# Landed Parquet (compressed) read into one commit: bounds memory (Arrow holds several times
+# this: decoded, merged with the partitions' old rows, sorted) under the compact unit's
+# MemoryMax=2G, while keeping the snapshot count, and so the table's metadata, small.
+BATCH_BYTES = 32 * 1024 * 1024
 TABLE_PROPERTIES = {
     "write.parquet.compression-codec": "zstd",
     "write.parquet.row-group-limit": str(128 * 1024),
