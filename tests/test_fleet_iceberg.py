@@ -17,7 +17,7 @@ import pytest
 from agent.config import parse_config
 from agent.fleet import compact as compact_module
 from agent.fleet.compact import compact
-from agent.fleet.iceberg import LEDGER_DIR, NAMESPACE, Landing, open_catalog
+from agent.fleet.iceberg import LEDGER_DIR
 from agent.fleet.query import open_dataset_connection, run_query
 from core.errors import BadInput
 from tests.test_fleet_compact import DAYS, HOSTS, QUESTIONS, many_host_dataset
@@ -81,7 +81,11 @@ def s3_dataset(s3_landed, s3_server):
 
 
 def iceberg_table(catalog_uri: str, endpoint: str, name: str):
-    return open_catalog(catalog_uri, Landing(URL, endpoint)).load_table((NAMESPACE, name))
+    """Plain pyiceberg, no guardian code: the catalog and the store, as another engine opens them."""
+    from pyiceberg.catalog.sql import SqlCatalog
+
+    catalog = SqlCatalog("guardian", uri=catalog_uri, **{"s3.endpoint": endpoint, "s3.region": "us-east-1"})
+    return catalog.load_table(("guardian", name))
 
 
 def test_s3_compaction_through_the_catalog_keeps_rows_answers_and_evolves_the_schema(s3_dataset, s3_server):
@@ -241,3 +245,35 @@ def test_a_bad_catalog_is_one_line_and_exit_2_before_anything_changes(s3_landed,
     with pytest.raises(BadInput, match="S3 has no atomic multi-object swap.*--catalog"):
         compact(URL, endpoint_url=endpoint)
     assert keys(client) == untouched
+
+
+@pytest.mark.live
+def test_a_postgresql_catalog_as_a_fleet_shares_it(s3_dataset, s3_server):
+    """The fleet's catalog: a real PostgreSQL 15 on loopback with a password role. `compact`
+    commits through it; a second, independent catalog client (what Spark or Trino open through
+    Iceberg's JdbcCatalog, whose tables these are) reads the same rows."""
+    from tests.pg_server import PgServer, postgres_available
+
+    reason = postgres_available()
+    if reason:
+        pytest.skip(f"POSTGRESQL CATALOG TEST SKIPPED: {reason}")
+    client, _, before = s3_dataset
+    password = "iceberg-s3cret-pw"
+    with PgServer(statement_logging=False) as server:
+        server.psql(f"CREATE ROLE iceberg_catalog LOGIN PASSWORD '{password}'")
+        server.psql("CREATE DATABASE iceberg OWNER iceberg_catalog")
+        catalog = f"postgresql+psycopg2://iceberg_catalog:{password}@127.0.0.1:{server.port}/iceberg"
+        report = compact(URL, older_than_days=0, today=TODAY, catalog_uri=catalog, endpoint_url=s3_server.endpoint)
+        assert report.partitions == PARTITIONS and landed(client) == []
+        assert answers(s3_server.endpoint, catalog) == before
+        rows = iceberg_table(catalog, s3_server.endpoint, "loadavg").scan().to_arrow()
+        assert rows.num_rows == sum(row[2] for row in before[0])
+        # The rows a JdbcCatalog reads: one per table, pointing at its current metadata file on S3.
+        pointers = server.psql("SELECT catalog_name, table_namespace, table_name, metadata_location "
+                               "FROM iceberg_tables ORDER BY table_name", database="iceberg").split()
+        assert [line.split("|")[:3] for line in pointers] == [["guardian", "guardian", "loadavg"],
+                                                              ["guardian", "guardian", "runs"]]
+        assert all(line.split("|")[3].startswith(f"{URL}/_iceberg/") for line in pointers)
+        with pytest.raises(BadInput, match="cannot open the catalog") as wrong:
+            compact(URL, catalog_uri=catalog.replace(password, "wrong-pw"), endpoint_url=s3_server.endpoint)
+        assert password not in str(wrong.value) and "wrong-pw" not in str(wrong.value)

@@ -197,8 +197,9 @@ def check_catalog_uri(uri: str, fail) -> None:
                  f"got {redacted(uri)!r}")
 
 
-def open_catalog(uri: str, landing: Landing):
-    """The SQL catalog, its warehouse under ROOT/_iceberg; one line and exit 2 when unusable."""
+def open_catalog(uri: str, landing: Landing, writer: bool = True):
+    """The SQL catalog, its warehouse under ROOT/_iceberg; one line and exit 2 when unusable.
+    A reader (`query`) does not create the namespace: it writes nothing to the catalog."""
     def fail(message):
         raise BadInput(f"--catalog: {message}")
 
@@ -218,7 +219,8 @@ def open_catalog(uri: str, landing: Landing):
         properties["s3.region"] = landing.region or os.environ["AWS_DEFAULT_REGION"]
     try:
         catalog = SqlCatalog("guardian", **properties)
-        catalog.create_namespace_if_not_exists(NAMESPACE)
+        if writer:
+            catalog.create_namespace_if_not_exists(NAMESPACE)
     except ModuleNotFoundError as error:
         fail(f"{redacted(uri)}: the database driver {error.name!r} is not installed")
     except Exception as error:  # noqa: BLE001 - SQLAlchemy's many connection errors
@@ -489,9 +491,18 @@ def table_sources(landing: Landing, catalog, name: str) -> list:
     return sources
 
 
+def catalog_tables(catalog) -> list[str]:
+    from pyiceberg.exceptions import NoSuchNamespaceError
+
+    try:
+        return [identifier[-1] for identifier in catalog.list_tables(NAMESPACE)]
+    except NoSuchNamespaceError:
+        return []  # nothing compacted into this catalog yet
+
+
 def register_views(connection, landing: Landing, catalog, wanted: set[str] | None) -> list[str]:
     """One DuckDB view per table: its Iceberg rows UNION ALL BY NAME its landed rows."""
-    names = sorted(set(landing.table_names()) | {ident[-1] for ident in catalog.list_tables(NAMESPACE)})
+    names = sorted(set(landing.table_names()) | set(catalog_tables(catalog)))
     for name in names:
         if wanted is not None and name.lower() not in wanted:
             continue

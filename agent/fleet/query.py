@@ -92,7 +92,7 @@ def open_dataset_connection(root: str, endpoint_url: str | None = None, region: 
         from agent.fleet.iceberg import Landing, open_catalog, register_views
 
         landing = Landing(root, endpoint_url, region)
-        names = register_views(connection, landing, open_catalog(catalog_uri, landing), wanted)
+        names = register_views(connection, landing, open_catalog(catalog_uri, landing, writer=False), wanted)
         lock_down(connection, None)  # every file is read by pyarrow, not by DuckDB's file system
         return connection, names
     if "://" not in root:
