@@ -3,9 +3,9 @@
 Hosts keep landing one Parquet file per table × run in the Hive layout (`collect` is unchanged).
 `compact --catalog URI` moves every landed partition older than --older-than into one Iceberg
 table per dataset table (identity partitions on `date` and `host`, the columns Iceberg needs in
-the rows), one catalog commit per batch of partitions. Spark, Trino, Athena and pyiceberg read
-the tables through the same SQL catalog; `query --catalog` reads them plus what has not been
-compacted yet.
+the rows), one catalog commit per batch of partitions. Spark, Trino and pyiceberg read the
+tables through the same SQL catalog (Athena through Glue: docs/fleet.md); `query --catalog`
+reads them plus what has not been compacted yet.
 
 Atomic on S3, which has no multi-object rename, because the only switch is the catalog's
 compare-and-swap of the table's metadata pointer (one row of the SQL catalog):
@@ -368,14 +368,19 @@ def ensure_table(catalog, landing: Landing, name: str, schema: pa.Schema):
     return load_table(catalog, landing, name)
 
 
-def commit_batch(catalog, landing: Landing, name: str, batch: Batch, skip: set[str], report) -> None:
+def commit_batch(catalog, landing: Landing, name: str, batch: Batch, table, report) -> None:
+    """Steps 1-4 for one batch, committed on top of `table` exactly as it was when the ledgers
+    and the landing area were listed: a commit by anyone since makes ours fail, never double."""
     from pyiceberg.exceptions import CommitFailedException, ValidationException
 
     from agent.fleet.compact import kill_point, sorted_rows
 
     keys = [landing.relative(info.path) for p in batch.partitions for info in batch.infos[p]]
     landed = read_landed(landing, batch)
-    table = ensure_table(catalog, landing, name, landed.schema)
+    if table is None:
+        table = ensure_table(catalog, landing, name, landed.schema)
+        if table.current_snapshot() is not None:  # another compactor created it and committed
+            raise CommitFailedException(f"table {name} was created and written concurrently")
     row_filter = partition_filter(batch.partitions)
     scan = table.scan(row_filter=row_filter)
     existing_files = len(list(scan.plan_files()))  # rewritten with the landed rows: one file each
@@ -393,15 +398,14 @@ def commit_batch(catalog, landing: Landing, name: str, batch: Batch, skip: set[s
                               snapshot_properties={LEDGER_PROPERTY: ledger, "guardian.landed-files": str(len(keys))})
     kill_point("iceberg-before-commit")
     try:
-        transaction.commit_transaction()  # 3: the one atomic switch
+        committed = transaction.commit_transaction()  # 3: the one atomic switch
     except (CommitFailedException, ValidationException):  # both: the commit did not land
         landing.delete([ledger])  # ours, never committed: nobody reads it
         raise
     kill_point("iceberg-after-commit")
     landing.delete(keys)  # 4: the committed keys go, then the ledger that hid them from readers
     landing.delete([ledger])
-    skip.update(keys)
-    summary = table.current_snapshot().summary.additional_properties
+    summary = committed.current_snapshot().summary.additional_properties
     report.partitions += len(batch.partitions)
     report.files_before += len(keys) + existing_files
     report.files_after += int(summary.get("added-data-files", 0) or 0)
@@ -409,22 +413,27 @@ def commit_batch(catalog, landing: Landing, name: str, batch: Batch, skip: set[s
 
 
 def compact_table(catalog, landing: Landing, name: str, cutoff: date, report) -> None:
+    """Batch after batch, each planned in this order: load the table, finish the ledgers its
+    snapshots name (a crash, or another compactor, between commit and delete), list the landing
+    area without the keys they hold, commit on top of the table as loaded."""
     from pyiceberg.exceptions import CommitFailedException, ValidationException
 
-    for _ in range(COMMIT_ATTEMPTS):
+    lost = 0
+    while lost < COMMIT_ATTEMPTS:
         table = load_table(catalog, landing, name)
         skip, ledgers = committed_keys(table, landing, name)
-        if ledgers:  # a crash (or a concurrent compactor) between commit and delete
+        if ledgers:
             finish_ledgers(landing, ledgers)
             report.recovered += len(ledgers)
-        try:
-            for batch in batches(landing.landed(name), cutoff, skip, landing):
-                commit_batch(catalog, landing, name, batch, skip, report)
+        plan = batches(landing.landed(name), cutoff, skip, landing)
+        if not plan:
             return
+        try:
+            commit_batch(catalog, landing, name, plan[0], table, report)
         except (CommitFailedException, ValidationException, FileNotFoundError):
-            continue  # another compactor moved first: plan again from a fresh listing
-    raise WorkFailed(f"compact: table {name}: {COMMIT_ATTEMPTS} commits in a row lost to concurrent "
-                     "compactors; run it again")
+            lost += 1  # another compactor moved first: plan again from a fresh listing
+    raise WorkFailed(f"compact: table {name}: lost {COMMIT_ATTEMPTS} commits to concurrent compactors; "
+                     "run it again (everything committed so far is kept)")
 
 
 def compact_to_iceberg(root: str, catalog_uri: str, older_than_days: float = 1.0, today: date | None = None,
