@@ -43,6 +43,8 @@ class DatasetSettings:
     spool_policy: str = "drop-oldest"
     s3_endpoint_url: str | None = None
     s3_region: str | None = None
+    # SQLAlchemy URI of the Iceberg SQL catalog `compact` and `query` use (agent/fleet/iceberg.py).
+    iceberg_catalog: str | None = None
 
     @property
     def is_remote(self) -> bool:
@@ -152,13 +154,18 @@ def parse_config(text: str, source: str = "config.toml", path: Path | None = Non
     config = AgentConfig(path=path, environment=document.string("environment", None))
 
     dataset = document.table("dataset", ("root", "spool_dir", "spool_max_mb", "spool_policy",
-                                         "s3_endpoint_url", "s3_region"))
+                                         "s3_endpoint_url", "s3_region", "iceberg_catalog"))
     root = dataset.string("root", DEFAULT_DATASET_ROOT)
     check_dataset_root(root, lambda message: dataset.fail("root", message))
     spool_dir = dataset.string("spool_dir", None)
     endpoint = dataset.string("s3_endpoint_url", None)
     if endpoint and not endpoint.startswith(("http://", "https://")):
         dataset.fail("s3_endpoint_url", f"expected an http:// or https:// URL, got {endpoint!r}")
+    catalog = dataset.string("iceberg_catalog", None)
+    if catalog:
+        from agent.fleet.iceberg import check_catalog_uri
+
+        check_catalog_uri(catalog, lambda message: dataset.fail("iceberg_catalog", message))
     config.dataset = DatasetSettings(
         root=root,
         spool_dir=Path(spool_dir) if spool_dir else None,
@@ -166,6 +173,7 @@ def parse_config(text: str, source: str = "config.toml", path: Path | None = Non
         spool_policy=dataset.choice("spool_policy", SPOOL_POLICIES, "drop-oldest"),
         s3_endpoint_url=endpoint,
         s3_region=dataset.string("s3_region", None),
+        iceberg_catalog=catalog,
     )
 
     collect = document.table("collect", ("probes", "duration_s"))

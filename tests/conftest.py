@@ -119,6 +119,45 @@ def syscall_load(max_s: float = 60.0, tcp: bool = False):
 
 
 @pytest.fixture
+def s3_server(free_port, monkeypatch):
+    """A real S3 server (moto's) on a free loopback port, with test credentials in the env."""
+    moto_server = pytest.importorskip("moto.server", reason="moto[server] not installed: run `make setup`")
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+
+    class Server:
+        endpoint = f"http://127.0.0.1:{free_port}"
+
+        def __init__(self):
+            self.server = None
+
+        def start(self):
+            # moto keeps its buckets in this process, so a stop/start is an outage, not a wipe.
+            self.server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=free_port, verbose=False)
+            self.server.start()
+
+        def stop(self):
+            self.server.stop()
+            self.server = None
+
+    def reset():
+        # moto keeps every bucket in this process across tests: start each test from an empty store.
+        import urllib.request
+
+        urllib.request.urlopen(urllib.request.Request(f"{Server.endpoint}/moto-api/reset", method="POST"),
+                               timeout=10).close()
+
+    server = Server()
+    server.start()
+    reset()
+    yield server
+    if server.server is not None:
+        reset()
+        server.stop()
+
+
+@pytest.fixture
 def tiny_tmpfs():
     """A real tmpfs of 64 KiB: writes fail with ENOSPC exactly as on a full /var (disk-full tests)."""
     mount = Path(f"/tmp/guardian-tmpfs-{os.getpid()}-{uuid.uuid4().hex[:6]}")

@@ -210,36 +210,7 @@ def test_recover_stages_a_bundle_left_by_a_crash(tmp_path):
     assert rows == [(1,)]
 
 
-# -- S3: a real S3 server on loopback ------------------------------------------------------------
-
-@pytest.fixture
-def s3_server(free_port, monkeypatch):
-    moto_server = pytest.importorskip("moto.server", reason="moto[server] not installed: run `make setup`")
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(key, value)
-
-    class Server:
-        endpoint = f"http://127.0.0.1:{free_port}"
-
-        def __init__(self):
-            self.server = None
-
-        def start(self):
-            # moto keeps its buckets in this process, so a stop/start is an outage, not a wipe.
-            self.server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=free_port, verbose=False)
-            self.server.start()
-
-        def stop(self):
-            self.server.stop()
-            self.server = None
-
-    server = Server()
-    server.start()
-    yield server
-    if server.server is not None:
-        server.stop()
-
+# -- S3: a real S3 server on loopback (the s3_server fixture of conftest.py) ---------------------
 
 def list_keys(store: S3Store) -> list[str]:
     paginator = store.client.get_paginator("list_objects_v2")

@@ -12,10 +12,19 @@ from agent.option_types import WINDOW_SECONDS
 from core.errors import BadInput
 
 
-def _load(config_path: Path | None, dataset_root: str | None, spool_dir: Path | None):
+def _load(config_path: Path | None, dataset_root: str | None, spool_dir: Path | None,
+          catalog_uri: str | None = None):
     from agent.config import check_dataset_root, load_config
 
     config = load_config(config_path)
+    if catalog_uri:
+        from agent.fleet.iceberg import check_catalog_uri
+
+        def fail_catalog(message):
+            raise BadInput(f"--catalog: {message}")
+
+        check_catalog_uri(catalog_uri, fail_catalog)
+        config.dataset.iceberg_catalog = catalog_uri
     if dataset_root:
         def fail(message):
             raise BadInput(f"--dataset: {message}")
@@ -49,6 +58,9 @@ config_option = click.option("--config", "config_path", type=click.Path(path_typ
                              help="Config file (default /etc/guardian-agent/config.toml when present).")
 dataset_option = click.option("--dataset", "dataset_root", metavar="ROOT",
                               help="Dataset root: a directory or s3://bucket/prefix (overrides the config).")
+catalog_option = click.option("--catalog", "catalog_uri", metavar="URI",
+                              help="Iceberg SQL catalog (sqlite:////path/catalog.db or postgresql://...; "
+                                   "overrides dataset.iceberg_catalog).")
 spool_option = click.option("--spool", "spool_dir", type=click.Path(path_type=Path),
                             help="Spool directory (overrides the config).")
 
@@ -137,8 +149,9 @@ def daemon(config_path, dataset_root, spool_dir, window_s, max_windows, textfile
 @dataset_option
 @click.option("--format", "output_format", type=click.Choice(["table", "csv", "json"]), default="table",
               show_default=True)
+@catalog_option
 @click.argument("sql")
-def query(config_path, dataset_root, output_format, sql):
+def query(config_path, dataset_root, output_format, sql, catalog_uri):
     """Run SQL over the dataset with embedded DuckDB: one view per table (host, syscalls, tcp,
     runs ...), with the partition columns `date` and `host`.
 
@@ -151,8 +164,9 @@ def query(config_path, dataset_root, output_format, sql):
 
     if not sql.strip():
         raise BadInput("query: give an SQL statement")
-    config = _load(config_path, dataset_root, None)
-    columns, rows = run_query(config.dataset.root, sql, config.dataset.s3_endpoint_url, config.dataset.s3_region)
+    config = _load(config_path, dataset_root, None, catalog_uri)
+    columns, rows = run_query(config.dataset.root, sql, config.dataset.s3_endpoint_url, config.dataset.s3_region,
+                              config.dataset.iceberg_catalog)
     if columns:
         click.echo(format_rows(columns, rows, output_format))
     return 0
@@ -163,18 +177,22 @@ def query(config_path, dataset_root, output_format, sql):
 @dataset_option
 @click.option("--older-than", "older_than_days", type=click.FloatRange(min=0, max=3650), default=1.0,
               show_default=True, help="Only partitions whose date is at least this many days old.")
-def compact(config_path, dataset_root, older_than_days):
+@catalog_option
+def compact(config_path, dataset_root, older_than_days, catalog_uri):
     """Rewrite each table × date × host partition's run files into one sorted zstd Parquet file.
 
     Atomic for readers (no rows missing or doubled at any moment) and crash-safe: a compaction
-    killed mid-way is finished or undone by the next `compact`. Local datasets only.
+    killed mid-way is finished or undone by the next `compact`. Without a catalog: local
+    datasets, in place. With --catalog (or dataset.iceberg_catalog): into Apache Iceberg tables
+    under ROOT/_iceberg, on S3 or locally, one catalog commit per batch of partitions.
     """
     from agent.fleet.compact import compact as compact_dataset
 
-    config = _load(config_path, dataset_root, None)
-    report = compact_dataset(config.dataset.root, older_than_days)
+    config = _load(config_path, dataset_root, None, catalog_uri)
+    report = compact_dataset(config.dataset.root, older_than_days, catalog_uri=config.dataset.iceberg_catalog,
+                             endpoint_url=config.dataset.s3_endpoint_url, region=config.dataset.s3_region)
     if report.recovered:
-        _say(f"finished {report.recovered} partition(s) an earlier compaction left half done")
+        _say(f"finished {report.recovered} step(s) an earlier compaction left half done")
     click.echo(f"compacted {report.partitions} partition(s): {report.files_before} files -> "
                f"{report.files_after}, {report.rows:,} rows")
 

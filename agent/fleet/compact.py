@@ -15,8 +15,10 @@ A crash loses nothing: before the swap, the partition's file list is journalled 
 uploader adds to the old directory while it is being compacted are moved into the new version
 after the swap (invisible for a moment, never doubled, never lost).
 
-S3 has no atomic multi-object swap; compacting an s3:// dataset is refused until the dataset is
-registered in a table format that has one.
+S3 has no atomic multi-object swap, so an s3:// dataset is compacted with a catalog instead
+(`--catalog URI`, iceberg.py): landed runs move into Apache Iceberg tables under ROOT/_iceberg,
+and the catalog's compare-and-swap of each table's metadata pointer is the one atomic step.
+Without a catalog an s3:// dataset is refused. A local dataset can use either way.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ COMPACTED_DIR = "_compacted"
 JOURNAL_NAME = "compact.journal"
 RENAME_EXCHANGE = 2  # linux/fs.h
 AT_FDCWD = -100
+SORT_KEYS = ("run_id", "ts", "cpu", "pid")
 
 
 @dataclass
@@ -83,12 +86,16 @@ def run_files(directory: Path) -> list[str]:
     return sorted(name for name in os.listdir(directory) if name.endswith(".parquet"))
 
 
+def sorted_rows(table: pa.Table, leading: tuple[str, ...] = ()) -> pa.Table:
+    """Rows in run order, so row-group statistics let readers skip whole runs."""
+    keys = [name for name in leading + SORT_KEYS if name in table.column_names]
+    return table.sort_by([(key, "ascending") for key in keys]) if keys else table
+
+
 def merged_table(directory: Path, names: list[str]) -> pa.Table:
     tables = [pq.read_table(directory / name) for name in names]
     # Runs written by different agent versions may carry extra columns: unify, never drop.
-    table = pa.concat_tables(tables, promote_options="permissive")
-    keys = [name for name in ("run_id", "ts", "cpu", "pid") if name in table.column_names]
-    return table.sort_by([(key, "ascending") for key in keys]) if keys else table
+    return sorted_rows(pa.concat_tables(tables, promote_options="permissive"))
 
 
 def version_dir(root: Path, partition: Path) -> Path:
@@ -163,10 +170,17 @@ def recover(root: Path, journal: Path) -> int:
     return len(pending)
 
 
-def compact(root_text: str, older_than_days: float = 1.0, today: date | None = None) -> CompactReport:
+def compact(root_text: str, older_than_days: float = 1.0, today: date | None = None,
+            catalog_uri: str | None = None, endpoint_url: str | None = None,
+            region: str | None = None) -> CompactReport:
+    if catalog_uri:
+        from agent.fleet.iceberg import compact_to_iceberg
+
+        return compact_to_iceberg(root_text, catalog_uri, older_than_days, today, endpoint_url, region)
     if "://" in root_text:
-        raise BadInput(f"compact: {root_text}: only local datasets can be compacted atomically "
-                       "(S3 has no atomic multi-object swap)")
+        raise BadInput(f"compact: {root_text}: S3 has no atomic multi-object swap, so an S3 dataset is "
+                       "compacted into Apache Iceberg tables: give --catalog sqlite:////path/catalog.db "
+                       "(or set dataset.iceberg_catalog)")
     root = Path(root_text)
     if not root.is_dir():
         raise BadInput(f"--dataset {root_text}: no such directory")

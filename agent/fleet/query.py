@@ -23,12 +23,15 @@ from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
 
-from core.errors import BadInput
+from core.errors import BadInput, WorkFailed
 
 FORMATS = ("table", "csv", "json")
 READ_ONLY_STATEMENTS = ("SELECT",)
 EXPLAIN_PREFIX = re.compile(r"^\s*EXPLAIN(\s+ANALYZE)?\b", re.IGNORECASE)
 TABLE_DIR = re.compile(r"^table=([A-Za-z0-9_]+)$")
+LANDED_RACE_ATTEMPTS = 3
+# How a file deleted under a running scan surfaces through pyarrow (local, S3) inside DuckDB.
+FILE_GONE = re.compile(r"Path does not exist|NoSuchKey|No such file or directory|\[errno 2\]", re.IGNORECASE)
 
 
 def sql_string(text: str) -> str:
@@ -78,13 +81,21 @@ def new_connection():
 
 
 def open_dataset_connection(root: str, endpoint_url: str | None = None, region: str | None = None,
-                            wanted: set[str] | None = None):
+                            wanted: set[str] | None = None, catalog_uri: str | None = None):
     """A DuckDB connection with one view per table of the dataset at ROOT; returns (conn, names).
 
     `wanted` limits the views to the tables a query names: binding a view globs and reads the
-    footer of every file of its table, the whole cost of `SELECT 1` on a large dataset.
+    footer of every file of its table, the whole cost of `SELECT 1` on a large dataset. With a
+    catalog, a table is its Iceberg snapshot plus the landed runs not compacted yet (iceberg.py).
     """
     connection = new_connection()
+    if catalog_uri:
+        from agent.fleet.iceberg import Landing, open_catalog, register_views
+
+        landing = Landing(root, endpoint_url, region)
+        names = register_views(connection, landing, open_catalog(catalog_uri, landing, writer=False), wanted)
+        lock_down(connection, None)  # every file is read by pyarrow, not by DuckDB's file system
+        return connection, names
     if "://" not in root:
         base = local_root(root)
         names = local_tables(base)
@@ -177,22 +188,43 @@ def _open_s3(connection, root: str, endpoint_url: str | None, region: str | None
     return connection, sorted(names)
 
 
-def run_query(root: str, sql: str, endpoint_url: str | None = None, region: str | None = None):
+def run_query(root: str, sql: str, endpoint_url: str | None = None, region: str | None = None,
+              catalog_uri: str | None = None):
     """Returns (column names, rows).
 
     A local SELECT is rewritten so each dataset table it names reads its files directly (see
     query_rewrite): DuckDB then plans it exactly as a hand-written read_parquet, with partition
     pruning on date and host; a view costs a second glob and footer read of every file at bind.
     Anything else (EXPLAIN, DESCRIBE, SUMMARIZE, S3 datasets) gets views for the tables it names.
+    With a catalog, a landed file that a compactor deletes while the query reads it makes the
+    query plan again from a fresh listing (its rows are then in the Iceberg snapshot).
     """
+    check_read_only(sql)
+    if not catalog_uri:
+        return _run_once(root, sql, endpoint_url, region, None)
+    for _ in range(LANDED_RACE_ATTEMPTS - 1):
+        try:
+            return _run_once(root, sql, endpoint_url, region, catalog_uri)
+        except LandedFileGone:
+            continue
+    return _run_once(root, sql, endpoint_url, region, catalog_uri)
+
+
+class LandedFileGone(WorkFailed):
+    """A file listed for the query was compacted away before it was read."""
+
+
+def _run_once(root: str, sql: str, endpoint_url: str | None, region: str | None, catalog_uri: str | None):
     import duckdb
 
     from agent.fleet.query_rewrite import referenced_names, rewrite_select
 
-    check_read_only(sql)
     connection, names = None, []
     try:
-        if "://" not in root:
+        if catalog_uri:
+            connection, names = open_dataset_connection(root, endpoint_url, region, referenced_names(sql),
+                                                        catalog_uri)
+        elif "://" not in root:
             base = local_root(root)
             names = local_tables(base)
             connection = new_connection()
@@ -210,8 +242,15 @@ def run_query(root: str, sql: str, endpoint_url: str | None = None, region: str 
             return [], []
         columns = [item[0] for item in cursor.description]
         return columns, cursor.fetchall()
+    except FileNotFoundError as error:
+        if not catalog_uri:
+            raise
+        raise LandedFileGone(f"query: a landed file was compacted away under the query "
+                             f"({LANDED_RACE_ATTEMPTS} tries): {str(error).splitlines()[0]}") from None
     except duckdb.Error as error:
         message = str(error).splitlines()[0]
+        if catalog_uri and FILE_GONE.search(str(error)):
+            raise LandedFileGone(f"query: {message}") from None
         hint = f" (tables: {', '.join(names) or 'none yet'})" if "does not exist" in message else ""
         raise BadInput(f"query: {message}{hint}") from None
     finally:
