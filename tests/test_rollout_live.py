@@ -223,6 +223,15 @@ class Setup:
         self.processes.remove(self.haproxy)
         self.start_haproxy(rewrite=False)
 
+    def reload_haproxy(self) -> None:
+        """A seamless reload (`haproxy -sf OLD`, what `systemctl reload` does): no moment without a
+        listener or an admin socket, and the runtime weights are back to the config file's."""
+        old = self.haproxy
+        config = self.dir / "haproxy.cfg"
+        self.haproxy = subprocess.Popen([HAPROXY, "-db", "-f", str(config), "-sf", str(old.pid)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.processes.append(self.haproxy)
+
     def admin(self, line: str) -> str:
         with socket.socket(socket.AF_UNIX) as connection:
             connection.connect(str(self.socket))

@@ -99,6 +99,62 @@ def test_a_balancer_restart_mid_stage_is_detected_and_never_promoted(lb, agent_c
     assert lb.weight("green") == 0
 
 
+@pytest.mark.live
+def test_a_balancer_reload_in_the_crossover_stage_is_detected(lb, agent_cli):
+    # The 100% stage rewrites the weights every 0.25 s window: a reload between two looks must be
+    # seen at the next write's read-back, not papered over by it (same weights, new instance).
+    lb.start()
+    plan = lb.plan([(50, 1, 10), (100, 30, 60)], extra="")
+    driver = start_driver(plan)
+    journal = lb.dir / "state" / "test-green.journal.jsonl"
+
+    def crossover_flips() -> int:
+        return journal.exists() and sum("crossover" in str(e.get("reason")) for e in journal_events(lb)
+                                        if e["event"] == "weights")
+
+    wait_until(lambda: driver.poll() is not None or crossover_flips() >= 2, 40, "the 100% stage's crossover")
+    assert driver.poll() is None, driver.communicate()
+    lb.reload_haproxy()  # seamless: the admin socket never goes away, the config file's weights return
+    code, out, err = finish(driver)
+    assert code == 1, err + out
+    assert "the balancer restarted" in out, out
+    events = [e["event"] for e in journal_events(lb)]
+    assert "promoted" not in events and events[-1] == "rolled_back"
+    assert lb.weight("green") == 0 and lb.weight("blue") == 100
+
+
+@pytest.mark.live
+def test_when_the_rollback_itself_fails_a_postmortem_is_written_and_the_watchdog_restores_blue(lb, agent_cli):
+    lb.start()
+    plan = lb.plan([(10, 30, 60), (100, 30, 60)])
+    driver = start_driver(plan)
+    wait_until(lambda: lb.weight("green") == 10, 30, "the 10% stage")
+    lb.haproxy.kill()  # the balancer is gone: the next look cannot read it, the rollback cannot write
+    lb.haproxy.wait(timeout=5)
+    journal = lb.dir / "state" / "test-green.journal.jsonl"
+    wait_until(lambda: any(e["event"] == "rollback_error" for e in journal_events(lb)), 20, "the failed rollback")
+    # It comes back with a split in its config file: blue must be restored by the watchdog.
+    lb.processes.remove(lb.haproxy)
+    lb.green_weight = 10
+    lb.start_haproxy()
+    code, out, err = finish(driver)
+    assert code == 1, err + out
+    assert "the watchdog will retry; post-mortem" in err, err
+    assert err.strip().splitlines()[-1].startswith("guardian-agent: rollback to blue failed"), err
+    wait_until(lambda: journal_events(lb)[-1]["event"] == "rolled_back", 10, "the watchdog's record")
+    record = journal_events(lb)[-1]
+    assert record["driver_alive"] is False and "the driver's own rollback failed" in record["reason"], record
+    assert "died" not in record["reason"]
+    assert lb.weight("green") == 0 and lb.weight("blue") == 100
+    from reports.bundle import Bundle
+
+    postmortem = Bundle(next((lb.dir / "state").glob("*-postmortem")))
+    assert postmortem.manifest["rollout"]["status"] == "rollback_failed"
+    assert postmortem.table("turns").num_rows > 0
+    status = agent_cli("rollout", "status", "--journal", str(journal))
+    assert status.returncode == 0 and "rolled_back" in status.stdout, status.stdout
+
+
 def test_fractional_weights_are_refused_at_check(lb, agent_cli):
     plan = lb.plan([(0.4, 1, 2), (100, 1, 2)])
     result = agent_cli("rollout", "--plan", str(plan), "--check")

@@ -191,6 +191,11 @@ class HookFailed(Exception):
     pass
 
 
+class RollbackFailed(WorkFailed):
+    """The rollback's own write failed: journaled, post-mortem written, the watchdog retries.
+    Never rolled back again (a second attempt would journal twice and lose the post-mortem)."""
+
+
 class StageRefused(Exception):
     """The balancer says traffic must not move (green DOWN, weights not what was set, a restart)."""
 
@@ -327,14 +332,25 @@ class RolloutDriver:
     def shift(self, blue: float, green: float, reason: str) -> None:
         """Move traffic, then read the balancer back: what it says is what counts."""
         self.set_weights(blue, green, reason)
-        view = self.adapter.observe()
+        view, restart = self.read_back()
         if view is None:
             return
-        self.balancer_view = view
-        problem = weights_mismatch(view, self.weights)
+        # A restart since the last read-back is caught here too: the crossover rewrites the
+        # weights every window, so a restart between two looks would otherwise be papered over by
+        # the next flip (weights match again, new instance taken as the reference).
+        problem = restart or weights_mismatch(view, self.weights)
         if problem:
             raise StageRefused(f"after setting blue {blue:g} / green {green:g}: {problem}")
         self.journal.append("balancer", run_id=self.run_id, view=view.as_dict(), reason=reason)
+
+    def read_back(self) -> tuple[BalancerView | None, str]:
+        """The balancer's own view now, and why it restarted since the last read-back ('' if not)."""
+        view = self.adapter.observe()
+        if view is None:
+            return None, ""
+        restart = restart_problem(self.balancer_view, view, self.weights)
+        self.balancer_view = view
+        return view, restart
 
     def on_signal(self, signum, frame) -> None:  # noqa: ARG002 - signal signature
         self.stop_reason = f"interrupted by {signal.Signals(signum).name}"
@@ -396,6 +412,8 @@ class RolloutDriver:
         except StageRefused as refusal:
             return self.rollback(str(refusal), stage_index, moved=traffic_moved,
                                  event="rolled_back" if traffic_moved else "failed")
+        except RollbackFailed:
+            raise
         except BaseException as error:  # noqa: BLE001 - any failure must still end on blue
             self.rollback(f"error: {type(error).__name__}: {error}", stage_index, moved=traffic_moved)
             raise
@@ -436,7 +454,9 @@ class RolloutDriver:
         """Green must be UP in the balancer's own health checks before it is given any share."""
         deadline = time.monotonic() + self.plan.traffic.wait_up_s
         while True:
-            view = self.adapter.observe()
+            view, restart = self.read_back()
+            if restart:
+                raise StageRefused(f"{when}: {restart}")
             if view is None or view.green.routable:
                 return
             if time.monotonic() >= deadline:
@@ -556,17 +576,11 @@ class RolloutDriver:
     def balancer_problem(self, index: int, share_pct: float | None) -> str:
         """Why the balancer's own view says this stage cannot be judged or continued, or ''."""
         try:
-            view = self.adapter.observe()
+            view, restart = self.read_back()
         except WorkFailed as error:
             return f"balancer unreadable: {error}"
         if view is not None:
-            if view.restarted_since(self.balancer_view):
-                return (f"the balancer restarted ({self.balancer_view.instance} up {self.balancer_view.uptime_s:g} s "
-                        f"-> {view.instance} up {view.uptime_s:g} s): its weights are blue {view.blue.weight:g} / "
-                        f"green {view.green.weight:g}, the driver set blue {self.weights['blue']:g} / "
-                        f"green {self.weights['green']:g}")
-            self.balancer_view = view
-            problem = weights_mismatch(view, self.weights)
+            problem = restart or weights_mismatch(view, self.weights)
             if problem:
                 return problem
         attributed = self.collector.snapshot()
@@ -742,11 +756,14 @@ class RolloutDriver:
         decided = time.monotonic()
         self.journal.append("rollback_started", run_id=self.run_id, reason=reason, stage=stage)
         error_text = ""
+        to_blue_ms = None
         try:
             self.set_weights(100, 0, "rollback")
+            to_blue_ms = (time.monotonic() - decided) * 1000.0
+            self.confirm_blue()
         except Exception as error:  # noqa: BLE001 - keep going: the watchdog retries from the journal
             error_text = f"{type(error).__name__}: {error}"
-        to_blue_ms = (time.monotonic() - decided) * 1000.0
+        to_blue_ms = (time.monotonic() - decided) * 1000.0 if to_blue_ms is None else to_blue_ms
         if self.collector is not None:
             self.collector.stop()
         if error_text:
@@ -756,7 +773,7 @@ class RolloutDriver:
             report = self.write_report("rollback_failed", f"{reason}; then the rollback failed: {error_text}") \
                 if moved and self.collector is not None else None
             self.notify("rollback_error", reason=reason, error=error_text, report=str(report or ""))
-            raise WorkFailed(f"rollback to blue failed ({error_text}); the watchdog will retry"
+            raise RollbackFailed(f"rollback to blue failed ({error_text}); the watchdog will retry"
                              + (f"; post-mortem {report}" if report else ""))
         self.journal.append(event, run_id=self.run_id, reason=reason, stage=stage, weights=self.weights,
                             decision_to_blue_ms=round(to_blue_ms, 3), traffic_moved=moved)
@@ -769,6 +786,16 @@ class RolloutDriver:
             self.progress(f"post-mortem: {report}")
         return Outcome(event, reason, self.run_id, report, stage, to_blue_ms)
 
+    def confirm_blue(self) -> None:
+        """A rollback is read back too: weights only (a DOWN blue is no reason to stop trying)."""
+        view = self.adapter.observe()
+        if view is None:
+            return
+        if any(seen is not None and seen != wanted for seen, wanted in ((view.blue.weight, 100), (view.green.weight, 0))):
+            raise WorkFailed(f"after the rollback the balancer says blue {weight_text(view.blue.weight)} / "
+                             f"green {weight_text(view.green.weight)}")
+        self.journal.append("balancer", run_id=self.run_id, view=view.as_dict(), reason="rollback")
+
     # --- reports ---------------------------------------------------------------------------------
     def write_report(self, status: str, reason: str) -> Path | None:
         from agent.rollout.report import write_rollout_bundle
@@ -780,11 +807,31 @@ class RolloutDriver:
             return None
 
 
+def restart_problem(earlier: BalancerView | None, view: BalancerView, weights: dict) -> str:
+    """Why `view` is of another balancer instance than `earlier` (a restart or reload), or ''."""
+    if not view.restarted_since(earlier):
+        return ""
+
+    def uptime(seen: BalancerView) -> str:
+        return "" if seen.uptime_s is None else f" up {seen.uptime_s:g} s"
+
+    # Said even when the weights read back match (the crossover has just written them again):
+    # between the restart and that write, the balancer served its config file's weights.
+    return (f"the balancer restarted ({earlier.instance}{uptime(earlier)} -> {view.instance}{uptime(view)}); "
+            f"weights read back: blue {weight_text(view.blue.weight)} / green {weight_text(view.green.weight)}, "
+            f"the driver set blue {weights['blue']:g} / green {weights['green']:g}")
+
+
+def weight_text(weight: float | None) -> str:
+    return "?" if weight is None else f"{weight:g}"
+
+
 def weights_mismatch(view: BalancerView, expected: dict) -> str:
     for role in ("blue", "green"):
         actual = getattr(view, role).weight
         if actual is not None and abs(actual - expected[role]) > 1e-9:
-            return (f"the balancer says blue {view.blue.weight:g} / green {view.green.weight:g} but the driver set "
+            return (f"the balancer says blue {weight_text(view.blue.weight)} / green {weight_text(view.green.weight)} "
+                    f"but the driver set "
                     f"blue {expected['blue']:g} / green {expected['green']:g} (a restart, or someone else)")
     if expected["green"] > 0 and not view.green.routable:
         return f"green is {view.green.state} in the balancer while it should take {expected['green']:g}%"
