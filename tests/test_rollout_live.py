@@ -260,7 +260,7 @@ class Setup:
 
     def plan(self, stages: list[tuple[float, float, float]], prepare: str = "true",
              extra: str = 'on_inconclusive = "advance"', kpi: str | None = None, gate: str | None = None, tables: str = "",
-             validate: str | None = None, baseline_s: float = 2) -> Path:
+             validate: str | None = None, baseline_s: float = 0.5) -> Path:
         validate = validate or (f"python3 -c 'import urllib.request; "
                                 f"urllib.request.urlopen(\\\"http://127.0.0.1:{self.green_port}/health\\\")'")
         kpi = (kpi or f'url = "http://127.0.0.1:{self.frontend}/"\nconcurrency = 4') + f"\nbaseline_s = {baseline_s}"

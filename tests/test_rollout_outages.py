@@ -168,10 +168,13 @@ def test_check_connects_to_the_balancer(lb, agent_cli):
     good = agent_cli("rollout", "--plan", str(lb.plan([(10, 1, 2), (100, 1, 2)])), "--check")
     assert good.returncode == 0, good.stderr
     assert "green green UP weight 0" in good.stdout and "blue blue UP weight 100" in good.stdout
-    wrong = lb.plan([(10, 1, 2), (100, 1, 2)]).read_text().replace('backend = "app"', 'backend = "nope"')
-    (lb.dir / "wrong.toml").write_text(wrong)
-    refused = agent_cli("rollout", "--plan", str(lb.dir / "wrong.toml"), "--check")
-    assert refused.returncode == 2 and "nope" in refused.stderr and refused.stderr.count("\n") == 1
+    text = lb.plan([(10, 1, 2), (100, 1, 2)]).read_text()
+    for old, new in (('backend = "app"', 'backend = "nope"'), ('backend = "app"', 'backend = "app"\ngreen = "nope"'),
+                     (f'socket = "{lb.socket}"', f'socket = "{lb.dir / "nope.sock"}"')):
+        (lb.dir / "wrong.toml").write_text(text.replace(old, new))
+        refused = agent_cli("rollout", "--plan", str(lb.dir / "wrong.toml"), "--check")
+        assert refused.returncode == 2 and "nope" in refused.stderr and refused.stderr.count("\n") == 1, \
+            (new, refused.stderr)
 
 
 @pytest.mark.live

@@ -475,9 +475,10 @@ class RolloutDriver:
         self.progress(f"baseline: blue alone at 100% for {self.plan.kpi.baseline_s:g} s")
         deadline = time.monotonic() + self.plan.kpi.baseline_s
         while not self.stop.wait(min(self.plan.evaluate_every_s, max(deadline - time.monotonic(), 0))):
+            # Polled at the last tick too: a pause sent before the first stage holds it from its start.
+            self.poll_controls()
             if time.monotonic() >= deadline:
                 return
-            self.poll_controls()
         raise Interrupted(self.stop_reason)
 
     def _stage(self, index: int, stage) -> tuple[str, str]:
