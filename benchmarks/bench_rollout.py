@@ -5,7 +5,8 @@
    time), the driver's own load (4 keep-alive workers) plus users' traffic through the frontend;
 2. time from a bad green's first sample to blue at 100%, per kind of defect: slow (+2 ms), errors
    (2% 500s), fat tail (3% of requests +20 ms, median unchanged), DOWN (health check failing from
-   the 50% stage on: measured from the moment /health starts failing).
+   the 50% stage on, and from green's first full-load window at 100% on: measured from the
+   moment /health starts failing).
 
 Only the dwell times are set (they are settings): stages 10% (A/A: 50%) -> 50% -> 100%. Writes
 benchmarks/results/rollout.json. `--quick`: 4 A/A rollouts instead of 10. About 3 minutes.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -29,7 +31,10 @@ from tests.test_rollout_live import ClientLoad, Setup  # noqa: E402
 AA_STAGES = [(50, 3, 25), (100, 4, 25)]
 DEFECT_STAGES = [(10, 2, 20), (50, 3, 25), (100, 4, 25)]
 DEFECTS = {"slow": {"green_delay_ms": 3.0}, "errors": {"green_error_rate": 0.02},
-           "fat tail": {"green_tail_ms": 20.0}, "down": {}}
+           "fat tail": {"green_tail_ms": 20.0}, "down": {}, "down at 100%": {}}
+# The DOWN defects: /health starts failing once green has this weight (at 100% blue has weight 0,
+# so HAProxy has nothing to fall back on: the driver's reaction is the only protection).
+SICK_AT_WEIGHT = {"down": 50, "down at 100%": 100}
 
 
 def events(setup: Setup) -> list[dict]:
@@ -79,14 +84,12 @@ def defect_run(kind: str) -> dict:
         setup = Setup(Path(directory))
         sick_at: list[float] = []
         try:
-            if kind == "down":
+            if kind in SICK_AT_WEIGHT:
                 def make_sick():
-                    from tests.test_rollout_live import Setup as _  # noqa: F401 - same module
-
                     deadline = time.monotonic() + 60
                     while time.monotonic() < deadline:
                         try:
-                            if setup.weight("green") == 50:
+                            if setup.weight("green") == SICK_AT_WEIGHT[kind]:
                                 setup.sick("green")
                                 sick_at.append(time.time())
                                 return
@@ -100,10 +103,10 @@ def defect_run(kind: str) -> dict:
             setup.stop()
     end = next((e for e in reversed(journal) if e["event"] in ("rolled_back", "promoted", "failed")), journal[-1])
     start = sick_at[0] if sick_at else first_green_s
-    decision = next((e for e in reversed(journal) if e["event"] == "decision"), {})
+    # The terminal record: a refusal read from the balancer (green DOWN) has no gate decision.
     return {"defect": kind, "exit_code": code, "outcome": end["event"], "user_errors": users["errors"],
-            "stage": None if decision.get("stage") is None else decision["stage"] + 1,
-            "reason": decision.get("reason", end.get("reason", ""))[:200],
+            "stage": None if end.get("stage") is None else end["stage"] + 1,
+            "reason": end.get("reason", "")[:200],
             "first_bad_sample_to_blue_s": None if start is None else round(end["ts"] - start, 2),
             "decision_to_blue_ms": end.get("decision_to_blue_ms")}
 
@@ -118,6 +121,7 @@ def upper_bound_95(failures: int, trials: int) -> float:
 def main() -> int:
     quick = "--quick" in sys.argv
     started = time.monotonic()
+    load_at_start = os.getloadavg()[0]
     aa = [aa_run(index) for index in range(4 if quick else 10)]
     for run in aa:
         print(f"A/A {run['run'] + 1}: {'promoted' if run['promoted'] else 'ROLLED BACK'} in {run['seconds']} s, "
@@ -128,7 +132,8 @@ def main() -> int:
               f"{run['first_bad_sample_to_blue_s']} s, user errors {run['user_errors']}: {run['reason']}", flush=True)
     false_rollbacks = sum(not run["promoted"] for run in aa)
     summary = {"measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-               "note": "2-core VM shared with seven other engineers' jobs while measured",
+               "note": f"{os.cpu_count()}-CPU VM shared with other jobs; 1-minute load average "
+                       f"{load_at_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end",
                "aa_rollouts": len(aa), "false_rollbacks": false_rollbacks,
                "false_rollback_rate_pct": round(100.0 * false_rollbacks / len(aa), 1),
                "false_rollback_upper_95_pct": round(100.0 * upper_bound_95(false_rollbacks, len(aa)), 1),

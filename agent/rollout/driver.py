@@ -208,6 +208,9 @@ class Looks:
 
 
 SETTLE_S = 0.3  # after each weight change, before a stage's samples count
+# How often the 100% stage reads green's health while green serves alone (blue at weight 0): one
+# `show stat` and three small commands on the admin socket, about 1 ms.
+ALONE_CHECK_S = 0.1
 
 
 class Crossover:
@@ -465,6 +468,17 @@ class RolloutDriver:
             if self.stop.wait(0.2):
                 raise Interrupted(self.stop_reason)
 
+    def refuse_unless_green_up(self, when: str) -> None:
+        """No waiting: green is UP in the balancer now, or the stage ends (StageRefused)."""
+        try:
+            view, restart = self.read_back()
+        except WorkFailed as error:
+            raise StageRefused(f"{when}: balancer unreadable: {error}") from None
+        if restart:
+            raise StageRefused(f"{when}: {restart}")
+        if view is not None and not view.green.routable:
+            raise StageRefused(f"{when}: green ({self.plan.traffic.green}) is {view.green.state} in the balancer")
+
     def _baseline(self) -> None:
         """Blue alone at 100%: a short warm-up, then the reference window of the 100% stage."""
         warmup_s = min(1.0, self.plan.kpi.baseline_s / 5)
@@ -502,18 +516,25 @@ class RolloutDriver:
         crossover = Crossover(self.plan.crossover_s if stage.weight_pct >= 100 else 0.0)
         if crossover.window_s > 0:
             self.collector.set_stage(WARMUP_STAGE)
-        tick_s = min(self.plan.evaluate_every_s, crossover.window_s or math.inf)
+        tick_s = min(self.plan.evaluate_every_s, crossover.window_s or math.inf,
+                     ALONE_CHECK_S if stage.weight_pct >= 100 else math.inf)
         next_look = time.monotonic() + self.plan.evaluate_every_s
         while True:
             if self.stop.wait(max(min(tick_s, next_look - time.monotonic()), 0.01)):
                 raise Interrupted(self.stop_reason)
             flip = crossover.due()
+            if flip:
+                self.refuse_unless_green_up(f"stage {index + 1}: before green's next full-load window")
             if flip is not None:
                 self.shift(100 - flip, flip, f"stage {index + 1} crossover: {'green' if flip else 'blue'} at 100%")
                 # Green's first full-load window follows the step up from the last split stage (new
                 # connections, threads): a transient blue never has. Every later window follows a
                 # flip, for both versions alike, so judging starts at the first flip.
                 self.collector.set_stage(index)
+            if self.weights["blue"] == 0 and not flip:
+                # Green serves alone: HAProxy has no other server with a weight to fall back on, so
+                # a green going DOWN is an outage until blue's weight is back. Read it every tick.
+                self.refuse_unless_green_up(f"stage {index + 1}: green serving alone")
             if time.monotonic() < next_look:
                 continue
             next_look = time.monotonic() + self.plan.evaluate_every_s
