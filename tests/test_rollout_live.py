@@ -330,7 +330,7 @@ def journal_events(setup: Setup) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-STAGES = [(1, 1.5, 3), (10, 1.5, 4), (50, 1.5, 4), (100, 2, 6)]
+STAGES = [(1, 1, 2), (10, 1.5, 4), (50, 1.5, 4), (100, 2, 6)]
 
 
 @pytest.mark.live

@@ -32,6 +32,7 @@ from agent.gate.record import append_decision, decision_rows
 from agent.gate.verdict import GateVerdict, judge
 from agent.rollout.adapters import BalancerView, TrafficAdapter, make_adapter
 from agent.rollout.collector import BASELINE_STAGE, WARMUP_STAGE, LoadCollector, Sample, make_collector, samples_table
+from agent.rollout.guard import AloneGuard
 from agent.rollout.journal import Journal, current_roles, last_run, pid_alive
 from agent.rollout.plan import Plan, Stage
 
@@ -208,9 +209,6 @@ class Looks:
 
 
 SETTLE_S = 0.3  # after each weight change, before a stage's samples count
-# How often the 100% stage reads green's health while green serves alone (blue at weight 0): one
-# `show stat` and three small commands on the admin socket, about 1 ms.
-ALONE_CHECK_S = 0.1
 
 
 class Crossover:
@@ -507,6 +505,18 @@ class RolloutDriver:
         # the previous stage's number (the settle below can take a while).
         self.journal.append("stage_started", run_id=self.run_id, stage=index, weight_pct=stage.weight_pct,
                             dwell_s=stage.dwell_s, max_dwell_s=stage.max_dwell_s, weights=self.weights)
+        # While green serves alone (100%), a guard thread puts blue back the moment green is not UP.
+        with AloneGuard(self.adapter, self.plan.traffic.green, active=stage.weight_pct >= 100) as guard:
+            decision = self._stage_loop(index, stage, final, guard)
+        if guard.problem and decision[0] != "rollback":
+            raise StageRefused(f"stage {index + 1}: green serving alone: {guard.problem}")
+        return decision
+
+    def _stage_loop(self, index: int, stage, final: bool, guard: AloneGuard) -> tuple[str, str]:
+        def refuse_if_guarded() -> None:
+            if guard.problem:
+                raise StageRefused(f"stage {index + 1}: green serving alone: {guard.problem}")
+
         if self.stop.wait(min(SETTLE_S, stage.dwell_s / 4)):
             raise Interrupted(self.stop_reason)
         self.collector.set_stage(index)
@@ -516,25 +526,24 @@ class RolloutDriver:
         crossover = Crossover(self.plan.crossover_s if stage.weight_pct >= 100 else 0.0)
         if crossover.window_s > 0:
             self.collector.set_stage(WARMUP_STAGE)
-        tick_s = min(self.plan.evaluate_every_s, crossover.window_s or math.inf,
-                     ALONE_CHECK_S if stage.weight_pct >= 100 else math.inf)
+        tick_s = min(self.plan.evaluate_every_s, crossover.window_s or math.inf)
         next_look = time.monotonic() + self.plan.evaluate_every_s
         while True:
             if self.stop.wait(max(min(tick_s, next_look - time.monotonic()), 0.01)):
                 raise Interrupted(self.stop_reason)
+            refuse_if_guarded()
             flip = crossover.due()
-            if flip:
-                self.refuse_unless_green_up(f"stage {index + 1}: before green's next full-load window")
             if flip is not None:
-                self.shift(100 - flip, flip, f"stage {index + 1} crossover: {'green' if flip else 'blue'} at 100%")
+                with guard.lock:  # a flip and the guard's rollback write never interleave
+                    refuse_if_guarded()
+                    if flip:
+                        self.refuse_unless_green_up(f"stage {index + 1}: before green's next full-load window")
+                    self.shift(100 - flip, flip,
+                               f"stage {index + 1} crossover: {'green' if flip else 'blue'} at 100%")
                 # Green's first full-load window follows the step up from the last split stage (new
                 # connections, threads): a transient blue never has. Every later window follows a
                 # flip, for both versions alike, so judging starts at the first flip.
                 self.collector.set_stage(index)
-            if self.weights["blue"] == 0 and not flip:
-                # Green serves alone: HAProxy has no other server with a weight to fall back on, so
-                # a green going DOWN is an outage until blue's weight is back. Read it every tick.
-                self.refuse_unless_green_up(f"stage {index + 1}: green serving alone")
             if time.monotonic() < next_look:
                 continue
             next_look = time.monotonic() + self.plan.evaluate_every_s
@@ -546,6 +555,7 @@ class RolloutDriver:
             # In a crossover the share moves every window and lags the flips: the weights read back
             # say where traffic goes, and only the unattributed share is checked.
             problem = self.balancer_problem(index, None if crossover.window_s > 0 else stage.weight_pct)
+            refuse_if_guarded()  # the guard's own write is not "someone else's" weight change
             if not problem and not crossover.ready:
                 continue  # not one whole window of each version yet: nothing to judge
             elapsed = time.monotonic() - started
@@ -555,7 +565,10 @@ class RolloutDriver:
             decision = self._judge_look(evaluation, stage, looks, final)
             if decision is not None:
                 if decision[0] == "advance" and self.weights["green"] != stage.weight_pct:
-                    self.shift(100 - stage.weight_pct, stage.weight_pct, f"stage {index + 1} passed: crossover ends")
+                    with guard.lock:
+                        refuse_if_guarded()
+                        self.shift(100 - stage.weight_pct, stage.weight_pct,
+                                   f"stage {index + 1} passed: crossover ends")
                 return decision
 
     def _judge_look(self, evaluation: "Evaluation", stage, looks: Looks, final: bool) -> tuple[str, str] | None:
