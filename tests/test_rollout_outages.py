@@ -84,7 +84,7 @@ def test_green_going_down_mid_stage_rolls_back_without_client_errors(lb, agent_c
 @pytest.mark.live
 def test_green_going_down_while_it_serves_alone_is_rolled_back_at_once(lb, agent_cli):
     # At 100% blue has weight 0: HAProxy has nothing to fall back on, so a DOWN green is an
-    # outage until the driver puts blue back. It reads green's state every 0.1 s then.
+    # outage until blue's weight is back. The stage's guard reads green's state every 50 ms.
     lb.start()
     plan = lb.plan([(100, 30, 60)], extra="crossover_s = 0")
     with ClientLoad(lb.frontend) as users:
@@ -99,11 +99,14 @@ def test_green_going_down_while_it_serves_alone_is_rolled_back_at_once(lb, agent
     # Seen at the first failed check ("UP 1/2": HAProxy still routes to it) or once DOWN.
     assert re.search(r"green serving alone: green \(green\) is (UP 1/2|DOWN) in the balancer", out), out
     rolled_back = [e for e in journal_events(lb) if e["event"] == "rolled_back"][-1]
-    # A failed check takes up to 100 ms + the 1 s check timeout; the driver then acts within one
-    # 0.1 s tick (the looks, 0.5 s apart, are not what caught it: the reason says so).
+    # A failed check takes up to 100 ms + the 1 s check timeout; the guard acts within 50 ms of it
+    # (the reason says it was the guard, not a look).
+    assert "the guard put blue back" in out, out
     assert rolled_back["ts"] - sick_at < 3.0, rolled_back
     assert lb.weight("green") == 0 and lb.weight("blue") == 100
-    assert served_before > 50 and users.errors < 0.2 * served_before, users.__dict__
+    # Without the guard (only the loop watching) 150-236 user requests failed in the benchmark; with
+    # it, none.
+    assert served_before > 50 and users.errors < 0.05 * served_before, users.__dict__
 
 
 @pytest.mark.live
