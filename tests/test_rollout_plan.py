@@ -293,6 +293,17 @@ def test_failed_looks_limit(tmp_path):
     assert driver._judge_look(_look(0, 2, "fail", metrics), stage, looks, False)[0] == "rollback"
 
 
+def test_inconclusive_looks_limit_acts_before_max_dwell(tmp_path):
+    from agent.rollout.driver import Looks
+
+    driver = _driver(tmp_path, {"evaluate_every_s = 0.2": "evaluate_every_s = 0.2\nmax_inconclusive_looks = 2"})
+    stage, looks = driver.plan.stages[0], Looks()
+    metrics = [("turns.latency_ns", True, "inconclusive", 50)]
+    assert driver._judge_look(_look(0, 1, "inconclusive", metrics), stage, looks, False) is None
+    decision, reason = driver._judge_look(_look(0, 2, "inconclusive", metrics), stage, looks, False)
+    assert decision == "rollback" and "2 undecided looks" in reason and 2 < stage.max_dwell_s
+
+
 def test_adapter_error_during_rollback_still_writes_a_postmortem(tmp_path):
     from agent.rollout.adapters import TrafficAdapter
     from agent.rollout.collector import LoadCollector

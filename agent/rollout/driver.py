@@ -32,6 +32,7 @@ from agent.gate.record import append_decision, decision_rows
 from agent.gate.verdict import GateVerdict, judge
 from agent.rollout.adapters import BalancerView, TrafficAdapter, adapter_from_dict, make_adapter
 from agent.rollout.collector import BASELINE_STAGE, WARMUP_STAGE, LoadCollector, Sample, make_collector, samples_table
+from agent.rollout.guard import AloneGuard
 from agent.rollout.journal import Journal, current_roles, last_run, pid_alive
 from agent.rollout.plan import Plan, Stage
 
@@ -191,6 +192,11 @@ class HookFailed(Exception):
     pass
 
 
+class RollbackFailed(WorkFailed):
+    """The rollback's own write failed: journaled, post-mortem written, the watchdog retries.
+    Never rolled back again (a second attempt would journal twice and lose the post-mortem)."""
+
+
 class StageRefused(Exception):
     """The balancer says traffic must not move (green DOWN, weights not what was set, a restart)."""
 
@@ -327,14 +333,25 @@ class RolloutDriver:
     def shift(self, blue: float, green: float, reason: str) -> None:
         """Move traffic, then read the balancer back: what it says is what counts."""
         self.set_weights(blue, green, reason)
-        view = self.adapter.observe()
+        view, restart = self.read_back()
         if view is None:
             return
-        self.balancer_view = view
-        problem = weights_mismatch(view, self.weights)
+        # A restart since the last read-back is caught here too: the crossover rewrites the
+        # weights every window, so a restart between two looks would otherwise be papered over by
+        # the next flip (weights match again, new instance taken as the reference).
+        problem = restart or weights_mismatch(view, self.weights)
         if problem:
             raise StageRefused(f"after setting blue {blue:g} / green {green:g}: {problem}")
         self.journal.append("balancer", run_id=self.run_id, view=view.as_dict(), reason=reason)
+
+    def read_back(self) -> tuple[BalancerView | None, str]:
+        """The balancer's own view now, and why it restarted since the last read-back ('' if not)."""
+        view = self.adapter.observe()
+        if view is None:
+            return None, ""
+        restart = restart_problem(self.balancer_view, view, self.weights)
+        self.balancer_view = view
+        return view, restart
 
     def on_signal(self, signum, frame) -> None:  # noqa: ARG002 - signal signature
         self.stop_reason = f"interrupted by {signal.Signals(signum).name}"
@@ -396,6 +413,8 @@ class RolloutDriver:
         except StageRefused as refusal:
             return self.rollback(str(refusal), stage_index, moved=traffic_moved,
                                  event="rolled_back" if traffic_moved else "failed")
+        except RollbackFailed:
+            raise
         except BaseException as error:  # noqa: BLE001 - any failure must still end on blue
             self.rollback(f"error: {type(error).__name__}: {error}", stage_index, moved=traffic_moved)
             raise
@@ -436,7 +455,9 @@ class RolloutDriver:
         """Green must be UP in the balancer's own health checks before it is given any share."""
         deadline = time.monotonic() + self.plan.traffic.wait_up_s
         while True:
-            view = self.adapter.observe()
+            view, restart = self.read_back()
+            if restart:
+                raise StageRefused(f"{when}: {restart}")
             if view is None or view.green.routable:
                 return
             if time.monotonic() >= deadline:
@@ -444,6 +465,17 @@ class RolloutDriver:
                                    f"{when}: it was never given traffic (waited {self.plan.traffic.wait_up_s:g} s)")
             if self.stop.wait(0.2):
                 raise Interrupted(self.stop_reason)
+
+    def refuse_unless_green_up(self, when: str) -> None:
+        """No waiting: green is UP in the balancer now, or the stage ends (StageRefused)."""
+        try:
+            view, restart = self.read_back()
+        except WorkFailed as error:
+            raise StageRefused(f"{when}: balancer unreadable: {error}") from None
+        if restart:
+            raise StageRefused(f"{when}: {restart}")
+        if view is not None and not view.green.routable:
+            raise StageRefused(f"{when}: green ({self.plan.traffic.green}) is {view.green.state} in the balancer")
 
     def _baseline(self) -> None:
         """Blue alone at 100%: a short warm-up, then the reference window of the 100% stage."""
@@ -455,9 +487,10 @@ class RolloutDriver:
         self.progress(f"baseline: blue alone at 100% for {self.plan.kpi.baseline_s:g} s")
         deadline = time.monotonic() + self.plan.kpi.baseline_s
         while not self.stop.wait(min(self.plan.evaluate_every_s, max(deadline - time.monotonic(), 0))):
+            # Polled at the last tick too: a pause sent before the first stage holds it from its start.
+            self.poll_controls()
             if time.monotonic() >= deadline:
                 return
-            self.poll_controls()
         raise Interrupted(self.stop_reason)
 
     def _stage(self, index: int, stage) -> tuple[str, str]:
@@ -472,6 +505,18 @@ class RolloutDriver:
         # the previous stage's number (the settle below can take a while).
         self.journal.append("stage_started", run_id=self.run_id, stage=index, weight_pct=stage.weight_pct,
                             dwell_s=stage.dwell_s, max_dwell_s=stage.max_dwell_s, weights=self.weights)
+        # While green serves alone (100%), a guard thread puts blue back the moment green is not UP.
+        with AloneGuard(self.adapter, self.plan.traffic.green, active=stage.weight_pct >= 100) as guard:
+            decision = self._stage_loop(index, stage, final, guard)
+        if guard.problem and decision[0] != "rollback":
+            raise StageRefused(f"stage {index + 1}: green serving alone: {guard.problem}")
+        return decision
+
+    def _stage_loop(self, index: int, stage, final: bool, guard: AloneGuard) -> tuple[str, str]:
+        def refuse_if_guarded() -> None:
+            if guard.problem:
+                raise StageRefused(f"stage {index + 1}: green serving alone: {guard.problem}")
+
         if self.stop.wait(min(SETTLE_S, stage.dwell_s / 4)):
             raise Interrupted(self.stop_reason)
         self.collector.set_stage(index)
@@ -486,9 +531,15 @@ class RolloutDriver:
         while True:
             if self.stop.wait(max(min(tick_s, next_look - time.monotonic()), 0.01)):
                 raise Interrupted(self.stop_reason)
+            refuse_if_guarded()
             flip = crossover.due()
             if flip is not None:
-                self.shift(100 - flip, flip, f"stage {index + 1} crossover: {'green' if flip else 'blue'} at 100%")
+                with guard.lock:  # a flip and the guard's rollback write never interleave
+                    refuse_if_guarded()
+                    if flip:
+                        self.refuse_unless_green_up(f"stage {index + 1}: before green's next full-load window")
+                    self.shift(100 - flip, flip,
+                               f"stage {index + 1} crossover: {'green' if flip else 'blue'} at 100%")
                 # Green's first full-load window follows the step up from the last split stage (new
                 # connections, threads): a transient blue never has. Every later window follows a
                 # flip, for both versions alike, so judging starts at the first flip.
@@ -504,6 +555,7 @@ class RolloutDriver:
             # In a crossover the share moves every window and lags the flips: the weights read back
             # say where traffic goes, and only the unattributed share is checked.
             problem = self.balancer_problem(index, None if crossover.window_s > 0 else stage.weight_pct)
+            refuse_if_guarded()  # the guard's own write is not "someone else's" weight change
             if not problem and not crossover.ready:
                 continue  # not one whole window of each version yet: nothing to judge
             elapsed = time.monotonic() - started
@@ -513,7 +565,10 @@ class RolloutDriver:
             decision = self._judge_look(evaluation, stage, looks, final)
             if decision is not None:
                 if decision[0] == "advance" and self.weights["green"] != stage.weight_pct:
-                    self.shift(100 - stage.weight_pct, stage.weight_pct, f"stage {index + 1} passed: crossover ends")
+                    with guard.lock:
+                        refuse_if_guarded()
+                        self.shift(100 - stage.weight_pct, stage.weight_pct,
+                                   f"stage {index + 1} passed: crossover ends")
                 return decision
 
     def _judge_look(self, evaluation: "Evaluation", stage, looks: Looks, final: bool) -> tuple[str, str] | None:
@@ -556,17 +611,11 @@ class RolloutDriver:
     def balancer_problem(self, index: int, share_pct: float | None) -> str:
         """Why the balancer's own view says this stage cannot be judged or continued, or ''."""
         try:
-            view = self.adapter.observe()
+            view, restart = self.read_back()
         except WorkFailed as error:
             return f"balancer unreadable: {error}"
         if view is not None:
-            if view.restarted_since(self.balancer_view):
-                return (f"the balancer restarted ({self.balancer_view.instance} up {self.balancer_view.uptime_s:g} s "
-                        f"-> {view.instance} up {view.uptime_s:g} s): its weights are blue {view.blue.weight:g} / "
-                        f"green {view.green.weight:g}, the driver set blue {self.weights['blue']:g} / "
-                        f"green {self.weights['green']:g}")
-            self.balancer_view = view
-            problem = weights_mismatch(view, self.weights)
+            problem = restart or weights_mismatch(view, self.weights)
             if problem:
                 return problem
         attributed = self.collector.snapshot()
@@ -742,11 +791,14 @@ class RolloutDriver:
         decided = time.monotonic()
         self.journal.append("rollback_started", run_id=self.run_id, reason=reason, stage=stage)
         error_text = ""
+        to_blue_ms = None
         try:
             self.set_weights(100, 0, "rollback")
+            to_blue_ms = (time.monotonic() - decided) * 1000.0
+            self.confirm_blue()
         except Exception as error:  # noqa: BLE001 - keep going: the watchdog retries from the journal
             error_text = f"{type(error).__name__}: {error}"
-        to_blue_ms = (time.monotonic() - decided) * 1000.0
+        to_blue_ms = (time.monotonic() - decided) * 1000.0 if to_blue_ms is None else to_blue_ms
         if self.collector is not None:
             self.collector.stop()
         if error_text:
@@ -756,7 +808,7 @@ class RolloutDriver:
             report = self.write_report("rollback_failed", f"{reason}; then the rollback failed: {error_text}") \
                 if moved and self.collector is not None else None
             self.notify("rollback_error", reason=reason, error=error_text, report=str(report or ""))
-            raise WorkFailed(f"rollback to blue failed ({error_text}); the watchdog will retry"
+            raise RollbackFailed(f"rollback to blue failed ({error_text}); the watchdog will retry"
                              + (f"; post-mortem {report}" if report else ""))
         self.journal.append(event, run_id=self.run_id, reason=reason, stage=stage, weights=self.weights,
                             decision_to_blue_ms=round(to_blue_ms, 3), traffic_moved=moved)
@@ -769,6 +821,16 @@ class RolloutDriver:
             self.progress(f"post-mortem: {report}")
         return Outcome(event, reason, self.run_id, report, stage, to_blue_ms)
 
+    def confirm_blue(self) -> None:
+        """A rollback is read back too: weights only (a DOWN blue is no reason to stop trying)."""
+        view = self.adapter.observe()
+        if view is None:
+            return
+        if any(seen is not None and seen != wanted for seen, wanted in ((view.blue.weight, 100), (view.green.weight, 0))):
+            raise WorkFailed(f"after the rollback the balancer says blue {weight_text(view.blue.weight)} / "
+                             f"green {weight_text(view.green.weight)}")
+        self.journal.append("balancer", run_id=self.run_id, view=view.as_dict(), reason="rollback")
+
     # --- reports ---------------------------------------------------------------------------------
     def write_report(self, status: str, reason: str) -> Path | None:
         from agent.rollout.report import write_rollout_bundle
@@ -780,11 +842,31 @@ class RolloutDriver:
             return None
 
 
+def restart_problem(earlier: BalancerView | None, view: BalancerView, weights: dict) -> str:
+    """Why `view` is of another balancer instance than `earlier` (a restart or reload), or ''."""
+    if not view.restarted_since(earlier):
+        return ""
+
+    def uptime(seen: BalancerView) -> str:
+        return "" if seen.uptime_s is None else f" up {seen.uptime_s:g} s"
+
+    # Said even when the weights read back match (the crossover has just written them again):
+    # between the restart and that write, the balancer served its config file's weights.
+    return (f"the balancer restarted ({earlier.instance}{uptime(earlier)} -> {view.instance}{uptime(view)}); "
+            f"weights read back: blue {weight_text(view.blue.weight)} / green {weight_text(view.green.weight)}, "
+            f"the driver set blue {weights['blue']:g} / green {weights['green']:g}")
+
+
+def weight_text(weight: float | None) -> str:
+    return "?" if weight is None else f"{weight:g}"
+
+
 def weights_mismatch(view: BalancerView, expected: dict) -> str:
     for role in ("blue", "green"):
         actual = getattr(view, role).weight
         if actual is not None and abs(actual - expected[role]) > 1e-9:
-            return (f"the balancer says blue {view.blue.weight:g} / green {view.green.weight:g} but the driver set "
+            return (f"the balancer says blue {weight_text(view.blue.weight)} / green {weight_text(view.green.weight)} "
+                    f"but the driver set "
                     f"blue {expected['blue']:g} / green {expected['green']:g} (a restart, or someone else)")
     if expected["green"] > 0 and not view.green.routable:
         return f"green is {view.green.state} in the balancer while it should take {expected['green']:g}%"

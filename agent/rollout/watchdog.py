@@ -24,8 +24,12 @@ def restore_blue_unless_finished(journal_path: Path, run_id: str) -> None:
     state = last_run(journal_path)
     if state.run_id != run_id or state.terminal is not None:
         return
-    restore_blue_from_journal(journal_path, "driver died mid-rollout: watchdog restored blue",
-                              "rolled_back", driver_alive=False)
+    # The driver either died, or exited after its own rollback failed (it says so in the journal):
+    # the record says which, and that the driver is gone (its pipe closed).
+    failed = state.last_of("rollback_error")
+    reason = ("driver died mid-rollout" if failed is None
+              else f"the driver's own rollback failed ({failed.get('error', '?')})") + ": watchdog restored blue"
+    restore_blue_from_journal(journal_path, reason, "rolled_back", driver_alive=False)
 
 
 def record_error(journal_path: Path, run_id: str, error: Exception) -> None:
