@@ -340,41 +340,56 @@ window_s = 1
     assert residue(state) == []
 
 
+def abort_mid_fault(tmp_path: Path, how: str, ports: list[int]) -> None:
+    """One run aborted in its fault phase, by `chaos abort` or by the kill-switch file."""
+    experiment = short_experiment(tmp_path / f"e-{how}.toml", ports, before_s=1, duration_s=30)
+    state = tmp_path / how
+    process = start_agent("chaos", "run", str(experiment), "--json", "--environment", "paper-trading",
+                          "--state-dir", str(state), "--no-publish", "--no-html")
+    try:
+        wait_for_event(state, "fault_applied")
+        status = json.loads(agent("chaos", "status", "--json", "--state-dir", str(state)).stdout)
+        assert status["run"]["status"] == "running" and status["run"]["phase"] == "fault"
+        assert [f["kind"] for f in status["active_faults"]] == ["latency"]
+        if how == "abort":
+            result = agent("chaos", "abort", "--state-dir", str(state))
+            assert result.returncode == 0, result.stderr
+            decided = wait_for_event(state, "abort_requested")["ts"]
+        else:
+            decided = time.time()
+            (state / "kill-switch").touch()
+        # The exit waits for the bundle and report.html (slow on a busy host); the budget
+        # under test is the removal's, asserted from the journal below.
+        stdout, _ = process.communicate(timeout=90)
+        removed = wait_for_event(state, "fault_removed")
+        assert removed["ts"] - decided < 0.3, f"{how}: the fault outlived the abort decision by >300 ms"
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    data = json.loads(stdout)
+    assert process.returncode == 1 and data["verdict"] == "aborted", how
+    assert data["aborted_by"] == ("signal" if how == "abort" else "kill-switch")
+    assert residue(state) == [], how
+    after = json.loads(agent("chaos", "status", "--json", "--state-dir", str(state)).stdout)
+    assert after["active_faults"] == [] and after["run"]["verdict"] == "aborted", how
+
+
 def test_status_abort_and_the_kill_switch(tmp_path, resilient):
-    ports = resilient.ports
-    experiment = short_experiment(tmp_path / "e.toml", ports, before_s=1, duration_s=30)
-    with resilient:
-        for how in ("abort", "kill-switch"):
-            state = tmp_path / how
-            process = start_agent("chaos", "run", str(experiment), "--json", "--environment", "paper-trading",
-                                  "--state-dir", str(state), "--no-publish", "--no-html")
-            try:
-                wait_for_event(state, "fault_applied")
-                status = json.loads(agent("chaos", "status", "--json", "--state-dir", str(state)).stdout)
-                assert status["run"]["status"] == "running" and status["run"]["phase"] == "fault"
-                assert [f["kind"] for f in status["active_faults"]] == ["latency"]
-                if how == "abort":
-                    result = agent("chaos", "abort", "--state-dir", str(state))
-                    assert result.returncode == 0, result.stderr
-                    decided = wait_for_event(state, "abort_requested")["ts"]
-                else:
-                    decided = time.time()
-                    (state / "kill-switch").touch()
-                # The exit waits for the bundle and report.html (slow on a busy host); the budget
-                # under test is the removal's, asserted from the journal below.
-                stdout, _ = process.communicate(timeout=90)
-                removed = wait_for_event(state, "fault_removed")
-                assert removed["ts"] - decided < 0.3, "the fault outlived the abort decision by >300 ms"
-            finally:
-                if process.poll() is None:
-                    process.kill()
-                    process.wait()
-            data = json.loads(stdout)
-            assert process.returncode == 1 and data["verdict"] == "aborted"
-            assert data["aborted_by"] == ("signal" if how == "abort" else "kill-switch")
-            assert residue(state) == []
-            after = json.loads(agent("chaos", "status", "--json", "--state-dir", str(state)).stdout)
-            assert after["active_faults"] == [] and after["run"]["verdict"] == "aborted"
+    """The two ways to stop a run side by side (one wall time): `chaos abort` on the shared
+    stack, the kill-switch on a stack of its own (free ports, so their faults never overlap)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    own = Stack(*free_ports(4), timeout_ms=30)
+    try:
+        with resilient, ThreadPoolExecutor(2) as pool:
+            own.start()
+            cases = [pool.submit(abort_mid_fault, tmp_path, "abort", resilient.ports),
+                     pool.submit(abort_mid_fault, tmp_path, "kill-switch", list(own.ports.values()))]
+            for case in cases:
+                case.result()
+    finally:
+        own.stop()
 
 
 KILL_POINTS = ("chaos:before", "chaos:applying:0", "chaos:applied:0", "chaos:removed:0", "chaos:after")
