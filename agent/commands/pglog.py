@@ -27,7 +27,7 @@ from core.errors import BadInput
               help="Distinct fingerprints kept (default 100,000); beyond it the rarest fold into an "
                    "'other' row, and a finding says how many.")
 @click.option("--max-minute-cells", type=int,
-              help="Fingerprint x minute cells of pg_query_minutes (default 1,000,000); beyond it the "
+              help="Fingerprint x minute cells of pg_query_minutes (default 400,000); beyond it the "
                    "series' buckets widen (2, 5, 10, 15, 30, 60 ... minutes).")
 @NO_HTML_OPTION
 @click.pass_obj
