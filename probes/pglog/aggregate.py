@@ -155,7 +155,7 @@ class MinuteResolver:
 # -- the aggregator --------------------------------------------------------------------------------
 # State per fingerprint only (issue 17): exact calls/sum/min/max/first/last per slot, the raw
 # durations of slots with few calls (exact percentiles while small), one fixed histogram row per
-# slot past that (probes/pglog/histogram.py, 11.5 kB), and per-minute cells whose total is capped
+# slot past that (probes/pglog/histogram.py, 5.9 kB), and per-minute cells whose total is capped
 # by widening the series' buckets. None of it grows with the number of lines.
 OTHER_SLOT = 0                       # the row the rarest shapes fold into past the cap
 DEFAULT_MAX_FINGERPRINTS = 100_000
@@ -163,7 +163,9 @@ DEFAULT_MAX_FINGERPRINTS = 100_000
 # built): 400,000 cells hold 2,000 busy shapes at 5-minute buckets for a day (pgBadger's own
 # default resolution), in ~13 MB while reading.
 DEFAULT_MAX_MINUTE_CELLS = 400_000
-RAW_LIMIT = 32                       # slots with at most this many calls keep every duration
+# Slots with at most this many calls keep every duration (16 bytes each: up to 1 kB, a sixth
+# of a histogram row; many shapes are called this rarely, and their percentiles stay exact).
+RAW_LIMIT = 64
 MINUTE_WIDTHS = (1, 2, 5, 10, 15, 30, 60, 120, 240, 360, 720, 1440)
 _MINUTE_BITS = 27                    # minutes since 1970 fit until the year 2225
 _MINUTE_MASK = (1 << _MINUTE_BITS) - 1
@@ -339,7 +341,7 @@ class DurationAggregator:
             self.raw_rows += int(small.sum())
         if not small.all():
             busy = slots[~small]
-            self.histogram.add(busy, us[~small], int(self.calls[busy].max()))
+            self.histogram.add(busy, us[~small])
         if self.minute_cells.due() or self.raw_rows - self.raw_settled_rows >= max(1 << 18, self.raw_settled_rows):
             self._compact()
 
@@ -350,7 +352,7 @@ class DurationAggregator:
         slots, us = np.concatenate(self.raw_slots), np.concatenate(self.raw_us)
         busy = self.calls[slots] > RAW_LIMIT
         if busy.any():
-            self.histogram.add(slots[busy], us[busy], int(self.calls[slots[busy]].max()))
+            self.histogram.add(slots[busy], us[busy])
             slots, us = slots[~busy], us[~busy]
         self.raw_slots, self.raw_us = [slots], [us]
         self.raw_rows = self.raw_settled_rows = len(slots)

@@ -8,8 +8,9 @@ middle is within RELATIVE_ERROR (1/128, 0.78 %) of any duration in it, up to 2^4
 longer ones share the last bucket, and percentiles are clamped to the exact max anyway).
 
 Why a dense row and not a sparse (key, count) list or the `ddsketch` package: a row is BUCKETS
-uint32 counts (11.5 kB) allocated once when a fingerprint gets busy, so memory is fixed per
-fingerprint from its first histogram sample on and never grows or gets copied with the log
+uint16 counts (5.9 kB; a chunk of rows widens to uint32, then uint64, before any count would
+wrap) allocated once when a fingerprint gets busy, so memory is fixed per fingerprint from its
+first histogram sample on and never grows or gets copied with the log
 (the sparse list of the previous version filled up to 16 bytes x ~4,400 occupied buckets per
 fingerprint, plus merge copies, which was the growth); adding a block is one sort and one
 scatter-add in numpy, where ddsketch adds one Python call per value (~1 us each: 11M durations
@@ -31,7 +32,9 @@ _SUB_BITS = 6               # log2(SUB_BUCKETS)
 _TOP_OCTAVE = 40            # durations >= 2^40 us go to the last bucket
 BUCKETS = EXACT_BELOW_US + (_TOP_OCTAVE - _EXACT_BITS) * SUB_BUCKETS   # 2,944
 RELATIVE_ERROR = 1.0 / (2 * SUB_BUCKETS)
-ROWS_PER_CHUNK = 128        # rows are allocated 128 at a time (1.5 MB): no copy when more come
+ROWS_PER_CHUNK = 128        # rows are allocated 128 at a time (0.75 MB): no copy when more come
+_CELLS_PER_CHUNK = ROWS_PER_CHUNK * BUCKETS
+_WIDER = {np.dtype(np.uint16): np.uint32, np.dtype(np.uint32): np.uint64}
 PERCENTILES = (("p50_ms", 0.50), ("p90_ms", 0.90), ("p99_ms", 0.99), ("p999_ms", 0.999))
 
 
@@ -88,14 +91,14 @@ def grouped_percentiles_us(group_of_row: np.ndarray, values, counts: np.ndarray,
 
 class HistogramRows:
     """One BUCKETS-wide row of counts per slot that asked for one (`add`), in chunks of
-    ROWS_PER_CHUNK rows; rows of folded slots are emptied and reused."""
+    ROWS_PER_CHUNK rows, uint16 until a count of the chunk would pass 65,535; rows of folded
+    slots are emptied and reused."""
 
     def __init__(self) -> None:
         self.chunks: list[np.ndarray] = []
         self.row_of_slot = np.full(0, -1, np.int64)
         self.free_rows: list[int] = []
         self.rows_used = 0
-        self.dtype = np.uint32
 
     @property
     def nbytes(self) -> int:
@@ -115,25 +118,29 @@ class HistogramRows:
                 row = self.rows_used
                 self.rows_used += 1
                 if row // ROWS_PER_CHUNK >= len(self.chunks):
-                    self.chunks.append(np.zeros((ROWS_PER_CHUNK, BUCKETS), self.dtype))
+                    self.chunks.append(np.zeros((ROWS_PER_CHUNK, BUCKETS), np.uint16))
             self.row_of_slot[slot] = row
         return self.row_of_slot[slots]
 
-    def add(self, slots: np.ndarray, durations_us: np.ndarray, most_calls: int) -> None:
-        """Count each duration in its slot's row; `most_calls` bounds any slot's total so far."""
+    def add(self, slots: np.ndarray, durations_us: np.ndarray) -> None:
+        """Count each duration in its slot's row."""
         if len(slots) == 0:
             return
-        if most_calls >= np.iinfo(self.dtype).max and self.dtype == np.uint32:
-            # 4.3 billion executions of one fingerprint: wider counters from here on.
-            self.dtype = np.uint64
-            self.chunks = [chunk.astype(np.uint64) for chunk in self.chunks]
         cells, counts = np.unique(self._rows(slots) * BUCKETS + bucket_index(durations_us), return_counts=True)
-        chunk_of_cell = cells // (ROWS_PER_CHUNK * BUCKETS)
+        chunk_of_cell = cells // _CELLS_PER_CHUNK
         starts = np.flatnonzero(np.r_[True, chunk_of_cell[1:] != chunk_of_cell[:-1]])
         for start, end in zip(starts.tolist(), np.r_[starts[1:], len(cells)].tolist()):
-            chunk = self.chunks[int(chunk_of_cell[start])].reshape(-1)
+            chunk_index = int(chunk_of_cell[start])
+            local, more = cells[start:end] % _CELLS_PER_CHUNK, counts[start:end]
+            flat = self._fitting(chunk_index, int(self.chunks[chunk_index].reshape(-1)[local].max()) + int(more.max()))
             # Cells are unique, so a fancy-index add counts each once.
-            chunk[cells[start:end] % (ROWS_PER_CHUNK * BUCKETS)] += counts[start:end].astype(self.dtype)
+            flat[local] += more.astype(flat.dtype)
+
+    def _fitting(self, chunk_index: int, largest: int) -> np.ndarray:
+        """The chunk (flat), widened first if a count could reach `largest`."""
+        while largest > np.iinfo(self.chunks[chunk_index].dtype).max:
+            self.chunks[chunk_index] = self.chunks[chunk_index].astype(_WIDER[self.chunks[chunk_index].dtype])
+        return self.chunks[chunk_index].reshape(-1)
 
     def fold(self, slots: np.ndarray, into_slot: int) -> None:
         """Add the rows of `slots` (those that have one) into `into_slot`'s row and free them."""
@@ -142,13 +149,16 @@ class HistogramRows:
         if len(slots) == 0:
             return
         (target,) = self._rows(np.array([into_slot], np.int64))
-        target_row = self.chunks[target // ROWS_PER_CHUNK][target % ROWS_PER_CHUNK]
+        total = self.chunks[target // ROWS_PER_CHUNK][target % ROWS_PER_CHUNK].astype(np.int64)
         for row in self.row_of_slot[slots].tolist():
             source = self.chunks[row // ROWS_PER_CHUNK][row % ROWS_PER_CHUNK]
-            target_row += source
+            total += source
             source[:] = 0
             self.free_rows.append(row)
         self.row_of_slot[slots] = -1
+        flat = self._fitting(target // ROWS_PER_CHUNK, int(total.max()))
+        start = (target % ROWS_PER_CHUNK) * BUCKETS
+        flat[start:start + BUCKETS] = total
 
     def percentiles_us(self, slots: np.ndarray) -> dict[str, np.ndarray]:
         """Nearest-rank percentiles of each slot's row (every slot must have one), bucket middles."""
