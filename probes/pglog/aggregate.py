@@ -160,7 +160,7 @@ class MinuteResolver:
 OTHER_SLOT = 0                       # the row the rarest shapes fold into past the cap
 DEFAULT_MAX_FINGERPRINTS = 100_000
 # 32 bytes a cell, and the finish turns each into a pg_query_minutes row (~100 bytes while it is
-# built): 400,000 cells hold 2,000 busy shapes at 5-minute buckets for a day (pgBadger's own
+# built): 400,000 cells hold 2,000 busy shapes at 5-minute buckets for 16 hours (pgBadger's own
 # default resolution), in ~13 MB while reading.
 DEFAULT_MAX_MINUTE_CELLS = 400_000
 # Slots with at most this many calls keep every duration (16 bytes each: up to 1 kB, a sixth
