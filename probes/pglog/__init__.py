@@ -299,7 +299,7 @@ def capacity_findings(analysis: "LogAnalysis") -> list[dict]:
             f"{analysis.folded_executions:,} executions of {analysis.folded_shapes:,} statement shapes were "
             f"folded into the 'other' row: the log holds more than {analysis.max_fingerprints:,} distinct "
             "fingerprints, and the rarest (fewest calls when the cap was reached) are kept only in total",
-            "raise --max-fingerprints (each fingerprint costs up to ~270 kB at full histogram), or look for "
+            "raise --max-fingerprints (each busy fingerprint costs a fixed ~12 kB histogram row), or look for "
             "statements built with inlined values that libpg_query cannot normalise (e.g. generated "
             "identifiers)"))
     if analysis.minute_bucket_s > 60:

@@ -2,7 +2,7 @@
 
 Percentiles are over executions (not over per-minute sums, as pgBadger does): exact (every
 duration kept) while a fingerprint has at most RAW_LIMIT calls, then from a fixed log-linear
-histogram exact to the microsecond below 1.024 ms and within 0.1 % above
+histogram row exact to the microsecond below 1.024 ms and within 0.78 % above
 (probes/pglog/histogram.py), clamped to the exact min and max. Calls, totals, min and max are
 exact. See DurationAggregator for the caps (fingerprints, per-minute cells).
 """
@@ -17,8 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from probes.pglog.fingerprint import FingerprintCache
-from probes.pglog.histogram import (BUCKET_SPACE, PERCENTILES, bucket_index, bucket_middle_us,
-                                    grouped_percentiles_us)
+from probes.pglog.histogram import PERCENTILES, HistogramRows, grouped_percentiles_us
 
 SOURCE_STATEMENT, SOURCE_PLAN = 0, 1
 COUNTED_KINDS = ("statement", "execute")
@@ -154,14 +153,19 @@ class MinuteResolver:
 
 
 # -- the aggregator --------------------------------------------------------------------------------
-# State per fingerprint only (memory flat in the log's size): exact calls/sum/min/max/first/last per slot, a sparse
-# histogram bounded per fingerprint (probes/pglog/histogram.py), the raw durations of slots with
-# few calls (exact percentiles while small), and per-minute cells whose total is capped by
-# widening the series' buckets. None of it grows with the number of lines.
+# State per fingerprint only: exact calls/sum/min/max/first/last per slot, the raw
+# durations of slots with few calls (exact percentiles while small), one fixed histogram row per
+# slot past that (probes/pglog/histogram.py, 5.9 kB), and per-minute cells whose total is capped
+# by widening the series' buckets. None of it grows with the number of lines.
 OTHER_SLOT = 0                       # the row the rarest shapes fold into past the cap
 DEFAULT_MAX_FINGERPRINTS = 100_000
-DEFAULT_MAX_MINUTE_CELLS = 1_000_000  # ~28 MB of cells; a day of 2,000 busy shapes is 2.9M
-RAW_LIMIT = 32                       # slots with at most this many calls keep every duration
+# 32 bytes a cell, and the finish turns each into a pg_query_minutes row (~100 bytes while it is
+# built): 400,000 cells hold 2,000 busy shapes at 5-minute buckets for 16 hours (pgBadger's own
+# default resolution), in ~13 MB while reading.
+DEFAULT_MAX_MINUTE_CELLS = 400_000
+# Slots with at most this many calls keep every duration (16 bytes each: up to 1 kB, a sixth
+# of a histogram row; many shapes are called this rarely, and their percentiles stay exact).
+RAW_LIMIT = 64
 MINUTE_WIDTHS = (1, 2, 5, 10, 15, 30, 60, 120, 240, 360, 720, 1440)
 _MINUTE_BITS = 27                    # minutes since 1970 fit until the year 2225
 _MINUTE_MASK = (1 << _MINUTE_BITS) - 1
@@ -185,20 +189,18 @@ def reduce_by_key(keys: np.ndarray, columns: list[np.ndarray], reducers: tuple[s
     """(unique sorted keys, each column reduced per key with 'sum' or 'max')."""
     if len(keys) == 0:
         return keys, columns
-    if already_sorted:  # no sort, no gathered copies
-        ordered, gathered = keys, columns
-    else:
-        order = np.argsort(keys, kind="stable")
-        ordered, gathered = keys[order], [column[order] for column in columns]
+    order = None if already_sorted else np.argsort(keys, kind="stable")  # sorted: no gathered copies
+    ordered = keys if order is None else keys[order]
     starts = _group_starts(ordered)
-    reduced = [(np.add if reducer == "sum" else np.maximum).reduceat(column, starts)
-               for column, reducer in zip(gathered, reducers)]
+    # One column gathered at a time: the working copies are one column, not all of them.
+    reduced = [(np.add if reducer == "sum" else np.maximum).reduceat(column if order is None else column[order], starts)
+               for column, reducer in zip(columns, reducers)]
     return ordered[starts], reduced
 
 
 class SparseCells:
     """int64-keyed cells with integer columns; blocks are reduced on arrival and merged into
-    the state when they outgrow half of it (so merging costs O(state) amortised per row)."""
+    the state when they outgrow a quarter of it (so merging costs O(state) amortised per row)."""
 
     def __init__(self, reducers: tuple[str, ...]):
         self.reducers = reducers
@@ -217,15 +219,18 @@ class SparseCells:
         self.pending_rows += len(keys)
 
     def due(self) -> bool:
-        return self.pending_rows >= max(1 << 19, len(self.keys) // 2)
+        # A quarter of the state (at least 131,072 rows): merging stays O(state) per row
+        # amortised, and the pending blocks and their merge copies stay small next to the state.
+        return self.pending_rows >= max(1 << 17, len(self.keys) // 4)
 
     def compact(self, remap=None, keeps_order: bool = False) -> None:
         """Merge pending blocks into the state; `remap` rewrites every key first (`keeps_order`:
         it never reorders keys, as widening the minutes does, so no sort is needed)."""
         self._merge_pending()
         if remap is not None:
-            self.keys, self.columns = reduce_by_key(remap(self.keys), self.columns, self.reducers,
-                                                    already_sorted=keeps_order)
+            keys, columns = remap(self.keys), self.columns
+            self.release()   # only the remapped keys and the columns are held while reducing
+            self.keys, self.columns = reduce_by_key(keys, columns, self.reducers, already_sorted=keeps_order)
 
     def release(self) -> None:
         self.keys, self.columns = np.empty(0, np.int64), [np.empty(0, np.int64) for _ in self.reducers]
@@ -254,7 +259,9 @@ class SparseCells:
         if new.any():
             at = position[new]
             self.keys = np.insert(self.keys, at, keys[new])
-            self.columns = [np.insert(state, at, column[new]) for state, column in zip(self.columns, columns)]
+            # Column by column, each old one freed as its copy is made (the peak is one column).
+            for index, column in enumerate(columns):
+                self.columns[index] = np.insert(self.columns[index], at, column[new])
 
 
 class DurationAggregator:
@@ -281,10 +288,12 @@ class DurationAggregator:
         self.seen = np.zeros(0, dtype=bool)
         self.route = empty
         self._grow(1024)
-        self.histogram = SparseCells(("sum",))
+        self.histogram = HistogramRows()
         self.minute_cells = SparseCells(("sum", "sum", "max"))
         self.raw_slots: list[np.ndarray] = []
         self.raw_us: list[np.ndarray] = []
+        self.raw_rows = 0                # durations in raw_slots/raw_us
+        self.raw_settled_rows = 0        # of which already checked against RAW_LIMIT
 
     @property
     def minute_width(self) -> int:
@@ -326,16 +335,33 @@ class DurationAggregator:
         slots = self.route[original]
         minute = np.maximum(_numpy(minutes), 0)
         self._add_exact(slots, us, minute)
-        self.histogram.add(slots * BUCKET_SPACE + bucket_index(us), [np.ones(len(us), np.int64)])
         width = self.minute_width
         self.minute_cells.add((slots << _MINUTE_BITS) | (minute // width * width),
                               [np.ones(len(us), np.int64), us, us])
+        # A duration goes raw while its slot has few calls, else to the slot's histogram row; a
+        # slot's earlier raw durations follow into the row when the raw ones are settled.
         small = self.calls[slots] <= RAW_LIMIT
         if small.any():
             self.raw_slots.append(slots[small])
             self.raw_us.append(us[small])
-        if self.histogram.due() or self.minute_cells.due():
+            self.raw_rows += int(small.sum())
+        if not small.all():
+            busy = slots[~small]
+            self.histogram.add(busy, us[~small])
+        if self.minute_cells.due() or self.raw_rows - self.raw_settled_rows >= max(1 << 18, self.raw_settled_rows):
             self._compact()
+
+    def _settle_raw(self) -> None:
+        """Raw durations of slots past RAW_LIMIT calls move into their histogram rows."""
+        if not self.raw_slots:
+            return
+        slots, us = np.concatenate(self.raw_slots), np.concatenate(self.raw_us)
+        busy = self.calls[slots] > RAW_LIMIT
+        if busy.any():
+            self.histogram.add(slots[busy], us[busy])
+            slots, us = slots[~busy], us[~busy]
+        self.raw_slots, self.raw_us = [slots], [us]
+        self.raw_rows = self.raw_settled_rows = len(slots)
 
     def _add_exact(self, slots: np.ndarray, us: np.ndarray, minute: np.ndarray) -> None:
         order = np.argsort(slots, kind="stable")
@@ -350,12 +376,8 @@ class DurationAggregator:
         self.last_minute[unique] = np.maximum(self.last_minute[unique], np.maximum.reduceat(minute[order], starts))
 
     def _compact(self) -> None:
-        self.histogram.compact()
         self.minute_cells.compact()
-        if self.raw_slots:
-            slots, us = np.concatenate(self.raw_slots), np.concatenate(self.raw_us)
-            keep = self.calls[slots] <= RAW_LIMIT
-            self.raw_slots, self.raw_us = [slots[keep]], [us[keep]]
+        self._settle_raw()
         while self.minute_cells.rows > self.max_minute_cells and self.width_index + 1 < len(MINUTE_WIDTHS):
             self.width_index += 1
             width = self.minute_width
@@ -385,12 +407,12 @@ class DurationAggregator:
         self.route[folded] = other
         self.route = self.route[self.route]
         route = self.route
-        self.histogram.compact(lambda keys: route[keys // BUCKET_SPACE] * BUCKET_SPACE + keys % BUCKET_SPACE)
+        self.histogram.fold(folded, other)
         self.minute_cells.compact(lambda keys: (route[keys >> _MINUTE_BITS] << _MINUTE_BITS) | (keys & _MINUTE_MASK))
         if self.raw_slots:
-            slots, us = route[np.concatenate(self.raw_slots)], np.concatenate(self.raw_us)
-            keep_rows = self.calls[slots] <= RAW_LIMIT
-            self.raw_slots, self.raw_us = [slots[keep_rows]], [us[keep_rows]]
+            self.raw_slots = [route[np.concatenate(self.raw_slots)]]
+            self.raw_us = [np.concatenate(self.raw_us)]
+            self._settle_raw()   # "other" may be past RAW_LIMIT now
 
     def _percentiles_us(self, slots: np.ndarray) -> dict[str, np.ndarray]:
         """Exact from the raw durations for slots with few calls, else from the histogram;
@@ -406,10 +428,7 @@ class DurationAggregator:
             for name in result:
                 result[name][small] = found[name]
         if (~small).any():
-            keys, (counts,) = self.histogram.keys, self.histogram.columns
-            found = grouped_percentiles_us(keys // BUCKET_SPACE,
-                                           lambda rows: bucket_middle_us(keys[rows] % BUCKET_SPACE), counts,
-                                           slots[~small], calls[~small])
+            found = self.histogram.percentiles_us(slots[~small])
             for name in result:
                 result[name][~small] = found[name]
         for name in result:
@@ -449,7 +468,7 @@ class DurationAggregator:
         # The histogram is done with: free it before the minute table is built (the finish is
         # the run's peak otherwise).
         self.histogram.release()
-        self.raw_slots, self.raw_us = [], []
+        self.raw_slots, self.raw_us, self.raw_rows, self.raw_settled_rows = [], [], 0, 0
         minute_table = self._minute_table(shadowed, dict(zip(slots.tolist(), names)))
         self.minute_cells.release()
         return queries_table, minute_table
