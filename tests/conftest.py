@@ -81,18 +81,22 @@ def cli_runner():
     return Runner()
 
 
+# Child-script source: a loopback server answering "ping" with "pong" on a thread, and `client`,
+# one connection to it (the tcp probe then has a connection with sRTT samples).
+LOOPBACK_PING_PONG = """
+import socket, threading
+server = socket.create_server(("127.0.0.1", 0))
+def serve():
+    peer, _ = server.accept()
+    while peer.recv(64):
+        peer.sendall(b"pong")
+threading.Thread(target=serve, daemon=True).start()
+client = socket.create_connection(server.getsockname())
+"""
+
 SYSCALL_LOAD = """
-import os, socket, sys, threading, time
+import os, sys, time
 deadline = time.monotonic() + float(sys.argv[1])
-client = None
-if sys.argv[2:] == ["tcp"]:  # a loopback ping/pong each round: connections with sRTT samples
-    server = socket.create_server(("127.0.0.1", 0))
-    def serve():
-        peer, _ = server.accept()
-        while peer.recv(64):
-            peer.sendall(b"pong")
-    threading.Thread(target=serve, daemon=True).start()
-    client = socket.create_connection(server.getsockname())
 while time.monotonic() < deadline:
     for _ in range(50):
         os.getppid()
@@ -110,7 +114,8 @@ def syscall_load(max_s: float = 60.0, tcp: bool = False):
     calls, and a CI container may run nothing else: tests that expect rows bring their own load
     and check that its pid shows up. With `tcp`, each round is also a loopback ping/pong on one
     connection (for the tcp probe). Yields the child's pid."""
-    child = subprocess.Popen([sys.executable, "-c", SYSCALL_LOAD, str(max_s), *(["tcp"] if tcp else [])])
+    source = (LOOPBACK_PING_PONG if tcp else "client = None\n") + SYSCALL_LOAD
+    child = subprocess.Popen([sys.executable, "-c", source, str(max_s)])
     try:
         yield child.pid
     finally:

@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from tests.conftest import LOOPBACK_PING_PONG
 from tests.report_browser import check_page, chromium_missing_reason, shown_number
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -43,16 +44,9 @@ def report_path_from(stdout: str) -> Path:
 
 # The audit's target: CPU work for the flame graph and a loopback request/response loop, so the
 # tcp probe has connections with sRTT samples to show (per connection and per peer role).
-TARGET = """
-import socket, threading, time
+TARGET = LOOPBACK_PING_PONG + """
+import time
 end = time.time() + 120
-server = socket.create_server(("127.0.0.1", 0))
-def serve():
-    peer, _ = server.accept()
-    while peer.recv(64):
-        peer.sendall(b"pong")
-threading.Thread(target=serve, daemon=True).start()
-client = socket.create_connection(server.getsockname())
 def spin():
     return sum(i * i for i in range(20000))
 while time.time() < end:
