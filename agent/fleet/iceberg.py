@@ -28,13 +28,24 @@ import json
 import os
 import uuid
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+from pyarrow import fs
 
+from agent.fleet import compact as local_compact  # kill_point looked up at call time (tests patch it)
+from agent.fleet.compact import CompactReport, sorted_rows
+from agent.fleet.query import TABLE_DIR, s3_filesystem
+from agent.fleet.stores import S3Store, split_s3_url
 from core.errors import BadInput, WorkFailed
+
+# pyiceberg and sqlalchemy are imported where they are used: `compact`/`query` load this module
+# to check a --catalog URI before anything else, and pyiceberg's import costs more than the check.
 
 NAMESPACE = "guardian"
 WAREHOUSE_DIR = "_iceberg"
@@ -43,7 +54,6 @@ LEDGER_PROPERTY = "guardian.ledger"
 CATALOG_SCHEMES = ("sqlite", "postgresql")
 COMMIT_ATTEMPTS = 5
 READ_THREADS = 16  # landed files read at once: small objects, latency-bound
-S3_DELETE_BATCH = 1000  # the most keys one DeleteObjects request takes
 # Landed Parquet (compressed) read into one commit: bounds memory (Arrow holds several times
 # this: decoded, merged with the partitions' old rows, sorted) under the compact unit's
 # MemoryMax=2G, while keeping the snapshot count, and so the table's metadata, small.
@@ -64,13 +74,8 @@ class Landing:
     """ROOT as a pyarrow file system: landed run files, ledgers and the Iceberg warehouse."""
 
     def __init__(self, root: str, endpoint_url: str | None = None, region: str | None = None):
-        from pyarrow import fs
-
         self.root = root
         if "://" in root:
-            from agent.fleet.query import s3_filesystem
-            from agent.fleet.stores import split_s3_url
-
             bucket, prefix = split_s3_url(root)
             self.base = f"{bucket}/{prefix}" if prefix else bucket
             self.filesystem = s3_filesystem(endpoint_url, region)
@@ -95,8 +100,6 @@ class Landing:
         return uri.split("://", 1)[1] if "://" in uri else uri
 
     def files(self, relative_dir: str) -> list:
-        from pyarrow import fs
-
         selector = fs.FileSelector(self.path(relative_dir), recursive=True, allow_not_found=True)
         try:
             return [info for info in self.filesystem.get_file_info(selector) if info.type == fs.FileType.File]
@@ -104,10 +107,6 @@ class Landing:
             raise BadInput(f"--dataset {self.root}: cannot list it ({str(error).splitlines()[0]})") from None
 
     def table_names(self) -> list[str]:
-        from pyarrow import fs
-
-        from agent.fleet.query import TABLE_DIR
-
         try:
             children = self.filesystem.get_file_info(fs.FileSelector(self.base, allow_not_found=True))
         except OSError as error:
@@ -153,19 +152,12 @@ class Landing:
     def _delete_s3(self, relatives: list[str]) -> None:
         # boto3's batch delete, not pyarrow's: 1,000 keys a request, and pyarrow puts back an
         # empty "directory" marker object for every partition it empties.
-        from agent.fleet.stores import S3Store
-
         if self._s3_store is None:  # a boto3 client costs ~0.25 s to make: one per Landing
             self._s3_store = S3Store(self.root, endpoint_url=self.endpoint_url, region=self.region)
-        store = self._s3_store
-        for start in range(0, len(relatives), S3_DELETE_BATCH):
-            chunk = relatives[start:start + S3_DELETE_BATCH]
-            answer = store._call("delete_objects", Delete={
-                "Objects": [{"Key": store.object_key(relative)} for relative in chunk], "Quiet": True})
-            failed = [error for error in answer.get("Errors", []) if error.get("Code") != "NoSuchKey"]
-            if failed:
-                raise WorkFailed(f"compact: {self.root}: could not delete {len(failed)} object(s) "
-                                 f"({failed[0].get('Code')}: {failed[0].get('Key')})")
+        failed = self._s3_store.delete_keys(relatives)
+        if failed:
+            raise WorkFailed(f"compact: {self.root}: could not delete {len(failed)} object(s) "
+                             f"({failed[0].get('Code')}: {failed[0].get('Key')})")
 
 
 # -- the catalog ---------------------------------------------------------------------------------
@@ -270,9 +262,6 @@ def with_partition_columns(table: pa.Table, day: str, host: str) -> pa.Table:
 def read_landed(landing: Landing, batch: "Batch") -> pa.Table:
     """Every landed file of the batch, with its partition columns; read in parallel, since on
     S3 each small file is a request's latency (pyarrow releases the GIL while it waits)."""
-    import pyarrow.parquet as pq
-    from concurrent.futures import ThreadPoolExecutor
-
     def read(item: tuple[tuple[str, str], object]) -> pa.Table:
         (day, host), info = item
         with landing.filesystem.open_input_file(info.path) as handle:
@@ -373,7 +362,6 @@ def commit_batch(catalog, landing: Landing, name: str, batch: Batch, table, repo
     and the landing area were listed: a commit by anyone since makes ours fail, never double."""
     from pyiceberg.exceptions import CommitFailedException, ValidationException
 
-    from agent.fleet.compact import kill_point, sorted_rows
 
     keys = [landing.relative(info.path) for p in batch.partitions for info in batch.infos[p]]
     landed = read_landed(landing, batch)
@@ -396,13 +384,13 @@ def commit_batch(catalog, landing: Landing, name: str, batch: Batch, table, repo
         warnings.simplefilter("ignore", UserWarning)
         transaction.overwrite(merged, overwrite_filter=row_filter,  # 2 (data files written now)
                               snapshot_properties={LEDGER_PROPERTY: ledger, "guardian.landed-files": str(len(keys))})
-    kill_point("iceberg-before-commit")
+    local_compact.kill_point("iceberg-before-commit")
     try:
         committed = transaction.commit_transaction()  # 3: the one atomic switch
     except (CommitFailedException, ValidationException):  # both: the commit did not land
         landing.delete([ledger])  # ours, never committed: nobody reads it
         raise
-    kill_point("iceberg-after-commit")
+    local_compact.kill_point("iceberg-after-commit")
     landing.delete(keys)  # 4: the committed keys go, then the ledger that hid them from readers
     landing.delete([ledger])
     summary = committed.current_snapshot().summary.additional_properties
@@ -438,7 +426,6 @@ def compact_table(catalog, landing: Landing, name: str, cutoff: date, report) ->
 
 def compact_to_iceberg(root: str, catalog_uri: str, older_than_days: float = 1.0, today: date | None = None,
                        endpoint_url: str | None = None, region: str | None = None):
-    from agent.fleet.compact import CompactReport
 
     if not (older_than_days >= 0):
         raise BadInput("--older-than: must be a number of days ≥ 0")
@@ -459,7 +446,6 @@ def compact_to_iceberg(root: str, catalog_uri: str, older_than_days: float = 1.0
 def _dataset(landing: Landing, paths: list[str], partition_base: str | None, schema: pa.Schema | None = None):
     """A pyarrow dataset over explicit files, every file's columns kept (schema evolution):
     `schema` when known (an Iceberg table's), else the union of the files' own."""
-    import pyarrow.dataset as ds
 
     partitioning = None
     if partition_base is not None:

@@ -118,6 +118,16 @@ class S3Store:
         except BotoCoreError as error:
             raise StoreUnavailable(f"{self.url}: {type(error).__name__}: {error}") from None
 
+    def delete_keys(self, keys: list[str], batch: int = 1000) -> list[dict]:
+        """Delete objects (keys relative to ROOT), `batch` per DeleteObjects request (1,000 is the
+        most one takes); returns the per-key errors other than NoSuchKey (already gone is fine)."""
+        failed = []
+        for start in range(0, len(keys), batch):
+            answer = self._call("delete_objects", Delete={
+                "Objects": [{"Key": self.object_key(key)} for key in keys[start:start + batch]], "Quiet": True})
+            failed += [error for error in answer.get("Errors", []) if error.get("Code") != "NoSuchKey"]
+        return failed
+
     def has(self, obj: StagedObject) -> bool:
         head = self._call("head_object", Key=self.object_key(obj.key))
         if head is None:
